@@ -1,0 +1,36 @@
+"""genvisor: a daemon that runs LLM coding-assistant turns, one isolated worker
+process per generation, driven by thin clients over ZeroMQ."""
+
+from genvisor._version import __version__
+from genvisor.types import (
+    ContextMessage,
+    Conversation,
+    DaemonInfo,
+    DerivedState,
+    GenerationEvent,
+    GenerationResult,
+    LLMConfig,
+    LLMResult,
+    Message,
+    RunInfo,
+    ToolCall,
+    ToolResult,
+    Usage,
+)
+
+__all__ = [
+    "__version__",
+    "ContextMessage",
+    "Conversation",
+    "DaemonInfo",
+    "DerivedState",
+    "GenerationEvent",
+    "GenerationResult",
+    "LLMConfig",
+    "LLMResult",
+    "Message",
+    "RunInfo",
+    "ToolCall",
+    "ToolResult",
+    "Usage",
+]

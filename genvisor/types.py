@@ -1,0 +1,150 @@
+"""The contract's value types (CONTRACT §6): what calls return and notifications carry.
+
+They are frozen msgspec Structs: the wire and the code speak the same types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from genvisor.errors import ErrorInfo
+
+Role = Literal["user", "assistant", "system", "tool"]
+ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
+Status = Literal["idle", "pending_llm", "responding", "canceled"]
+RunStatus = Literal["queued", "running", "completed", "failed", "canceled"]
+TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
+EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "completed"]
+
+
+class Message(msgspec.Struct, frozen=True):
+    entry_id: str
+    seq: int
+    role: Role
+    content: str
+    metadata: dict[str, Any] = {}
+
+
+class ContextMessage(msgspec.Struct, frozen=True):
+    """One message of the context handed to a model."""
+
+    role: Role
+    content: str
+    metadata: dict[str, Any] = {}
+
+
+class LLMConfig(msgspec.Struct, frozen=True):
+    backend: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    options: dict[str, Any] = {}
+
+
+class RunInfo(msgspec.Struct, frozen=True):
+    run_id: str
+    mode: str
+    status: RunStatus
+    step: str | None = None
+    started_at: float = 0.0
+    finished_at: float | None = None
+    reason: str | None = None
+
+
+class DerivedState(msgspec.Struct, frozen=True):
+    status: Status = "idle"
+    turn: int = 0
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
+    last_user_message: str | None = None
+    messages: list[Message] = []
+    llm: LLMConfig = LLMConfig()
+    skills: list[str] = []
+    mode: str = "coding"
+    mode_state: dict[str, Any] = {}
+    active_run: RunInfo | None = None
+    run_history: list[RunInfo] = []
+
+
+class Conversation(msgspec.Struct, frozen=True):
+    id: str
+    project_id: str | None
+    metadata: dict[str, Any]
+    state: DerivedState
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    arguments: str  # JSON text, as a model sends it
+
+
+class ToolResult(msgspec.Struct, frozen=True):
+    call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+
+
+class LLMResult(msgspec.Struct, frozen=True):
+    request_id: str
+    conversation_id: str
+    backend: str
+    status: Literal["completed"] = "completed"
+    text: str = ""
+    model: str | None = None
+    provider: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+    metadata: dict[str, Any] = {}
+
+
+class GenerationEvent(msgspec.Struct, frozen=True, tag=True):
+    """A progress event of a run (sent to its owner only with `events=True`)."""
+
+    ref: str
+    kind: EventKind
+    seq: int = 0
+    text: str | None = None
+    step: int | None = None
+    tool_call: ToolCall | None = None
+    tool_result: ToolResult | None = None
+
+
+class GenerationResult(msgspec.Struct, frozen=True, tag=True):
+    """The terminal notification of a run that finished: exactly one of result/error."""
+
+    ref: str
+    result: LLMResult | None = None
+    error: ErrorInfo | None = None
+
+    def unwrap(self) -> LLMResult:
+        if self.error is not None:
+            raise self.error.to_exception()
+        assert self.result is not None
+        return self.result
+
+
+class GenerationCanceled(msgspec.Struct, frozen=True, tag=True):
+    """The terminal notification of a canceled run (the error of the same name is in
+    `genvisor.errors`)."""
+
+    ref: str
+    reason: str
+
+
+Notification = GenerationEvent | GenerationResult | GenerationCanceled
+
+
+class DaemonInfo(msgspec.Struct, frozen=True):
+    version: str
+    pid: int
+    uptime_s: float
+    endpoint: str

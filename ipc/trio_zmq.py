@@ -1,0 +1,108 @@
+"""A Trio adapter for a pyzmq socket, correct when many tasks send while one receives.
+
+The pitfall it exists for: the file descriptor ZeroMQ exposes (`zmq.FD`) is an
+edge-triggered *signal* that "events may have changed", not a level. Any call on the
+socket (a send by another task included) may consume that edge while processing
+ZeroMQ's internal commands, so a receiver parked on the fd can sleep forever with a
+message waiting. The cure, as in pyzmq's own asyncio adapter: after every send and
+recv, re-read `zmq.EVENTS` and wake whoever can now make progress; a single watcher
+task per socket owns the fd (Trio allows one waiter per fd).
+
+Usage::
+
+    async with TrioSocket.open(zmq_socket) as sock:
+        await sock.send_multipart([b"x"])
+        frames = await sock.recv_multipart()
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Sequence
+
+import trio
+import zmq
+
+
+class TrioSocket:
+    def __init__(self, socket: zmq.Socket) -> None:
+        self._socket = socket
+        self._fd = socket.getsockopt(zmq.FD)
+        self._readable = trio.lowlevel.ParkingLot()
+        self._writable = trio.lowlevel.ParkingLot()
+        self._closed = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, socket: zmq.Socket) -> AsyncIterator[TrioSocket]:
+        """Adopt `socket` for the life of the block; the socket is closed at its end."""
+        adapter = cls(socket)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(adapter._watch)
+                try:
+                    yield adapter
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            adapter.close()
+
+    @property
+    def zmq_socket(self) -> zmq.Socket:
+        return self._socket
+
+    async def send_multipart(self, frames: Sequence[bytes]) -> None:
+        while True:
+            self._check_open()
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                await self._writable.park()
+        self._wake_by_events()
+        # Yield so a sender in a tight loop cannot starve the rest of the program.
+        await trio.lowlevel.checkpoint()
+
+    async def recv_multipart(self) -> list[bytes]:
+        while True:
+            self._check_open()
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                await self._readable.park()
+        self._wake_by_events()
+        await trio.lowlevel.checkpoint()
+        return frames
+
+    def _wake_by_events(self) -> None:
+        """Re-read the level state; this may consume the fd's edge, so wake for it."""
+        if self._closed:
+            return
+        events = self._socket.getsockopt(zmq.EVENTS)
+        if events & zmq.POLLIN:
+            self._readable.unpark_all()
+        if events & zmq.POLLOUT:
+            self._writable.unpark_all()
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._fd)
+                self._wake_by_events()
+        except trio.ClosedResourceError:
+            return
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+
+    def close(self) -> None:
+        """Close the socket (linger 0); parked senders and receivers get ClosedResourceError."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._fd)
+        self._readable.unpark_all()
+        self._writable.unpark_all()
+        self._socket.close(linger=0)
