@@ -1,1 +1,3 @@
+from genvisor.client.client import Client
 
+__all__ = ["Client"]

@@ -1,0 +1,184 @@
+"""The thin synchronous client (CONTRACT §2).
+
+One DEALER socket per `Client`; each call sends one frame and waits for the reply
+with its id, queueing the notifications that arrive meanwhile for
+`next_notification`. When nothing answers within the timeout the socket is thrown
+away (LINGER 0), so a request that never reached a daemon cannot be applied later
+by one that starts afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from typing import Any, Callable, TypeVar
+
+import zmq
+
+from genvisor.errors import DaemonUnavailable, InvalidLocator
+from genvisor.ipc import codec
+from genvisor.ipc.endpoint import default_endpoint, parse_endpoint
+from genvisor.ipc.frames import (
+    AwaitGeneration,
+    CancelGeneration,
+    ConversationAndResult,
+    Empty,
+    Failure,
+    GenerateAssistantReply,
+    GenerationRef,
+    GetConversation,
+    Locator,
+    Notify,
+    Ping,
+    SendAndGenerate,
+    SendUserMessage,
+)
+from genvisor.types import Conversation, DaemonInfo, GenerationEvent, LLMResult, Notification
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_MS = 10_000
+
+LocatorLike = str | tuple[str, str]
+
+
+def to_locator(loc: Any) -> Locator:
+    """Check a locator's shape here; the daemon checks it again."""
+    if isinstance(loc, str) and loc.strip():
+        return Locator(None, loc)
+    if isinstance(loc, (tuple, list)) and len(loc) == 2 and all(isinstance(p, str) and p.strip() for p in loc):
+        return Locator(loc[0], loc[1])
+    raise InvalidLocator(f"invalid locator {loc!r}: use 'id' or ('project_id', 'id') with non-blank strings")
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> None:
+        self.endpoint = str(parse_endpoint(endpoint) if endpoint else default_endpoint())
+        self.timeout_ms = timeout_ms
+        self._context = zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._notifications: collections.deque[Notification] = collections.deque()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _connected(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    # ---- calls -------------------------------------------------------------------------
+
+    def ping(self) -> DaemonInfo:
+        return self._call(Ping(), DaemonInfo)
+
+    def send_user_message(self, loc: LocatorLike, content: str, metadata: dict[str, Any] | None = None) -> Conversation:
+        return self._call(SendUserMessage(to_locator(loc), content, metadata), Conversation)
+
+    def conversation(self, loc: LocatorLike) -> Conversation:
+        return self._call(GetConversation(to_locator(loc)), Conversation)
+
+    def generate_assistant_reply(self, loc: LocatorLike, **generation_opts: Any) -> str:
+        return self._call(GenerateAssistantReply(to_locator(loc), generation_opts), GenerationRef).ref
+
+    def await_generation(
+        self,
+        loc: LocatorLike,
+        ref: str,
+        timeout_ms: int = 30_000,
+        cancel_on_timeout: bool = True,
+        cancel_reason: str = "await_timeout",
+    ) -> LLMResult:
+        request = AwaitGeneration(to_locator(loc), ref, timeout_ms, cancel_on_timeout, cancel_reason)
+        return self._call(request, LLMResult, extra_wait_ms=timeout_ms)
+
+    def cancel_generation(self, loc: LocatorLike, reason: str = "cancel_requested") -> None:
+        self._call(CancelGeneration(to_locator(loc), reason), Empty)
+
+    def send_and_generate(
+        self,
+        loc: LocatorLike,
+        content: str,
+        message_opts: dict[str, Any] | None = None,
+        generation_opts: dict[str, Any] | None = None,
+        await_opts: dict[str, Any] | None = None,
+        on_event: Callable[[GenerationEvent], None] | None = None,
+    ) -> tuple[Conversation, LLMResult]:
+        await_opts = dict(await_opts or {})
+        options = dict(generation_opts or {})
+        if on_event is not None:
+            options.setdefault("events", True)
+        request = SendAndGenerate(
+            to_locator(loc),
+            content,
+            (message_opts or {}).get("metadata"),
+            options,
+            timeout_ms=await_opts.pop("timeout_ms", 30_000),
+            cancel_on_timeout=await_opts.pop("cancel_on_timeout", True),
+            cancel_reason=await_opts.pop("cancel_reason", "await_timeout"),
+        )
+        if await_opts:
+            raise TypeError(f"unknown await_opts: {', '.join(await_opts)}")
+        body = self._call(request, ConversationAndResult, extra_wait_ms=request.timeout_ms, on_event=on_event)
+        return body.conversation, body.result
+
+    def next_notification(self, timeout_ms: int = 0) -> Notification | None:
+        """The next notification for this client, waiting up to `timeout_ms`; None if none."""
+        if self._notifications:
+            return self._notifications.popleft()
+        deadline = time.monotonic() + timeout_ms / 1000
+        sock = self._connected()
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            if not sock.poll(remaining, zmq.POLLIN):
+                return None
+            frame = codec.decode_server_frame(sock.recv())
+            if isinstance(frame, Notify):
+                return frame.note
+            # A reply to a call that gave up waiting: nobody wants it any more.
+
+    # ---- the one round trip ------------------------------------------------------------
+
+    def _call(
+        self,
+        request: Any,
+        result_type: type[T],
+        *,
+        extra_wait_ms: int = 0,
+        on_event: Callable[[GenerationEvent], None] | None = None,
+    ) -> T:
+        sock = self._connected()
+        request_id = next(self._ids)
+        sock.send(codec.encode_request(request_id, request))
+        deadline = time.monotonic() + (self.timeout_ms + extra_wait_ms) / 1000
+        while True:
+            remaining = int((deadline - time.monotonic()) * 1000)
+            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
+                self.close()
+                raise DaemonUnavailable(f"no answer from the daemon at {self.endpoint} within {self.timeout_ms + extra_wait_ms} ms")
+            frame = codec.decode_server_frame(sock.recv())
+            if isinstance(frame, Notify):
+                if on_event is not None and isinstance(frame.note, GenerationEvent):
+                    on_event(frame.note)
+                else:
+                    self._notifications.append(frame.note)
+                continue
+            if frame.id != request_id:
+                continue  # the late reply of a call that gave up
+            if isinstance(frame, Failure):
+                raise frame.error.to_exception()
+            return codec.decode_body(frame.body, result_type)

@@ -1,0 +1,90 @@
+"""The daemon's configuration: one TOML file, one Struct, every default here.
+
+CLI flags override the file. README documents every key (keep them in step).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from genvisor.modes.llm import BackendConfig
+
+
+class Backend(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: str
+    provider: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_ms: int | None = None
+    stream: bool | None = None
+
+
+class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: str = "scripted"
+    timeout_ms: int = 60_000
+    stream: bool = False
+
+
+class Workers(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    spares: int = 2  # fresh pre-forked workers kept waiting for a run
+    cancel_grace_ms: int = 2_000  # after a Stop frame, before SIGTERM to the group
+    term_grace_ms: int = 1_000  # after SIGTERM, before SIGKILL
+    deadline_grace_ms: int = 5_000  # a run is killed at timeout_ms + this
+
+
+class Generations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    outcome_retention_s: float = 600.0  # refs stay awaitable this long after the run ends
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    endpoint: str | None = None  # default: ipc://$XDG_RUNTIME_DIR/genvisor/genvisor.sock
+    state_dir: str | None = None  # default: $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    scripted_backend: bool = True  # offer the offline `scripted` backend
+    defaults: Defaults = Defaults()
+    backends: dict[str, Backend] = {}
+    workers: Workers = Workers()
+    generations: Generations = Generations()
+
+    def backend_table(self) -> dict[str, BackendConfig]:
+        tables = {
+            name: BackendConfig(name=name, kind=b.kind, provider=b.provider, model=b.model, settings=_settings(b))
+            for name, b in self.backends.items()
+        }
+        if self.scripted_backend:
+            tables.setdefault("scripted", BackendConfig(name="scripted", kind="scripted", provider="genvisor", model="scripted"))
+        return tables
+
+
+def _settings(backend: Backend) -> dict[str, Any]:
+    return {k: v for k, v in msgspec.structs.asdict(backend).items() if v is not None and k not in ("kind", "provider", "model")}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    if config.defaults.backend not in config.backend_table():
+        raise ConfigError(f"defaults.backend {config.defaults.backend!r} is not a configured backend")
+    for name, backend in config.backends.items():
+        if backend.kind not in ("scripted", "openai"):
+            raise ConfigError(f"backends.{name}.kind must be 'scripted' or 'openai', not {backend.kind!r}")
+    if config.workers.spares < 0:
+        raise ConfigError("workers.spares must be >= 0")
+    return config

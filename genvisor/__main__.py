@@ -1,0 +1,43 @@
+"""`genvisor` / `python -m genvisor`: `serve` runs the daemon, every other verb is a client.
+
+The root imports no room eagerly: the daemon is imported only to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="genvisor serve", description="Run the genvisor daemon in the foreground.")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint to listen on (ipc://PATH or tcp://HOST:PORT)")
+    parser.add_argument("--state-dir", help="directory for the daemon's state")
+    parser.add_argument("--metrics", help="HOST:PORT for Prometheus metrics (loopback)")
+    args = parser.parse_args(argv)
+    if args.metrics:
+        print("genvisor serve: --metrics is not available in this version yet", file=sys.stderr)
+        return 2
+    from genvisor.daemon.config import ConfigError, load_config
+    from genvisor.daemon.server import main as serve_main
+
+    try:
+        config = load_config(args.config, endpoint=args.endpoint, state_dir=args.state_dir)
+    except ConfigError as exc:
+        print(f"genvisor serve: {exc}", file=sys.stderr)
+        return 2
+    return serve_main(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
+    from genvisor.client.cli import main as client_main
+
+    return client_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

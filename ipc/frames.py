@@ -1,0 +1,136 @@
+"""Client ⇄ daemon frames: a versioned envelope around tagged unions.
+
+A client sends one `ClientFrame` per ZeroMQ message; the daemon answers each with
+exactly one `Reply` or `Failure` carrying the same `id`, and pushes `Notify` frames to
+the client that owns a generation. A `Reply` body is encoded from the call's result
+type and decoded by the client as that type (`msgspec.Raw`): the reply union stays
+closed without tagging every result type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from genvisor.errors import ErrorInfo
+from genvisor.types import Conversation, LLMResult, Notification
+
+PROTOCOL_VERSION = 1
+
+# Frame size limit. A million-token context is ~4 MB of text; 16 MiB leaves headroom
+# for metadata while keeping one frame's decode bounded (h11 caps an incomplete event
+# at 16 KiB for headers; our unit is a whole request, hence larger). Frames above it
+# are answered BadRequest; above HARD_MAX_FRAME_BYTES ZeroMQ drops the peer unread.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+HARD_MAX_FRAME_BYTES = 4 * MAX_FRAME_BYTES
+
+
+class Locator(msgspec.Struct, frozen=True, array_like=True):
+    """A conversation address: `id` alone, or `id` under `project_id`."""
+
+    project_id: str | None
+    id: str
+
+
+# ---- requests -------------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+class Ping(Request, tag="ping"):
+    pass
+
+
+class SendUserMessage(Request, tag="send_user_message"):
+    loc: Locator
+    content: str
+    metadata: dict[str, Any] | None = None
+
+
+class GetConversation(Request, tag="conversation"):
+    loc: Locator
+
+
+# Generation options travel untyped on purpose: the contract (baseline parity) says an
+# invalid option still returns a ref and the *run* ends with LLMError("config").
+GenerationOptions = dict[str, Any]
+
+
+class GenerateAssistantReply(Request, tag="generate_assistant_reply"):
+    loc: Locator
+    options: GenerationOptions = {}
+
+
+class AwaitGeneration(Request, tag="await_generation"):
+    loc: Locator
+    ref: str
+    timeout_ms: int = 30_000
+    cancel_on_timeout: bool = True
+    cancel_reason: str = "await_timeout"
+
+
+class CancelGeneration(Request, tag="cancel_generation"):
+    loc: Locator
+    reason: str = "cancel_requested"
+
+
+class SendAndGenerate(Request, tag="send_and_generate"):
+    """Send → generate → await → read in one round trip, stopping at the first error."""
+
+    loc: Locator
+    content: str
+    message_metadata: dict[str, Any] | None = None
+    options: GenerationOptions = {}
+    timeout_ms: int = 30_000
+    cancel_on_timeout: bool = True
+    cancel_reason: str = "await_timeout"
+
+
+AnyRequest = Ping | SendUserMessage | GetConversation | GenerateAssistantReply | AwaitGeneration | CancelGeneration | SendAndGenerate
+
+
+class ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    v: int
+    id: int
+    req: AnyRequest
+
+
+# ---- replies and notifications --------------------------------------------------------
+
+
+class GenerationRef(msgspec.Struct, frozen=True):
+    ref: str
+
+
+class Empty(msgspec.Struct, frozen=True):
+    pass
+
+
+class Reply(msgspec.Struct, frozen=True, tag="reply"):
+    v: int
+    id: int
+    body: msgspec.Raw
+
+
+class Failure(msgspec.Struct, frozen=True, tag="failure"):
+    v: int
+    id: int
+    error: ErrorInfo
+
+
+class Notify(msgspec.Struct, frozen=True, tag="notify"):
+    v: int
+    note: Notification
+
+
+ServerFrame = Reply | Failure | Notify
+
+
+class ConversationAndResult(msgspec.Struct, frozen=True):
+    """The body of a `SendAndGenerate` reply."""
+
+    conversation: Conversation
+    result: LLMResult

@@ -1,0 +1,114 @@
+"""Step 1 of the coding mode: generation options + history → the run's `RunSpec`.
+
+Pure: the conversation's owner calls it with what it holds. Invalid options, an
+unknown backend or an empty context do not raise: they give a spec whose run fails
+with `LLMError("config")`, because the baseline returned a ref in those cases too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from genvisor.errors import LLMError
+from genvisor.modes.llm import BackendConfig, LLMRequest, RunSpec
+from genvisor.types import ContextMessage, DerivedState, Message
+
+
+class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    timeout_ms: int | None = None
+    system_prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    max_messages: int = 40
+    include_system: bool = False
+    include_tool: bool = False
+    request_id: str | None = None
+    metadata: dict[str, Any] = {}
+    request_options: dict[str, Any] = {}
+    backend_opts: dict[str, Any] = {}
+    record_metadata: dict[str, Any] = {}
+    events: bool = False
+
+
+class Defaults(msgspec.Struct, frozen=True):
+    """The daemon config's part in the precedence: call > conversation > backend > defaults."""
+
+    backend: str
+    timeout_ms: int
+    stream: bool
+    backends: dict[str, BackendConfig]
+
+
+def parse_options(raw: dict[str, Any]) -> GenerationOptions:
+    """Raises LLMError("config") with what is wrong."""
+    try:
+        options = msgspec.convert(raw, GenerationOptions)
+    except msgspec.ValidationError as exc:
+        raise LLMError("config", f"invalid generation options: {exc}") from None
+    if options.max_messages < 0:
+        raise LLMError("config", "invalid generation options: max_messages must be >= 0")
+    if options.timeout_ms is not None and options.timeout_ms <= 0:
+        raise LLMError("config", "invalid generation options: timeout_ms must be > 0")
+    return options
+
+
+def context_window(messages: list[Message], max_messages: int, include_system: bool, include_tool: bool) -> list[ContextMessage]:
+    kept = [
+        ContextMessage(m.role, m.content)
+        for m in messages
+        if m.content.strip() and (m.role in ("user", "assistant") or (m.role == "system" and include_system) or (m.role == "tool" and include_tool))
+    ]
+    return kept[-max_messages:] if max_messages else []
+
+
+def build_run_spec(
+    *,
+    ref: str,
+    run_id: str,
+    conversation_id: str,
+    state: DerivedState,
+    raw_options: dict[str, Any],
+    defaults: Defaults,
+) -> RunSpec:
+    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode="coding")
+    try:
+        options = parse_options(raw_options)
+    except LLMError as error:
+        return RunSpec(**base, request_id=run_id, request=None, error=error.info())
+    request_id = options.request_id or run_id
+    base.update(request_id=request_id, record_metadata=options.record_metadata, events=options.events)
+    llm = state.llm
+    backend_name = options.backend or llm.backend or defaults.backend
+    backend = defaults.backends.get(backend_name)
+    if backend is None:
+        known = ", ".join(sorted(defaults.backends)) or "none"
+        error = LLMError("config", f"unknown backend {backend_name!r} (configured: {known})")
+        return RunSpec(**base, request=None, error=error.info())
+    messages = context_window(state.messages, options.max_messages, options.include_system, options.include_tool)
+    if not messages:
+        return RunSpec(**base, request=None, error=LLMError("config", "the context is empty: nothing to answer").info())
+    if options.system_prompt:
+        messages = [ContextMessage("system", options.system_prompt), *messages]
+    request = LLMRequest(
+        messages=messages,
+        backend=backend,
+        model=options.model or llm.model or backend.model,
+        provider=options.provider or llm.provider or backend.provider,
+        stream=_first(options.stream, llm.options.get("stream"), backend.settings.get("stream"), defaults.stream),
+        timeout_ms=_first(options.timeout_ms, llm.options.get("timeout_ms"), backend.settings.get("timeout_ms"), defaults.timeout_ms),
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        request_options=options.request_options,
+        backend_opts=options.backend_opts,
+    )
+    return RunSpec(**base, request=request)
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)

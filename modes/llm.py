@@ -1,0 +1,69 @@
+"""What a mode asks of a backend and what it gets back, and the run's wire types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from genvisor.errors import ErrorInfo
+from genvisor.types import ContextMessage, LLMResult, ToolCall, Usage
+
+
+class BackendConfig(msgspec.Struct, frozen=True):
+    """A backend as the daemon's config names it (resolved before the run starts)."""
+
+    name: str
+    kind: str  # "scripted" | "openai"
+    provider: str | None = None
+    model: str | None = None
+    settings: dict[str, Any] = {}
+
+
+class LLMRequest(msgspec.Struct, frozen=True):
+    messages: list[ContextMessage]
+    backend: BackendConfig
+    model: str | None = None
+    provider: str | None = None
+    stream: bool = False
+    timeout_ms: int = 60_000
+    max_tokens: int | None = None
+    temperature: float | None = None
+    request_options: dict[str, Any] = {}
+    backend_opts: dict[str, Any] = {}
+
+
+class LLMReply(msgspec.Struct, frozen=True):
+    text: str = ""
+    tool_calls: list[ToolCall] = []
+    finish_reason: str | None = "stop"
+    usage: Usage = Usage()
+    model: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class RunSpec(msgspec.Struct, frozen=True):
+    """Everything a worker needs for one run; assembled by the conversation's owner."""
+
+    ref: str
+    run_id: str
+    conversation_id: str
+    mode: str
+    request_id: str
+    request: LLMRequest | None  # None when assembly failed: the run fails with `error`
+    error: ErrorInfo | None = None
+    record_metadata: dict[str, Any] = {}
+    max_steps: int = 8
+    events: bool = False  # emit progress events (the owner asked for them)
+
+
+class RunSucceeded(msgspec.Struct, frozen=True, tag=True):
+    result: LLMResult
+    messages: list[ContextMessage]  # what to commit: the turn's tool messages, then the reply
+
+
+class RunFailed(msgspec.Struct, frozen=True, tag=True):
+    error: ErrorInfo
+
+
+RunOutcome = RunSucceeded | RunFailed

@@ -1,0 +1,78 @@
+"""The executor loop: drive a mode's step graph, doing the I/O it asks for.
+
+`execute` is the worker's run target (see supervisor.worker); the in-process
+executor calls `drive` directly. Neither contains mode logic: they map directives
+to backend and tool calls and feed the answers back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import msgspec
+
+from genvisor.errors import LLMError
+from genvisor.modes import scripted
+from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, RunTools
+from genvisor.modes.llm import LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
+from genvisor.types import GenerationEvent, ToolResult
+
+Emit = Callable[[GenerationEvent], Awaitable[None]]
+
+_spec_decoder = msgspec.msgpack.Decoder(RunSpec)
+
+
+async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]]) -> RunOutcome:
+    return await drive(_spec_decoder.decode(spec), emit)
+
+
+async def drive(spec: RunSpec, emit: Emit) -> RunOutcome:
+    events = _Events(spec.ref, emit if spec.events else None)
+    run = CodingRun(spec)
+    await events.send("started")
+    directive = run.start()
+    while True:
+        if isinstance(directive, CallLLM):
+            await events.send("step", step=directive.call_index)
+            try:
+                reply = await _call_backend(directive.request, directive.call_index, events)
+            except LLMError as error:
+                directive = run.llm_failed(error)
+                continue
+            directive = run.llm_replied(reply)
+        elif isinstance(directive, RunTools):
+            results = []
+            for call in directive.calls:
+                await events.send("tool_call", tool_call=call)
+                result = ToolResult(call.id, call.name, f"unknown tool {call.name!r}", is_error=True)
+                await events.send("tool_result", tool_result=result)
+                results.append(result)
+            directive = run.tools_finished(results)
+        elif isinstance(directive, Commit):
+            await events.send("completed")
+            return directive.outcome
+        else:
+            assert isinstance(directive, Fail)
+            return RunFailed(directive.error)
+
+
+async def _call_backend(request: LLMRequest, call_index: int, events: _Events) -> LLMReply:
+    async def on_delta(text: str) -> None:
+        await events.send("delta", text=text)
+
+    if request.backend.kind == "scripted":
+        return await scripted.complete(request, call_index, on_delta)
+    raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
+
+
+class _Events:
+    def __init__(self, ref: str, emit: Emit | None) -> None:
+        self._ref = ref
+        self._emit = emit
+        self._seq = 0
+
+    async def send(self, kind: str, **fields: Any) -> None:
+        if self._emit is None:
+            return
+        self._seq += 1
+        await self._emit(GenerationEvent(ref=self._ref, kind=kind, seq=self._seq, **fields))  # type: ignore[arg-type]

@@ -1,0 +1,132 @@
+"""The offline `scripted` backend (CONTRACT §8): deterministic, for tests, demo, bench.
+
+`backend_opts`: `reply` (default: echo of the last user message), `delay_ms`,
+`chunks` + `chunk_delay_ms` (streamed deltas), `error` ({category, message,
+retryable?, details?}), `crash` ("exit" | "signal" | "hang"), `script` (one turn per
+LLM call: {"text": …} or {"tool_calls": [{"name", "arguments"}]}), and `spawn`
+(an argv started in the run's process group before answering, left running: it
+exercises the cleanup of a run's effects).
+
+`crash` acts on the process it runs in, which is why it only makes sense in a
+worker; the in-process executor refuses it as a config error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Awaitable, Callable
+
+import msgspec
+import trio
+
+from genvisor.errors import LLMError
+from genvisor.modes.llm import LLMReply, LLMRequest
+from genvisor.types import ToolCall, Usage
+
+OnDelta = Callable[[str], Awaitable[None]]
+
+
+class ScriptedError(msgspec.Struct, frozen=True):
+    category: str
+    message: str
+    retryable: bool | None = None
+    details: dict[str, Any] | None = None
+
+
+class ScriptedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reply: str | None = None
+    delay_ms: int = 0
+    chunks: list[str] | None = None
+    chunk_delay_ms: int = 0
+    error: ScriptedError | None = None
+    crash: str | None = None
+    script: list[dict[str, Any]] | None = None
+    spawn: list[str] | None = None
+
+
+CRASH_KINDS = ("exit", "signal", "hang")
+
+
+def parse_options(raw: dict[str, Any]) -> ScriptedOptions:
+    """Validate `backend_opts`; a bad one is a config error of the run."""
+    try:
+        options = msgspec.convert(raw, ScriptedOptions)
+    except msgspec.ValidationError as exc:
+        raise LLMError("config", f"scripted backend_opts: {exc}") from None
+    if options.crash is not None and options.crash not in CRASH_KINDS:
+        raise LLMError("config", f"scripted backend_opts.crash must be one of {', '.join(CRASH_KINDS)}")
+    if options.delay_ms < 0 or options.chunk_delay_ms < 0:
+        raise LLMError("config", "scripted delays must be >= 0")
+    return options
+
+
+async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta) -> LLMReply:
+    options = parse_options(request.backend_opts)
+    if options.spawn:
+        # Left running on purpose, in our process group: the run's teardown must kill it.
+        subprocess.Popen(options.spawn, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if options.crash == "exit":
+        os._exit(3)
+    if options.crash == "signal":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if options.crash == "hang":
+        # A worker stuck in native code: deaf to the graceful Stop and to SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(3600)
+    if options.delay_ms:
+        await trio.sleep(options.delay_ms / 1000)
+    if options.error is not None:
+        e = options.error
+        raise LLMError(e.category, e.message, e.retryable, e.details)  # type: ignore[arg-type]
+    if options.script is not None:
+        return await _scripted_turn(options, call_index, on_delta)
+    text = options.reply if options.reply is not None else _last_user_message(request)
+    if options.chunks is not None:
+        for chunk in options.chunks:
+            if options.chunk_delay_ms:
+                await trio.sleep(options.chunk_delay_ms / 1000)
+            await on_delta(chunk)
+        text = options.reply if options.reply is not None else "".join(options.chunks)
+    return _reply(text, request)
+
+
+async def _scripted_turn(options: ScriptedOptions, call_index: int, on_delta: OnDelta) -> LLMReply:
+    script = options.script or []
+    if call_index >= len(script):
+        raise LLMError("config", f"scripted script has {len(script)} turns; call {call_index + 1} has none")
+    turn = script[call_index]
+    if "tool_calls" in turn:
+        calls = [
+            ToolCall(
+                id=f"call_{call_index}_{n}",
+                name=str(call.get("name", "")),
+                arguments=call["arguments"] if isinstance(call.get("arguments"), str) else json.dumps(call.get("arguments", {})),
+            )
+            for n, call in enumerate(turn["tool_calls"])
+        ]
+        return LLMReply(text=str(turn.get("text", "")), tool_calls=calls, finish_reason="tool_calls", model="scripted")
+    text = str(turn.get("text", ""))
+    if text:
+        await on_delta(text)
+    return LLMReply(text=text, finish_reason="stop", model="scripted", usage=_usage(text))
+
+
+def _reply(text: str, request: LLMRequest) -> LLMReply:
+    return LLMReply(text=text, finish_reason="stop", usage=_usage(text), model=request.model or "scripted")
+
+
+def _usage(text: str) -> Usage:
+    completion = len(text.split())
+    return Usage(prompt_tokens=0, completion_tokens=completion, total_tokens=completion)
+
+
+def _last_user_message(request: LLMRequest) -> str:
+    for message in reversed(request.messages):
+        if message.role == "user":
+            return message.content
+    return ""

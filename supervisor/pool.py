@@ -1,0 +1,368 @@
+"""Worker processes, daemon side: the zygote, fresh spares, and reaping.
+
+Every generation gets a fresh process forked from the zygote. Forking a 30 MB
+interpreter costs ≈2 ms before the child runs (copy-on-write faults), so the pool
+keeps a few *spare* workers already forked and waiting for their one run: handing
+one a run costs a frame on a socket. A spare is never reused after its run.
+
+Reaping: the zygote reaps its children (workers, and their orphans, since it is a
+subreaper) and reports each exit. The daemon is itself a subreaper and reaps its own
+children on SIGCHLD: the zygote, and whatever the zygote left behind if it died.
+Both paths end in `_child_exited`, so a worker's exit is seen exactly once.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgspec
+import trio
+
+from genvisor.ipc.channel import FramedChannel
+from genvisor.ipc.supervision import (
+    Exited,
+    FromWorker,
+    FromZygote,
+    Ready,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    ZygoteHello,
+)
+from genvisor.supervisor import linux
+
+log = logging.getLogger("genvisor.supervisor")
+
+_encoder = msgspec.msgpack.Encoder()
+_zygote_decoder = msgspec.msgpack.Decoder(FromZygote)
+
+ZYGOTE_START_TIMEOUT_S = 30.0  # a cold interpreter importing trio on a loaded box
+WORKER_READY_TIMEOUT_S = 10.0
+RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+
+
+class WorkersUnavailable(Exception):
+    """No worker could be started (the zygote is down and did not come back in time)."""
+
+
+class Worker:
+    """One worker process: its own process group (pgid == pid) and run channel."""
+
+    channel: FramedChannel[FromWorker]  # set by the pool once the zygote has forked it
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.spawned_at = time.perf_counter()
+        self.exited = trio.Event()
+        self.wait_status: int | None = None
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the worker's whole process group. Only while its leader is unreaped
+        or just reaped: the group id cannot be reused while any member lives."""
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def exit_details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"pid": self.pid}
+        if self.wait_status is not None:
+            details.update(linux.describe_wait_status(self.wait_status))
+        return details
+
+
+class _Zygote:
+    def __init__(self, pid: int, control: trio.socket.SocketType) -> None:
+        self.pid = pid
+        self.control = control
+        self.hello = trio.Event()
+        self.gone = trio.Event()
+        self.started_at = time.monotonic()
+
+
+class WorkerPool:
+    def __init__(self, *, target: str, spares: int) -> None:
+        self._target = target
+        self._spares_wanted = spares
+        self._spares: list[Worker] = []
+        self._refill = trio.Event()
+        self._workers: dict[int, Worker] = {}
+        self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._tokens = itertools.count(1)
+        self._zygote: _Zygote | None = None
+        self._zygote_up = trio.Event()
+        self._closing = False
+        self.zygote_restarts = 0
+        self.orphans_reaped = 0
+        self.workers_spawned = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the pool until cancelled; `started` once the first zygote is up."""
+        linux.become_subreaper()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._reap_children)
+            await nursery.start(self._supervise_zygote)
+            nursery.start_soon(self._keep_spares)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        # Runs inside the pool's cancelled nursery: the reaper and zygote reader are
+        # gone, so wait on pidfds and reap here.
+        self._closing = True
+        for worker in list(self._workers.values()):
+            worker.signal_group(signal.SIGKILL)
+            _kill(worker.pid)  # a fresh child may not have its own group yet
+        zygote = self._zygote
+        if zygote is not None:
+            zygote.control.close()  # the zygote exits when its control channel ends
+            with trio.move_on_after(5):
+                await wait_for_exit(zygote.pid)
+            _kill(zygote.pid)
+            await wait_for_exit(zygote.pid)
+        # Whatever the zygote had not reaped is ours now (we are a subreaper).
+        self._reap_own_children()
+        for pid in list(self._workers):
+            await wait_for_exit(pid)
+            self._reap_own_children()
+
+    # ---- handing out workers ---------------------------------------------------------
+
+    async def acquire(self) -> Worker:
+        """A fresh worker, ready for its one run (a spare if one is waiting)."""
+        if self._spares:
+            worker = self._spares.pop()
+            self._refill.set()
+            return worker
+        self._refill.set()
+        return await self._spawn()
+
+    @property
+    def spare_count(self) -> int:
+        return len(self._spares)
+
+    @property
+    def live_workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote else None
+
+    async def _keep_spares(self) -> None:
+        failures = 0
+        while True:
+            self._refill = trio.Event()
+            while len(self._spares) < self._spares_wanted and not self._closing:
+                try:
+                    self._spares.append(await self._spawn())
+                    failures = 0
+                except WorkersUnavailable as exc:
+                    failures += 1
+                    log.warning("spare worker not started: %s", exc)
+                    await trio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1])
+            await self._refill.wait()
+
+    async def _spawn(self) -> Worker:
+        zygote = await self._wait_for_zygote()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        token = next(self._tokens)
+        done = trio.Event()
+        answer: list[Any] = []
+        self._pending[token] = (done, answer)
+        started = time.perf_counter()
+        try:
+            await zygote.control.sendmsg(
+                [_encoder.encode(Spawn(token=token))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
+            )
+        except OSError as exc:
+            ours.close()
+            raise WorkersUnavailable(f"zygote unreachable: {exc}") from None
+        finally:
+            theirs.close()
+        with trio.move_on_after(WORKER_READY_TIMEOUT_S):
+            await done.wait()
+        self._pending.pop(token, None)
+        if not answer or isinstance(answer[0], SpawnFailed):
+            ours.close()
+            raise WorkersUnavailable(answer[0].error if answer else "zygote did not answer a spawn")
+        pid = answer[0].pid
+        # _on_zygote_frame registered the pid, so an exit before now is not lost.
+        worker = self._workers.get(pid)
+        if worker is None:
+            ours.close()
+            raise WorkersUnavailable(f"worker {pid} exited before it was ready")
+        worker.channel = FramedChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), FromWorker)
+        worker.spawned_at = started
+        ready = None
+        with trio.move_on_after(WORKER_READY_TIMEOUT_S):
+            ready = await worker.channel.receive()
+        if not isinstance(ready, Ready):
+            worker.signal_group(signal.SIGKILL)
+            await worker.channel.aclose()
+            raise WorkersUnavailable(f"worker {pid} died before it was ready: {worker.exit_details()}")
+        self.workers_spawned += 1
+        return worker
+
+    # ---- the zygote --------------------------------------------------------------------
+
+    async def _wait_for_zygote(self) -> _Zygote:
+        with trio.move_on_after(ZYGOTE_START_TIMEOUT_S):
+            while True:
+                zygote = self._zygote
+                if zygote is not None and zygote.hello.is_set() and not zygote.gone.is_set():
+                    return zygote
+                if self._closing:
+                    break
+                await self._zygote_up.wait()
+        raise WorkersUnavailable("the zygote is not running")
+
+    async def _supervise_zygote(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        failures = 0
+        first = True
+        while not self._closing:
+            zygote = self._start_zygote()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_zygote, zygote)
+                with trio.move_on_after(ZYGOTE_START_TIMEOUT_S):
+                    await zygote.hello.wait()
+                if zygote.hello.is_set():
+                    self._zygote_up.set()
+                    if first:
+                        task_status.started()
+                        first = False
+                else:
+                    log.error("zygote %d did not start in time; killing it", zygote.pid)
+                    os.kill(zygote.pid, signal.SIGKILL)
+                await zygote.gone.wait()
+                nursery.cancel_scope.cancel()
+            self._zygote_up = trio.Event()
+            zygote.control.close()
+            if self._closing:
+                return
+            lived = time.monotonic() - zygote.started_at
+            failures = 0 if lived > 30 else failures + 1
+            self.zygote_restarts += 1
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.warning("zygote %d died after %.1fs; restarting in %.2fs", zygote.pid, lived, delay)
+            await trio.sleep(delay)
+
+    def _start_zygote(self) -> _Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.set_inheritable(theirs.fileno(), True)
+        argv = [sys.executable, "-m", "genvisor.supervisor.zygote", str(theirs.fileno()), str(os.getpid()), self._target]
+        # posix_spawn (vfork) from the main thread: PDEATHSIG fires when the *thread*
+        # that forked exits, so a helper thread must not start the zygote.
+        pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            os.environ,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+        )
+        theirs.close()
+        log.info("zygote started pid=%d", pid)
+        zygote = _Zygote(pid, trio.socket.from_stdlib_socket(ours))
+        self._zygote = zygote
+        return zygote
+
+    async def _read_zygote(self, zygote: _Zygote) -> None:
+        while True:
+            try:
+                data = await zygote.control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return  # its exit is seen by _reap_children
+            self._on_zygote_frame(zygote, _zygote_decoder.decode(data))
+
+    def _on_zygote_frame(self, zygote: _Zygote, frame: FromZygote) -> None:
+        if isinstance(frame, ZygoteHello):
+            zygote.hello.set()
+        elif isinstance(frame, (Spawned, SpawnFailed)):
+            pending = self._pending.get(frame.token)
+            if pending is None:
+                if isinstance(frame, Spawned):  # its spawner gave up waiting: do not leak it
+                    os.kill(frame.pid, signal.SIGKILL)  # unreaped until the zygote reports it
+                return
+            if isinstance(frame, Spawned):
+                # Register before anyone awaits: the worker may exit at once.
+                self._workers[frame.pid] = Worker(frame.pid)
+            done, answer = pending
+            answer.append(frame)
+            done.set()
+        elif isinstance(frame, Exited):
+            self._child_exited(frame.pid, frame.status)
+
+    # ---- reaping -----------------------------------------------------------------------
+
+    async def _reap_children(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            self._reap_own_children()
+            async for _ in signals:
+                self._reap_own_children()
+
+    def _reap_own_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._child_exited(pid, status)
+
+    def _child_exited(self, pid: int, status: int) -> None:
+        zygote = self._zygote
+        if zygote is not None and pid == zygote.pid:
+            log.log(logging.INFO if self._closing else logging.ERROR, "zygote %d exited: %s", pid, linux.describe_wait_status(status))
+            zygote.gone.set()
+            return
+        worker = self._workers.pop(pid, None)
+        if worker is None:
+            self.orphans_reaped += 1
+            return
+        worker.wait_status = status
+        # Take down whatever the worker left in its group, while the group id is still
+        # reserved by those members (it cannot be reused while any of them lives).
+        worker.signal_group(signal.SIGKILL)
+        worker.exited.set()
+        if worker in self._spares:
+            self._spares.remove(worker)
+            self._refill.set()
+
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Return once `pid` has exited (a zombie counts), waiting on its pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
