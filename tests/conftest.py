@@ -1,0 +1,168 @@
+"""Real daemons for the tests: each fixture starts `python -m genvisor serve` on an ipc
+socket in a temp dir and stops it with SIGTERM, checking it exits 0 and leaves no
+process behind."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from genvisor.client import Client
+from genvisor.errors import DaemonUnavailable
+
+# Small graces keep the escalation tests quick; the defaults are seconds.
+TEST_CONFIG = """
+[workers]
+spares = 1
+cancel_grace_ms = 300
+term_grace_ms = 300
+deadline_grace_ms = 200
+"""
+
+_names = itertools.count(1)
+
+
+def wait_for_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no living process is left in process group `pgid`, on pidfds."""
+    deadline = time.monotonic() + timeout_s
+    while members := group_members(pgid):
+        for pid in members:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if not poller.poll(remaining_ms):
+                    raise AssertionError(f"process {pid} of group {pgid} still alive after {timeout_s}s")
+            finally:
+                os.close(fd)
+
+
+def spawn_marker(tmp_path: Path, name: str) -> tuple[list[str], Path, str]:
+    """An argv for the scripted `spawn` option that announces itself on a FIFO and then
+    sleeps under a unique name; returns (argv, fifo, name to find it by)."""
+    fifo = tmp_path / f"{name}.fifo"
+    os.mkfifo(fifo)
+    tag = f"{100000 + next(_names)}"
+    return ["sh", "-c", f"echo up > {fifo}; exec sleep {tag}"], fifo, tag
+
+
+def wait_for_marker(fifo: Path, timeout_s: float = 10.0) -> None:
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(int(timeout_s * 1000)), f"nothing wrote to {fifo} within {timeout_s}s"
+    finally:
+        os.close(fd)
+
+
+class Daemon:
+    def __init__(self, directory: Path, config: str = TEST_CONFIG) -> None:
+        self.directory = directory
+        self.endpoint = f"ipc://{directory}/run/genvisor.sock"
+        self.config_path = directory / "genvisor.toml"
+        self.config_path.write_text(config)
+        self.log_path = directory / "daemon.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+        )
+        # Each ping waits up to 250 ms for the daemon (ZeroMQ connects when it binds).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited at start:\n{self.log()}")
+            with Client(self.endpoint, timeout_ms=250) as client:
+                try:
+                    client.ping()
+                    return self
+                except DaemonUnavailable:
+                    continue
+        raise AssertionError(f"daemon did not answer within 30s:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def client(self, timeout_ms: int = 10_000) -> Client:
+        return Client(self.endpoint, timeout_ms=timeout_ms)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            family = self.descendants()
+            self.process.send_signal(signal.SIGTERM)
+            code = self.process.wait(timeout=60)
+            gone, alive = psutil.wait_procs(family, timeout=5)
+            assert not alive, f"processes outlived the daemon: {alive}"
+            return code
+        return self.process.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path).start()
+    yield d
+    code = d.stop()
+    assert code == 0, f"daemon exited {code}:\n{d.log()}"
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("daemon")).start()
+    yield d
+    code = d.stop()
+    assert code == 0, f"daemon exited {code}:\n{d.log()}"
+
+
+@pytest.fixture
+def conv():
+    """A fresh conversation id per test."""
+    return f"c{os.getpid()}_{next(_names)}"
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def find_tagged(tag: str) -> psutil.Process | None:
+    """The process whose command line carries `tag` (a `spawn` argv marks a run)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if tag in (proc.info["cmdline"] or []):
+            return proc
+    return None

@@ -1,0 +1,116 @@
+"""The coding step graph and the conversation fold, without processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from genvisor.errors import LLMError
+from genvisor.modes.assemble import Defaults, build_run_spec
+from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, ProtocolViolation, RunTools
+from genvisor.modes.conversation import JournalEntry, fold
+from genvisor.modes.llm import BackendConfig, LLMReply
+from genvisor.types import DerivedState, ToolCall, ToolResult
+
+SCRIPTED = BackendConfig("scripted", "scripted", model="scripted")
+DEFAULTS = Defaults(backend="scripted", timeout_ms=60_000, stream=False, backends={"scripted": SCRIPTED})
+
+
+def _entry(seq, kind="message", **fields):
+    return JournalEntry(entry_id=f"e{seq}", seq=seq, kind=kind, at=float(seq), **fields)
+
+
+def _state_with(*messages):
+    return fold([_entry(i + 1, role=role, content=content) for i, (role, content) in enumerate(messages)])
+
+
+def _spec(state, **options):
+    return build_run_spec(ref="gen_1", run_id="run_1", conversation_id="c", state=state, raw_options=options, defaults=DEFAULTS)
+
+
+def test_a_plain_answer_is_one_llm_call_then_commit():
+    run = CodingRun(_spec(_state_with(("user", "hi"))))
+    call = run.start()
+    assert isinstance(call, CallLLM) and [m.content for m in call.request.messages] == ["hi"]
+    commit = run.llm_replied(LLMReply(text="hello"))
+    assert isinstance(commit, Commit)
+    assert [m.role for m in commit.outcome.messages] == ["assistant"]
+    assert commit.outcome.messages[-1].metadata["run_id"] == "run_1"
+
+
+def test_tool_calls_are_fed_back_and_committed_with_the_reply():
+    run = CodingRun(_spec(_state_with(("user", "read it"))))
+    run.start()
+    tools = run.llm_replied(LLMReply(tool_calls=[ToolCall("t1", "read_file", "{}")], finish_reason="tool_calls"))
+    assert isinstance(tools, RunTools)
+    again = run.tools_finished([ToolResult("t1", "read_file", "contents")])
+    assert isinstance(again, CallLLM) and [m.role for m in again.request.messages] == ["user", "assistant", "tool"]
+    commit = run.llm_replied(LLMReply(text="done"))
+    assert [m.role for m in commit.outcome.messages] == ["assistant", "tool", "assistant"]
+
+
+def test_the_step_budget_ends_a_tool_loop():
+    run = CodingRun(_spec(_state_with(("user", "loop"))))
+    directive = run.start()
+    for _ in range(run.spec.max_steps):
+        directive = run.llm_replied(LLMReply(tool_calls=[ToolCall("t", "x", "{}")]))
+        if isinstance(directive, Fail):
+            break
+        run.tools_finished([ToolResult("t", "x", "r")])
+    assert isinstance(directive, Fail) and "budget" in directive.error.message
+
+
+def test_an_input_the_step_does_not_accept_is_refused():
+    run = CodingRun(_spec(_state_with(("user", "hi"))))
+    with pytest.raises(ProtocolViolation):
+        run.tools_finished([])
+    run.start()
+    with pytest.raises(ProtocolViolation):
+        run.start()
+
+
+@pytest.mark.parametrize(
+    ("state", "options", "needle"),
+    [
+        (_state_with(("user", "hi")), {"max_messages": "x"}, "max_messages"),
+        (_state_with(("user", "hi")), {"backend": "nope"}, "unknown backend"),
+        (DerivedState(), {}, "context is empty"),
+    ],
+)
+def test_bad_options_become_a_config_failure_of_the_run(state, options, needle):
+    fail = CodingRun(_spec(state, **options)).start()
+    assert isinstance(fail, Fail) and fail.error.category == "config" and needle in fail.error.message
+
+
+def test_precedence_call_over_conversation_over_backend_over_defaults():
+    state = fold([_entry(1, role="user", content="hi"), _entry(2, kind="note", event="llm_configured", data={"model": "conv-model"})])
+    assert _spec(state).request.model == "conv-model"
+    assert _spec(state, model="call-model").request.model == "call-model"
+    assert _spec(_state_with(("user", "hi"))).request.model == "scripted"
+    assert _spec(state).request.timeout_ms == 60_000
+
+
+def test_context_window_keeps_the_last_n_and_drops_system_and_tool_unless_asked():
+    state = _state_with(("system", "sys"), ("user", "a"), ("assistant", "b"), ("tool", "t"), ("user", "  "), ("user", "c"))
+    assert [m.content for m in _spec(state).request.messages] == ["a", "b", "c"]
+    assert [m.content for m in _spec(state, max_messages=2).request.messages] == ["b", "c"]
+    assert [m.content for m in _spec(state, include_system=True, include_tool=True).request.messages] == ["sys", "a", "b", "t", "c"]
+
+
+def test_status_transitions_and_sticky_cancel():
+    entries = [
+        _entry(1, role="user", content="a"),
+        _entry(2, kind="note", event="cancel_requested", data={"reason": "r"}),
+        _entry(3, role="user", content="b"),
+        _entry(4, role="assistant", content="c"),
+    ]
+    states = [fold(entries[:n]) for n in range(5)]
+    assert [s.status for s in states] == ["idle", "pending_llm", "canceled", "pending_llm", "responding"]
+    assert states[3].cancel_requested and states[3].cancel_reason == "r" and states[3].turn == 2
+
+
+def test_llm_config_merges_and_options_accumulate():
+    state = fold([
+        _entry(1, kind="note", event="llm_configured", data={"backend": "a", "model": "m", "options": {"x": {"y": 1}}}),
+        _entry(2, kind="note", event="llm_configured", data={"model": None, "options": {"x": {"z": 2}}}),
+    ])
+    assert (state.llm.backend, state.llm.model, state.llm.options) == ("a", "m", {"x": {"y": 1, "z": 2}})

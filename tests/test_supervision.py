@@ -1,0 +1,82 @@
+"""The daemon outlives what goes wrong around it and leaves nothing behind when it stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker
+from genvisor.errors import DaemonUnavailable, GenerationCanceled, LLMError
+from genvisor.types import GenerationCanceled as CanceledNote
+
+
+def _zygote(daemon: Daemon) -> psutil.Process:
+    zygotes = [p for p in psutil.Process(daemon.pid).children() if "genvisor.supervisor.zygote" in " ".join(p.cmdline())]
+    assert len(zygotes) == 1, zygotes
+    return zygotes[0]
+
+
+def test_sigterm_with_active_runs_cancels_them_and_exits_zero(daemon, conv, tmp_path):
+    argv, fifo, tag = spawn_marker(tmp_path, "shutdown")
+    with daemon.client() as owner:
+        owner.send_user_message(conv, "long")
+        ref = owner.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+        owner.send_user_message(conv + "_hung", "stuck")
+        hung_ref = owner.generate_assistant_reply(conv + "_hung", backend_opts={"crash": "hang"})
+        wait_for_marker(fifo)
+        family = daemon.descendants()
+        assert find_tagged(tag) is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=60) == 0
+        notes = {owner.next_notification(timeout_ms=5_000), owner.next_notification(timeout_ms=5_000)}
+    assert notes == {CanceledNote(ref, "daemon_shutdown"), CanceledNote(hung_ref, "daemon_shutdown")}
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert alive == []
+    assert find_tagged(tag) is None
+    assert not Path(daemon.endpoint.removeprefix("ipc://")).exists()
+
+
+def test_a_killed_zygote_is_restarted_and_generations_go_on(daemon, conv):
+    first = _zygote(daemon)
+    first.kill()
+    first.wait(timeout=10)
+    with daemon.client() as client:
+        # Spares forked by the dead zygote died with it; the next run gets a new worker.
+        _, result = client.send_and_generate(conv, "after the zygote died", await_opts={"timeout_ms": 30_000})
+        assert result.text == "after the zygote died"
+    assert _zygote(daemon).pid != first.pid
+
+
+def test_a_worker_killed_by_the_os_mid_run_is_a_crash_with_its_signal(daemon, conv, tmp_path):
+    argv, fifo, tag = spawn_marker(tmp_path, "victim")
+    with daemon.client() as client:
+        client.send_user_message(conv, "hi")
+        ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+        wait_for_marker(fifo)
+        worker = find_tagged(tag).ppid()
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(LLMError) as raised:
+            client.await_generation(conv, ref)
+        assert raised.value.message == "generation worker crashed"
+        assert raised.value.details["signal"] == signal.SIGKILL
+        wait_for_group_gone(worker, timeout_s=10)
+        assert [m.role for m in client.conversation(conv).state.messages] == ["user"]
+
+
+def test_ipc_socket_is_private(daemon):
+    path = Path(daemon.endpoint.removeprefix("ipc://"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_no_daemon_means_daemon_unavailable(tmp_path):
+    from genvisor.client import Client
+
+    with Client(f"ipc://{tmp_path}/nobody.sock", timeout_ms=100) as client:
+        with pytest.raises(DaemonUnavailable):
+            client.ping()
