@@ -152,7 +152,8 @@ def demo() -> int:
     """Start a private daemon on the scripted backend, show a few generations, stop it."""
     with tempfile.TemporaryDirectory(prefix="genvisor-demo-") as tmp:
         endpoint = f"ipc://{tmp}/run/genvisor.sock"
-        daemon = subprocess.Popen([sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint])
+        env = {**os.environ, "GENVISOR_LOG_LEVEL": "WARNING"}
+        daemon = subprocess.Popen([sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint], env=env)
         try:
             with Client(endpoint, timeout_ms=30_000) as client:
                 info = client.ping()

@@ -31,7 +31,7 @@ class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Workers(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    spares: int = 2  # fresh pre-forked workers kept waiting for a run
+    spares: int = 4  # fresh pre-forked workers kept waiting for a run
     cancel_grace_ms: int = 2_000  # after a Stop frame, before SIGTERM to the group
     term_grace_ms: int = 1_000  # after SIGTERM, before SIGKILL
     deadline_grace_ms: int = 5_000  # a run is killed at timeout_ms + this

@@ -75,7 +75,10 @@ class Front:
             nursery.start_soon(self._send_loop)
             while True:
                 frames = await self._sock.recv_multipart()
-                self._dispatch(nursery, frames)
+                try:
+                    self._dispatch(nursery, frames)
+                except Exception as exc:  # noqa: BLE001 — a bug here must not stop the daemon
+                    self._fail(frames[0], 0, exc)
 
     async def _send_loop(self) -> None:
         async for frames in self._outbox:

@@ -14,8 +14,8 @@ import msgspec
 from genvisor.errors import LLMError
 from genvisor.modes import scripted
 from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, RunTools
-from genvisor.modes.llm import LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
-from genvisor.types import GenerationEvent, ToolResult
+from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
+from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
 Emit = Callable[[GenerationEvent], Awaitable[None]]
 
@@ -24,6 +24,21 @@ _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
 
 async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]]) -> RunOutcome:
     return await drive(_spec_decoder.decode(spec), emit)
+
+
+async def _warm() -> None:
+    """A dry run through the scripted backend, events on (see supervisor.worker)."""
+    request = LLMRequest([ContextMessage("user", "warm")], BackendConfig("scripted", "scripted"))
+    spec = RunSpec(ref="warm", run_id="warm", conversation_id="warm", mode="coding", request_id="warm", request=request, events=True)
+
+    async def discard(event: GenerationEvent) -> None:
+        _encoder.encode(event)
+
+    _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard))
+
+
+execute.warm = _warm  # type: ignore[attr-defined]
+_encoder = msgspec.msgpack.Encoder()
 
 
 async def drive(spec: RunSpec, emit: Emit) -> RunOutcome:

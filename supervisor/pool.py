@@ -47,6 +47,9 @@ _zygote_decoder = msgspec.msgpack.Decoder(FromZygote)
 ZYGOTE_START_TIMEOUT_S = 30.0  # a cold interpreter importing trio on a loaded box
 WORKER_READY_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+# Spares forked at once: the zygote forks one at a time, but each child's start-up
+# (page faults, warm-up) runs on its own core, so two keep up with a busy daemon.
+CONCURRENT_SPAWNS = 2
 
 
 class WorkersUnavailable(Exception):
@@ -93,6 +96,8 @@ class WorkerPool:
         self._target = target
         self._spares_wanted = spares
         self._spares: list[Worker] = []
+        self._spawning = 0
+        self._spawn_failures = 0
         self._refill = trio.Event()
         self._workers: dict[int, Worker] = {}
         self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
@@ -165,18 +170,29 @@ class WorkerPool:
         return self._zygote.pid if self._zygote else None
 
     async def _keep_spares(self) -> None:
-        failures = 0
-        while True:
-            self._refill = trio.Event()
-            while len(self._spares) < self._spares_wanted and not self._closing:
-                try:
-                    self._spares.append(await self._spawn())
-                    failures = 0
-                except WorkersUnavailable as exc:
-                    failures += 1
-                    log.warning("spare worker not started: %s", exc)
-                    await trio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1])
-            await self._refill.wait()
+        async with trio.open_nursery() as spawning:
+            while True:
+                self._refill = trio.Event()
+                while (
+                    not self._closing
+                    and self._spawning < CONCURRENT_SPAWNS
+                    and len(self._spares) + self._spawning < self._spares_wanted
+                ):
+                    self._spawning += 1
+                    spawning.start_soon(self._spawn_spare)
+                await self._refill.wait()
+
+    async def _spawn_spare(self) -> None:
+        try:
+            self._spares.append(await self._spawn())
+            self._spawn_failures = 0
+        except WorkersUnavailable as exc:
+            self._spawn_failures += 1
+            log.warning("spare worker not started: %s", exc)
+            await trio.sleep(RESTART_BACKOFF_S[min(self._spawn_failures, len(RESTART_BACKOFF_S)) - 1])
+        finally:
+            self._spawning -= 1
+            self._refill.set()
 
     async def _spawn(self) -> Worker:
         zygote = await self._wait_for_zygote()
