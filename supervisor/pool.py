@@ -335,13 +335,7 @@ class WorkerPool:
                 self._reap_own_children()
 
     def _reap_own_children(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in linux.reap_exited():
             self._child_exited(pid, status)
 
     def _child_exited(self, pid: int, status: int) -> None:

@@ -230,7 +230,8 @@ async def _sweep_group(pgid: int) -> _Sweep:
     killed: list[int] = []
     with trio.move_on_after(SWEEP_DEADLINE_S):
         while True:
-            members = _living_members(pgid)
+            # A walk of /proc: off the loop, as it grows with the number of processes.
+            members = await trio.to_thread.run_sync(_living_members, pgid)
             if not members:
                 return _Sweep(killed=killed, survivors=[])
             for pid in members:

@@ -97,13 +97,7 @@ def _spawn(control: socket.socket, request: Spawn, fds: list[int], wake: tuple[i
 
 
 def _reap_all(control: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, status in linux.reap_exited():
         _send(control, Exited(pid=pid, status=status))
 
 
