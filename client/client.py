@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import zmq
 
@@ -22,19 +22,49 @@ from genvisor.ipc.endpoint import default_endpoint, parse_endpoint
 from genvisor.ipc.frames import (
     AwaitGeneration,
     CancelGeneration,
+    ConfigureLLM,
+    ConfigureMode,
+    ConfigureSkills,
     ConversationAndResult,
     Empty,
+    EnsureConversation,
+    Ensured,
     Failure,
     GenerateAssistantReply,
     GenerationRef,
     GetConversation,
+    GetDerivedState,
+    GetLLMContext,
+    GetMessages,
+    GetMode,
+    GetTelemetry,
+    GetThreadEntries,
+    GetTimeline,
     Locator,
+    ModeId,
     Notify,
     Ping,
+    RecordAssistantMessage,
     SendAndGenerate,
     SendUserMessage,
+    StartConversation,
+    StopConversation,
+    SupportedModes,
+    TelemetryCount,
 )
-from genvisor.types import Conversation, DaemonInfo, GenerationEvent, LLMResult, Notification
+from genvisor.types import (
+    ContextMessage,
+    Conversation,
+    DaemonInfo,
+    DerivedState,
+    GenerationEvent,
+    JournalEntry,
+    LLMResult,
+    Message,
+    ModeInfo,
+    Notification,
+    TimelineEntry,
+)
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_MS = 10_000
@@ -51,12 +81,27 @@ def to_locator(loc: Any) -> Locator:
     raise InvalidLocator(f"invalid locator {loc!r}: use 'id' or ('project_id', 'id') with non-blank strings")
 
 
+class Transport(Protocol):
+    """What the client needs of a socket (a ZeroMQ DEALER, or the embedded runtime's pipe)."""
+
+    def send(self, data: bytes) -> None: ...
+    def poll(self, timeout_ms: int, flags: int = zmq.POLLIN) -> int: ...
+    def recv(self) -> bytes: ...
+    def close(self, linger: int | None = None) -> None: ...
+
+
 class Client:
-    def __init__(self, endpoint: str | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> None:
-        self.endpoint = str(parse_endpoint(endpoint) if endpoint else default_endpoint())
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        transport: Callable[[], Transport] | None = None,
+    ) -> None:
+        self.endpoint = "embedded" if transport else str(parse_endpoint(endpoint) if endpoint else default_endpoint())
         self.timeout_ms = timeout_ms
-        self._context = zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self._transport = transport
+        self._socket: Transport | None = None
         self._ids = itertools.count(1)
         self._notifications: collections.deque[Notification] = collections.deque()
 
@@ -73,12 +118,15 @@ class Client:
             self._socket.close(linger=0)
             self._socket = None
 
-    def _connected(self) -> zmq.Socket:
+    def _connected(self) -> Transport:
         if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
-            self._socket = sock
+            if self._transport is not None:
+                self._socket = self._transport()
+            else:
+                sock = zmq.Context.instance().socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.endpoint)
+                self._socket = sock
         return self._socket
 
     # ---- calls -------------------------------------------------------------------------
@@ -86,11 +134,81 @@ class Client:
     def ping(self) -> DaemonInfo:
         return self._call(Ping(), DaemonInfo)
 
+    # conversations
+
+    def start_conversation(self, id: str, project_id: str | None = None, metadata: dict[str, Any] | None = None) -> Conversation:
+        to_locator(id if project_id is None else (project_id, id))
+        return self._call(StartConversation(id, project_id, metadata), Conversation)
+
+    def ensure_conversation(self, id: str, project_id: str | None = None, metadata: dict[str, Any] | None = None) -> tuple[Conversation, str]:
+        to_locator(id if project_id is None else (project_id, id))
+        ensured = self._call(EnsureConversation(id, project_id, metadata), Ensured)
+        return ensured.conversation, ensured.status
+
     def send_user_message(self, loc: LocatorLike, content: str, metadata: dict[str, Any] | None = None) -> Conversation:
         return self._call(SendUserMessage(to_locator(loc), content, metadata), Conversation)
 
+    def record_assistant_message(self, loc: LocatorLike, content: str, metadata: dict[str, Any] | None = None) -> Conversation:
+        return self._call(RecordAssistantMessage(to_locator(loc), content, metadata), Conversation)
+
+    def configure_llm(
+        self, loc: LocatorLike, backend: str | None = None, *, provider: str | None = None, model: str | None = None, options: dict[str, Any] | None = None
+    ) -> Conversation:
+        return self._call(ConfigureLLM(to_locator(loc), backend, provider, model, options), Conversation)
+
+    def configure_skills(self, loc: LocatorLike, enabled: list[str]) -> Conversation:
+        return self._call(ConfigureSkills(to_locator(loc), enabled), Conversation)
+
     def conversation(self, loc: LocatorLike) -> Conversation:
         return self._call(GetConversation(to_locator(loc)), Conversation)
+
+    def derived_state(self, loc: LocatorLike) -> DerivedState:
+        return self._call(GetDerivedState(to_locator(loc)), DerivedState)
+
+    def conversation_messages(self, loc: LocatorLike, max_messages: int | None = None, roles: list[str] | None = None) -> list[Message]:
+        return self._call(GetMessages(to_locator(loc), max_messages, None if roles is None else list(roles)), list[Message])
+
+    def conversation_llm_context(
+        self, loc: LocatorLike, max_messages: int = 40, include_system: bool = False, include_tool: bool = False
+    ) -> list[ContextMessage]:
+        return self._call(GetLLMContext(to_locator(loc), max_messages, include_system, include_tool), list[ContextMessage])
+
+    def conversation_timeline(self, loc: LocatorLike) -> list[TimelineEntry]:
+        return self._call(GetTimeline(to_locator(loc)), list[TimelineEntry])
+
+    def conversation_thread_entries(self, loc: LocatorLike) -> list[JournalEntry]:
+        return self._call(GetThreadEntries(to_locator(loc)), list[JournalEntry])
+
+    def stop_conversation(self, loc: LocatorLike) -> None:
+        self._call(StopConversation(to_locator(loc)), Empty)
+
+    # modes
+
+    def supported_modes(self) -> list[ModeInfo]:
+        return self._call(SupportedModes(), list[ModeInfo])
+
+    def mode(self, loc: LocatorLike) -> str:
+        return self._call(GetMode(to_locator(loc)), ModeId).mode
+
+    def configure_mode(
+        self,
+        loc: LocatorLike,
+        mode: str,
+        mode_state: dict[str, Any] | None = None,
+        *,
+        reason: str | None = None,
+        force: bool = False,
+        cancel_reason: str | None = None,
+        cause_id: str | None = None,
+    ) -> Conversation:
+        request = ConfigureMode(to_locator(loc), mode, mode_state, reason, force, cancel_reason, cause_id)
+        return self._call(request, Conversation)
+
+    def telemetry(self) -> list[TelemetryCount]:
+        """Run counters (one start and one terminal event per run), by closed labels."""
+        return self._call(GetTelemetry(), list[TelemetryCount])
+
+    # generations
 
     def generate_assistant_reply(self, loc: LocatorLike, **generation_opts: Any) -> str:
         return self._call(GenerateAssistantReply(to_locator(loc), generation_opts), GenerationRef).ref

@@ -67,6 +67,54 @@ class DerivedState(msgspec.Struct, frozen=True):
     run_history: list[RunInfo] = []
 
 
+NoteEvent = Literal[
+    "llm_configured",
+    "skills_configured",
+    "cancel_requested",
+    "mode_configured",
+    "mode_switch_accepted",
+    "mode_switch_rejected",
+    "run_started",
+    "run_finished",
+]
+
+
+class JournalEntry(msgspec.Struct, frozen=True):
+    """One append-only change to a conversation: a message, or a note with an event."""
+
+    entry_id: str
+    seq: int
+    kind: Literal["message", "note"]
+    at: float
+    role: Role | None = None
+    content: str | None = None
+    event: NoteEvent | None = None
+    data: dict[str, Any] = {}
+
+
+class TimelineEntry(msgspec.Struct, frozen=True):
+    """The journal as a person reads it: messages and events, in order."""
+
+    seq: int
+    at: float
+    kind: Literal["message", "event"]
+    role: Role | None = None
+    content: str | None = None
+    event: NoteEvent | None = None
+    data: dict[str, Any] = {}
+
+
+class ModeInfo(msgspec.Struct, frozen=True):
+    id: str
+    summary: str
+    capabilities: list[str]
+    required_options: list[str]
+    optional_options: list[str]
+    defaults: dict[str, Any]
+    stability: Literal["stable", "experimental"]
+    version: str
+
+
 class Conversation(msgspec.Struct, frozen=True):
     id: str
     project_id: str | None

@@ -44,14 +44,96 @@ class Ping(Request, tag="ping"):
     pass
 
 
+class StartConversation(Request, tag="start_conversation"):
+    id: str
+    project_id: str | None = None
+    metadata: Any = None  # must be a mapping: checked by the daemon (InvalidOptions)
+
+
+class EnsureConversation(Request, tag="ensure_conversation"):
+    id: str
+    project_id: str | None = None
+    metadata: Any = None
+
+
 class SendUserMessage(Request, tag="send_user_message"):
     loc: Locator
     content: str
-    metadata: dict[str, Any] | None = None
+    metadata: Any = None
+
+
+class RecordAssistantMessage(Request, tag="record_assistant_message"):
+    loc: Locator
+    content: str
+    metadata: Any = None
+
+
+class ConfigureLLM(Request, tag="configure_llm"):
+    loc: Locator
+    backend: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    options: Any = None
+
+
+class ConfigureSkills(Request, tag="configure_skills"):
+    loc: Locator
+    enabled: list[Any]
+
+
+class ConfigureMode(Request, tag="configure_mode"):
+    loc: Locator
+    mode: str
+    mode_state: Any = None
+    reason: str | None = None
+    force: bool = False
+    cancel_reason: str | None = None
+    cause_id: str | None = None
 
 
 class GetConversation(Request, tag="conversation"):
     loc: Locator
+
+
+class GetDerivedState(Request, tag="derived_state"):
+    loc: Locator
+
+
+class GetMessages(Request, tag="conversation_messages"):
+    loc: Locator
+    max_messages: int | None = None
+    roles: list[Any] | None = None
+
+
+class GetLLMContext(Request, tag="conversation_llm_context"):
+    loc: Locator
+    max_messages: int = 40
+    include_system: bool = False
+    include_tool: bool = False
+
+
+class GetTimeline(Request, tag="conversation_timeline"):
+    loc: Locator
+
+
+class GetThreadEntries(Request, tag="conversation_thread_entries"):
+    loc: Locator
+
+
+class GetMode(Request, tag="mode"):
+    loc: Locator
+
+
+class SupportedModes(Request, tag="supported_modes"):
+    pass
+
+
+class StopConversation(Request, tag="stop_conversation"):
+    loc: Locator
+
+
+class GetTelemetry(Request, tag="telemetry"):
+    pass
 
 
 # Generation options travel untyped on purpose: the contract (baseline parity) says an
@@ -82,14 +164,19 @@ class SendAndGenerate(Request, tag="send_and_generate"):
 
     loc: Locator
     content: str
-    message_metadata: dict[str, Any] | None = None
+    message_metadata: Any = None
     options: GenerationOptions = {}
     timeout_ms: int = 30_000
     cancel_on_timeout: bool = True
     cancel_reason: str = "await_timeout"
 
 
-AnyRequest = Ping | SendUserMessage | GetConversation | GenerateAssistantReply | AwaitGeneration | CancelGeneration | SendAndGenerate
+AnyRequest = (
+    Ping | StartConversation | EnsureConversation | SendUserMessage | RecordAssistantMessage | ConfigureLLM
+    | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
+    | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GenerateAssistantReply
+    | AwaitGeneration | CancelGeneration | SendAndGenerate
+)
 
 
 class ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -127,6 +214,26 @@ class Notify(msgspec.Struct, frozen=True, tag="notify"):
 
 
 ServerFrame = Reply | Failure | Notify
+
+
+class Ensured(msgspec.Struct, frozen=True):
+    conversation: Conversation
+    status: str  # "started" | "existing"
+
+
+class ModeId(msgspec.Struct, frozen=True):
+    mode: str
+
+
+class TelemetryCount(msgspec.Struct, frozen=True):
+    """One counter of run telemetry (see daemon.telemetry)."""
+
+    event: str  # "run_started" | "run_finished"
+    mode: str
+    backend: str
+    outcome: str  # "" for run_started
+    category: str  # "" for run_started, "none" for a success
+    count: int
 
 
 class ConversationAndResult(msgspec.Struct, frozen=True):

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import LLMError
-from genvisor.modes.llm import BackendConfig, LLMRequest, RunSpec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, BackendConfig, LLMRequest, RunSpec
 from genvisor.types import ContextMessage, DerivedState, Message
 
 
@@ -76,7 +76,7 @@ def build_run_spec(
     raw_options: dict[str, Any],
     defaults: Defaults,
 ) -> RunSpec:
-    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode="coding")
+    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode)
     try:
         options = parse_options(raw_options)
     except LLMError as error:
@@ -93,8 +93,10 @@ def build_run_spec(
     messages = context_window(state.messages, options.max_messages, options.include_system, options.include_tool)
     if not messages:
         return RunSpec(**base, request=None, error=LLMError("config", "the context is empty: nothing to answer").info())
-    if options.system_prompt:
-        messages = [ContextMessage("system", options.system_prompt), *messages]
+    system_prompt = options.system_prompt or state.mode_state.get("system_prompt")
+    if system_prompt:
+        messages = [ContextMessage("system", system_prompt), *messages]
+    base["max_steps"] = state.mode_state.get("max_steps", DEFAULT_MAX_STEPS)
     request = LLMRequest(
         messages=messages,
         backend=backend,

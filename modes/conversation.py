@@ -6,34 +6,13 @@ replaying any prefix of a journal gives the state the conversation had then.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
-from genvisor.types import DerivedState, LLMConfig, Message, RunInfo
+from genvisor.types import DerivedState, JournalEntry, LLMConfig, Message, RunInfo
 
-NoteEvent = Literal[
-    "llm_configured",
-    "skills_configured",
-    "cancel_requested",
-    "mode_configured",
-    "mode_switch_accepted",
-    "mode_switch_rejected",
-    "run_started",
-    "run_finished",
-]
 RUN_HISTORY_LIMIT = 20
-
-
-class JournalEntry(msgspec.Struct, frozen=True):
-    entry_id: str
-    seq: int
-    kind: Literal["message", "note"]
-    at: float
-    role: str | None = None
-    content: str | None = None
-    event: NoteEvent | None = None
-    data: dict[str, Any] = {}
 
 
 def fold(entries: list[JournalEntry], state: DerivedState | None = None) -> DerivedState:

@@ -10,6 +10,9 @@ from genvisor.errors import ErrorInfo
 from genvisor.types import ContextMessage, LLMResult, ToolCall, Usage
 
 
+DEFAULT_MAX_STEPS = 8  # LLM calls per run: a tool loop's budget
+
+
 class BackendConfig(msgspec.Struct, frozen=True):
     """A backend as the daemon's config names it (resolved before the run starts)."""
 
@@ -53,7 +56,7 @@ class RunSpec(msgspec.Struct, frozen=True):
     request: LLMRequest | None  # None when assembly failed: the run fails with `error`
     error: ErrorInfo | None = None
     record_metadata: dict[str, Any] = {}
-    max_steps: int = 8
+    max_steps: int = DEFAULT_MAX_STEPS
     events: bool = False  # emit progress events (the owner asked for them)
 
 

@@ -13,7 +13,8 @@ import msgspec
 
 from genvisor.errors import LLMError
 from genvisor.modes import scripted
-from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, RunTools
+from genvisor.modes.coding import CallLLM, Commit, Fail, RunTools
+from genvisor.modes.registry import registry
 from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
 from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
@@ -22,8 +23,9 @@ Emit = Callable[[GenerationEvent], Awaitable[None]]
 _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
 
 
-async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]]) -> RunOutcome:
-    return await drive(_spec_decoder.decode(spec), emit)
+async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]], *, isolated: bool = True) -> RunOutcome:
+    """The run target of both executors; `isolated` is False in-process."""
+    return await drive(_spec_decoder.decode(spec), emit, isolated=isolated)
 
 
 async def _warm() -> None:
@@ -41,16 +43,19 @@ execute.warm = _warm  # type: ignore[attr-defined]
 _encoder = msgspec.msgpack.Encoder()
 
 
-async def drive(spec: RunSpec, emit: Emit) -> RunOutcome:
+async def drive(spec: RunSpec, emit: Emit, *, isolated: bool = True) -> RunOutcome:
     events = _Events(spec.ref, emit if spec.events else None)
-    run = CodingRun(spec)
+    mode = registry().get(spec.mode)
+    if mode is None:
+        return RunFailed(LLMError("config", f"mode {spec.mode!r} is not registered here").info())
+    run = mode.new_run(spec)
     await events.send("started")
     directive = run.start()
     while True:
         if isinstance(directive, CallLLM):
             await events.send("step", step=directive.call_index)
             try:
-                reply = await _call_backend(directive.request, directive.call_index, events)
+                reply = await _call_backend(directive.request, directive.call_index, events, isolated)
             except LLMError as error:
                 directive = run.llm_failed(error)
                 continue
@@ -71,12 +76,12 @@ async def drive(spec: RunSpec, emit: Emit) -> RunOutcome:
             return RunFailed(directive.error)
 
 
-async def _call_backend(request: LLMRequest, call_index: int, events: _Events) -> LLMReply:
+async def _call_backend(request: LLMRequest, call_index: int, events: _Events, isolated: bool) -> LLMReply:
     async def on_delta(text: str) -> None:
         await events.send("delta", text=text)
 
     if request.backend.kind == "scripted":
-        return await scripted.complete(request, call_index, on_delta)
+        return await scripted.complete(request, call_index, on_delta, isolated=isolated)
     raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
 
 

@@ -7,8 +7,10 @@ LLM call: {"text": …} or {"tool_calls": [{"name", "arguments"}]}), and `spawn`
 (an argv started in the run's process group before answering, left running: it
 exercises the cleanup of a run's effects).
 
-`crash` acts on the process it runs in, which is why it only makes sense in a
-worker; the in-process executor refuses it as a config error.
+`crash` acts on the process it runs in. Outside a worker (`isolated=False`, the
+in-process executor) it raises SystemExit instead, which that executor reports as
+the crash a worker's exit would be; `hang` then simply never answers; `spawn`
+is refused there (nothing would reap what it starts).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def parse_options(raw: dict[str, Any]) -> ScriptedOptions:
     return options
 
 
-async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta) -> LLMReply:
+async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta, *, isolated: bool = True) -> LLMReply:
     options = parse_options(request.backend_opts)
+    if not isolated:
+        return await _complete_in_process(request, call_index, on_delta, options)
     if options.spawn:
         # Left running on purpose, in our process group: the run's teardown must kill it.
         subprocess.Popen(options.spawn, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,6 +82,22 @@ async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta) -> L
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:
             time.sleep(3600)
+    return await _answer(request, call_index, on_delta, options)
+
+
+async def _complete_in_process(request: LLMRequest, call_index: int, on_delta: OnDelta, options: ScriptedOptions) -> LLMReply:
+    if options.spawn:
+        raise LLMError("config", "scripted `spawn` needs an isolated worker")
+    if options.crash == "exit":
+        raise SystemExit(3)
+    if options.crash == "signal":
+        raise SystemExit(-signal.SIGKILL)
+    if options.crash == "hang":
+        await trio.sleep_forever()
+    return await _answer(request, call_index, on_delta, options)
+
+
+async def _answer(request: LLMRequest, call_index: int, on_delta: OnDelta, options: ScriptedOptions) -> LLMReply:
     if options.delay_ms:
         await trio.sleep(options.delay_ms / 1000)
     if options.error is not None:

@@ -1,0 +1,156 @@
+"""The front: client frames in, runtime calls, frames out — whatever carries the bytes.
+
+The ZeroMQ server and the embedded runtime both feed it `(owner, frame bytes)` and
+drain its outbox, so a call behaves the same on either, bad input included. Every
+frame is answered: one that does not decode gets `BadRequest`, a handler bug gets
+`InternalError` with an incident id that is also logged. All replies and
+notifications leave through one queue, so a client sees them in production order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from genvisor import __version__
+from genvisor.daemon.runtime import Runtime
+from genvisor.errors import BadRequest, GenvisorError, InternalError
+from genvisor.ipc import codec
+from genvisor.ipc import frames as f
+from genvisor.modes.registry import supported_modes
+from genvisor.types import DaemonInfo, Notification
+
+log = logging.getLogger("genvisor.daemon")
+
+Owner = Any
+Outgoing = tuple[Owner, bytes]
+
+
+class Front:
+    def __init__(self, runtime: Runtime, endpoint: str) -> None:
+        self._runtime = runtime
+        self._endpoint = endpoint
+        self._started = time.monotonic()
+        self._outbox_send, self.outbox = trio.open_memory_channel[Outgoing | trio.Event](math.inf)
+        self.frames_rejected = 0
+
+    # ---- in --------------------------------------------------------------------------
+
+    def receive(self, nursery: trio.Nursery, owner: Owner, data: bytes) -> None:
+        """Handle one client frame. Synchronous calls are answered before this returns,
+        so calls to one conversation take effect in arrival order."""
+        try:
+            frame = codec.decode_request(data)
+        except codec.BadRequestFrame as exc:
+            self.reject(owner, exc.request_id, exc)
+            return
+        request = frame.req
+        handler = self._async_handlers.get(type(request))
+        if handler is not None:
+            nursery.start_soon(self._answer_async, owner, frame.id, handler, request)
+            return
+        try:
+            body = self._sync_handlers[type(request)](self, owner, request)
+        except Exception as exc:  # noqa: BLE001 — every request is answered
+            self._fail(owner, frame.id, exc)
+            return
+        self._outbox_send.send_nowait((owner, codec.encode_reply(frame.id, body)))
+
+    def reject(self, owner: Owner, request_id: int, exc: BadRequest) -> None:
+        self.frames_rejected += 1
+        log.warning("rejected a frame: %s", exc)
+        self._outbox_send.send_nowait((owner, codec.encode_failure(request_id, exc.info())))
+
+    # ---- out -------------------------------------------------------------------------
+
+    def notify(self, owner: Owner, note: Notification) -> None:
+        self._outbox_send.send_nowait((owner, codec.encode_notification(note)))
+
+    async def flush(self) -> None:
+        """Return once everything queued so far has been handed to the transport."""
+        marker = trio.Event()
+        self._outbox_send.send_nowait(marker)
+        await marker.wait()
+
+    async def pump(self, send: Callable[[Owner, bytes], Awaitable[None]]) -> None:
+        """Drain the outbox into `send` until cancelled."""
+        async for item in self.outbox:
+            if isinstance(item, trio.Event):
+                item.set()
+            else:
+                await send(*item)
+
+    # ---- handlers ----------------------------------------------------------------------
+
+    async def _answer_async(self, owner: Owner, request_id: int, handler, request: Any) -> None:
+        try:
+            body = await handler(self, owner, request)
+        except Exception as exc:  # noqa: BLE001 — every request is answered
+            self._fail(owner, request_id, exc)
+            return
+        self._outbox_send.send_nowait((owner, codec.encode_reply(request_id, body)))
+
+    def _fail(self, owner: Owner, request_id: int, exc: Exception) -> None:
+        if not isinstance(exc, GenvisorError):
+            incident = secrets.token_hex(4)
+            log.exception("internal error handling request %d (incident %s)", request_id, incident)
+            exc = InternalError(f"internal error (incident {incident}; see the daemon log)")
+        self._outbox_send.send_nowait((owner, codec.encode_failure(request_id, exc.info())))
+
+    def _ping(self, owner: Owner, r: f.Ping) -> DaemonInfo:
+        return DaemonInfo(__version__, os.getpid(), time.monotonic() - self._started, self._endpoint)
+
+    def _ensure(self, owner: Owner, r: f.EnsureConversation) -> f.Ensured:
+        return f.Ensured(*self._runtime.ensure_conversation(r.id, r.project_id, r.metadata))
+
+    def _cancel(self, owner: Owner, r: f.CancelGeneration) -> f.Empty:
+        self._runtime.cancel_generation(r.loc, r.reason)
+        return f.Empty()
+
+    def _stop(self, owner: Owner, r: f.StopConversation) -> f.Empty:
+        self._runtime.stop_conversation(r.loc)
+        return f.Empty()
+
+    async def _await(self, owner: Owner, r: f.AwaitGeneration):
+        return await self._runtime.await_generation(r.loc, r.ref, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason)
+
+    async def _send_and_generate(self, owner: Owner, r: f.SendAndGenerate) -> f.ConversationAndResult:
+        conversation, result = await self._runtime.send_and_generate(
+            r.loc, r.content, r.message_metadata, r.options, owner, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason
+        )
+        return f.ConversationAndResult(conversation, result)
+
+    _sync_handlers: dict[type, Callable[[Front, Owner, Any], Any]] = {
+        f.Ping: _ping,
+        f.StartConversation: lambda self, o, r: self._runtime.start_conversation(r.id, r.project_id, r.metadata),
+        f.EnsureConversation: _ensure,
+        f.SendUserMessage: lambda self, o, r: self._runtime.send_user_message(r.loc, r.content, r.metadata),
+        f.RecordAssistantMessage: lambda self, o, r: self._runtime.record_assistant_message(r.loc, r.content, r.metadata),
+        f.ConfigureLLM: lambda self, o, r: self._runtime.configure_llm(r.loc, r.backend, r.provider, r.model, r.options),
+        f.ConfigureSkills: lambda self, o, r: self._runtime.configure_skills(r.loc, r.enabled),
+        f.ConfigureMode: lambda self, o, r: self._runtime.configure_mode(
+            r.loc, r.mode, r.mode_state, reason=r.reason, force=r.force, cancel_reason=r.cancel_reason, cause_id=r.cause_id
+        ),
+        f.GetConversation: lambda self, o, r: self._runtime.conversation(r.loc),
+        f.GetDerivedState: lambda self, o, r: self._runtime.derived_state(r.loc),
+        f.GetMessages: lambda self, o, r: self._runtime.conversation_messages(r.loc, r.max_messages, r.roles),
+        f.GetLLMContext: lambda self, o, r: self._runtime.conversation_llm_context(r.loc, r.max_messages, r.include_system, r.include_tool),
+        f.GetTimeline: lambda self, o, r: self._runtime.conversation_timeline(r.loc),
+        f.GetThreadEntries: lambda self, o, r: self._runtime.conversation_thread_entries(r.loc),
+        f.GetMode: lambda self, o, r: f.ModeId(self._runtime.mode(r.loc)),
+        f.SupportedModes: lambda self, o, r: supported_modes(),
+        f.StopConversation: _stop,
+        f.GetTelemetry: lambda self, o, r: self._runtime.telemetry.snapshot(),
+        f.GenerateAssistantReply: lambda self, o, r: f.GenerationRef(self._runtime.generate(r.loc, r.options, o)),
+        f.CancelGeneration: _cancel,
+    }
+    _async_handlers: dict[type, Callable[[Front, Owner, Any], Awaitable[Any]]] = {
+        f.AwaitGeneration: _await,
+        f.SendAndGenerate: _send_and_generate,
+    }
