@@ -1,0 +1,306 @@
+"""The parity matrix: every baseline scenario on both executors, same behaviour.
+
+Rows are scenarios; columns are executors — `in_process` (the embedded runtime, runs
+in tasks of this process) and `worker_process` (a real daemon, a fresh worker process
+per run). Each scenario drives a `Client` and returns a *signature*: outcome, message
+history, status, the owner's notifications and the telemetry counts it caused. A cell
+passes when its signature equals the row's expected one, so both columns agree.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable
+
+import pytest
+
+from conftest import TEST_CONFIG
+from genvisor.client import Client
+from genvisor.daemon.config import load_config
+from genvisor.daemon.embedded import EmbeddedRuntime
+from genvisor.errors import AwaitTimeout, GenerationCanceled, GenerationInProgress, GenvisorError, LLMError
+from genvisor.types import GenerationCanceled as CanceledNote, GenerationResult
+
+SLOW = {"backend_opts": {"delay_ms": 60_000}}
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module", params=["in_process", "worker_process"])
+def connect(request, tmp_path_factory) -> Callable[[], Client]:
+    if request.param == "in_process":
+        path = tmp_path_factory.mktemp("embedded") / "genvisor.toml"
+        path.write_text(TEST_CONFIG)
+        runtime = EmbeddedRuntime(load_config(path)).__enter__()
+        request.addfinalizer(runtime.close)
+        return runtime.client
+    daemon = request.getfixturevalue("shared_daemon")
+    return daemon.client
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        result = call()
+    except LLMError as exc:
+        return ("LLMError", exc.category, exc.message)
+    except GenerationCanceled as exc:
+        return ("GenerationCanceled", exc.reason)
+    except GenvisorError as exc:
+        return (type(exc).__name__,)
+    if isinstance(result, tuple):  # send_and_generate's (Conversation, LLMResult)
+        result = result[1]
+    return ("ok", getattr(result, "text", None))
+
+
+def _notes(client: Client) -> list[tuple]:
+    notes = []
+    while (note := client.next_notification(timeout_ms=0 if notes else 2_000)) is not None:
+        if isinstance(note, GenerationResult):
+            notes.append(("result", note.result.text) if note.result else ("error", note.error.category))
+        elif isinstance(note, CanceledNote):
+            notes.append(("canceled", note.reason))
+    return notes
+
+
+def _telemetry(client: Client) -> collections.Counter:
+    return collections.Counter({(c.event, c.outcome, c.category): c.count for c in client.telemetry()})
+
+
+class Cell:
+    """One scenario on one executor: a client, a fresh conversation, the telemetry before."""
+
+    def __init__(self, connect: Callable[[], Client]) -> None:
+        self.client = connect()
+        self.conv = f"parity-{next(_ids)}"
+        self._before = _telemetry(self.client)
+
+    def signature(self, outcome: Any, **extra: Any) -> dict[str, Any]:
+        state = self.client.derived_state(self.conv)
+        delta = _telemetry(self.client) - self._before
+        signature = {
+            "outcome": outcome,
+            "history": [(m.role, m.content) for m in state.messages],
+            "status": state.status,
+            "notes": _notes(self.client),
+            "telemetry": dict(sorted(delta.items())),
+            **extra,
+        }
+        self.client.close()
+        return signature
+
+
+STARTED = ("run_started", "", "")
+COMPLETED = ("run_finished", "completed", "none")
+
+
+def _canceled(n: int = 1) -> dict:
+    return {STARTED: n, ("run_finished", "canceled", "canceled"): n}
+
+
+# ---- rows -----------------------------------------------------------------------------
+
+
+def success_with_message_ordering(cell: Cell):
+    conversation, result = cell.client.send_and_generate(cell.conv, "first", generation_opts={"backend_opts": {"reply": "one"}})
+    cell.client.send_and_generate(cell.conv, "second", generation_opts={"backend_opts": {"reply": "two"}})
+    seqs = [m.seq for m in cell.client.derived_state(cell.conv).messages]
+    return cell.signature(("ok", result.text), tuple_holds_reply=conversation.state.messages[-1].content == "one", ordered=seqs == sorted(seqs))
+
+
+def provider_error(cell: Cell):
+    opts = {"backend_opts": {"error": {"category": "provider", "message": "overloaded"}}}
+    outcome = _outcome(lambda: cell.client.send_and_generate(cell.conv, "hi", generation_opts=opts))
+    ref = cell.client.generate_assistant_reply(cell.conv, backend_opts={"reply": "r"})  # the guard is down again
+    return cell.signature(outcome, after=_outcome(lambda: cell.client.await_generation(cell.conv, ref)))
+
+
+def unknown_error(cell: Cell):
+    opts = {"backend_opts": {"error": {"category": "unknown", "message": "???"}}}
+    return cell.signature(_outcome(lambda: cell.client.send_and_generate(cell.conv, "hi", generation_opts=opts)))
+
+
+def timeout_with_cancel(cell: Cell):
+    cell.client.send_user_message(cell.conv, "slow")
+    ref = cell.client.generate_assistant_reply(cell.conv, **SLOW)
+    first = _outcome(lambda: cell.client.await_generation(cell.conv, ref, timeout_ms=50))
+    again = _outcome(lambda: cell.client.await_generation(cell.conv, ref, timeout_ms=0))
+    return cell.signature((first, again))
+
+
+def timeout_without_cancel(cell: Cell):
+    cell.client.send_user_message(cell.conv, "steady")
+    ref = cell.client.generate_assistant_reply(cell.conv, backend_opts={"delay_ms": 300, "reply": "done"})
+    first = _outcome(lambda: cell.client.await_generation(cell.conv, ref, timeout_ms=5, cancel_on_timeout=False))
+    guard = _outcome(lambda: cell.client.generate_assistant_reply(cell.conv))
+    again = _outcome(lambda: cell.client.await_generation(cell.conv, ref, timeout_ms=10_000))
+    return cell.signature((first, guard, again))
+
+
+def guard_recovery_after_error_and_cancel(cell: Cell):
+    opts = {"backend_opts": {"error": {"category": "transport", "message": "reset"}}}
+    _outcome(lambda: cell.client.send_and_generate(cell.conv, "a", generation_opts=opts))
+    ref = cell.client.generate_assistant_reply(cell.conv, **SLOW)
+    cell.client.cancel_generation(cell.conv)
+    _outcome(lambda: cell.client.await_generation(cell.conv, ref))
+    return cell.signature(_outcome(lambda: cell.client.send_and_generate(cell.conv, "b")))
+
+
+def cancel_reason_propagation(cell: Cell):
+    cell.client.send_user_message(cell.conv, "hi")
+    ref = cell.client.generate_assistant_reply(cell.conv, **SLOW)
+    cell.client.cancel_generation(cell.conv, reason="user_left")
+    state = cell.client.derived_state(cell.conv)
+    journaled = [e.data.get("reason") for e in cell.client.conversation_thread_entries(cell.conv) if e.event == "cancel_requested"]
+    return cell.signature(_outcome(lambda: cell.client.await_generation(cell.conv, ref)), state_reason=(state.cancel_requested, state.cancel_reason), journaled=journaled)
+
+
+def concurrency_guard(cell: Cell):
+    cell.client.send_user_message(cell.conv, "hi")
+    ref = cell.client.generate_assistant_reply(cell.conv, **SLOW)
+    second = _outcome(lambda: cell.client.generate_assistant_reply(cell.conv))
+    send = _outcome(lambda: cell.client.send_user_message(cell.conv, "not recorded"))
+    sag = _outcome(lambda: cell.client.send_and_generate(cell.conv, "not recorded either"))
+    cell.client.cancel_generation(cell.conv)
+    _outcome(lambda: cell.client.await_generation(cell.conv, ref))
+    return cell.signature((second, send, sag))
+
+
+def send_and_generate_error_mapping(cell: Cell):
+    opts = {"backend_opts": {"error": {"category": "auth", "message": "bad key"}}}
+    return cell.signature(_outcome(lambda: cell.client.send_and_generate(cell.conv, "hi", generation_opts=opts)))
+
+
+def cancel_racing_completion(cell: Cell):
+    outcomes = set()
+    for i in range(5):
+        cell.client.send_user_message(cell.conv, f"race {i}") if i == 0 else None
+        ref = cell.client.generate_assistant_reply(cell.conv, backend_opts={"reply": "won"})
+        try:
+            cell.client.cancel_generation(cell.conv, reason="raced")
+        except GenvisorError:
+            pass  # it finished first: nothing to cancel
+        outcomes.add(_outcome(lambda: cell.client.await_generation(cell.conv, ref))[0])
+    entries = cell.client.conversation_thread_entries(cell.conv)
+    finished = [e for e in entries if e.event == "run_finished"]
+    notes = _notes(cell.client)
+    delta = _telemetry(cell.client) - cell._before
+    cell.client.close()
+    # Which side wins each race may differ; that each run ends exactly once may not.
+    return {
+        "outcomes_are_known": outcomes <= {"ok", "GenerationCanceled"},
+        "one_run_finished_each": len(finished) == 5 and len({e.data["run_id"] for e in finished}) == 5,
+        "one_terminal_note_each": len(notes) == 5,
+        "telemetry_balanced": delta[STARTED] == 5 and sum(n for k, n in delta.items() if k[0] == "run_finished") == 5,
+        "no_reply_after_cancel": all(
+            not (e.role == "assistant" and any(f.data.get("status") == "canceled" and f.data["run_id"] == e.data.get("run_id") for f in finished))
+            for e in entries
+        ),
+    }
+
+
+def worker_crash(cell: Cell):
+    outcome = _outcome(lambda: cell.client.send_and_generate(cell.conv, "hi", generation_opts={"backend_opts": {"crash": "exit"}}))
+    return cell.signature(outcome)
+
+
+def deadline(cell: Cell):
+    outcome = _outcome(lambda: cell.client.send_and_generate(cell.conv, "hi", generation_opts={"timeout_ms": 50, **SLOW}))
+    return cell.signature(outcome)
+
+
+ROWS: dict[Callable, dict[str, Any]] = {
+    success_with_message_ordering: {
+        "outcome": ("ok", "one"),
+        "history": [("user", "first"), ("assistant", "one"), ("user", "second"), ("assistant", "two")],
+        "status": "responding",
+        "notes": [("result", "one"), ("result", "two")],
+        "telemetry": {STARTED: 2, COMPLETED: 2},
+        "tuple_holds_reply": True,
+        "ordered": True,
+    },
+    provider_error: {
+        "outcome": ("LLMError", "provider", "overloaded"),
+        "notes": [("error", "provider"), ("result", "r")],
+        "history": [("user", "hi"), ("assistant", "r")],
+        "status": "responding",
+        "telemetry": {STARTED: 2, COMPLETED: 1, ("run_finished", "failed", "provider"): 1},
+        "after": ("ok", "r"),
+    },
+    unknown_error: {
+        "outcome": ("LLMError", "unknown", "???"),
+        "history": [("user", "hi")],
+        "status": "pending_llm",
+        "notes": [("error", "unknown")],
+        "telemetry": {STARTED: 1, ("run_finished", "failed", "unknown"): 1},
+    },
+    timeout_with_cancel: {
+        "outcome": (("AwaitTimeout",), ("GenerationCanceled", "await_timeout")),
+        "history": [("user", "slow")],
+        "status": "canceled",
+        "notes": [("canceled", "await_timeout")],
+        "telemetry": _canceled(),
+    },
+    timeout_without_cancel: {
+        "outcome": (("AwaitTimeout",), ("GenerationInProgress",), ("ok", "done")),
+        "history": [("user", "steady"), ("assistant", "done")],
+        "status": "responding",
+        "notes": [("result", "done")],
+        "telemetry": {STARTED: 1, COMPLETED: 1},
+    },
+    guard_recovery_after_error_and_cancel: {
+        "outcome": ("ok", "b"),
+        "history": [("user", "a"), ("user", "b"), ("assistant", "b")],
+        "status": "responding",
+        "notes": [("error", "transport"), ("canceled", "cancel_requested"), ("result", "b")],
+        "telemetry": {STARTED: 3, COMPLETED: 1, ("run_finished", "failed", "transport"): 1, ("run_finished", "canceled", "canceled"): 1},
+    },
+    cancel_reason_propagation: {
+        "outcome": ("GenerationCanceled", "user_left"),
+        "history": [("user", "hi")],
+        "status": "canceled",
+        "notes": [("canceled", "user_left")],
+        "telemetry": _canceled(),
+        "state_reason": (True, "user_left"),
+        "journaled": ["user_left"],
+    },
+    concurrency_guard: {
+        "outcome": (("GenerationInProgress",), ("GenerationInProgress",), ("GenerationInProgress",)),
+        "history": [("user", "hi")],
+        "status": "canceled",
+        "notes": [("canceled", "cancel_requested")],
+        "telemetry": _canceled(),
+    },
+    send_and_generate_error_mapping: {
+        "outcome": ("LLMError", "auth", "bad key"),
+        "history": [("user", "hi")],
+        "status": "pending_llm",
+        "notes": [("error", "auth")],
+        "telemetry": {STARTED: 1, ("run_finished", "failed", "auth"): 1},
+    },
+    cancel_racing_completion: {
+        "outcomes_are_known": True,
+        "one_run_finished_each": True,
+        "one_terminal_note_each": True,
+        "telemetry_balanced": True,
+        "no_reply_after_cancel": True,
+    },
+    worker_crash: {
+        "outcome": ("LLMError", "unknown", "generation worker crashed"),
+        "history": [("user", "hi")],
+        "status": "pending_llm",
+        "notes": [("error", "unknown")],
+        "telemetry": {STARTED: 1, ("run_finished", "failed", "unknown"): 1},
+    },
+    deadline: {
+        "outcome": ("LLMError", "timeout", "generation deadline passed (50 ms + 200 ms grace)"),
+        "history": [("user", "hi")],
+        "status": "pending_llm",
+        "notes": [("error", "timeout")],
+        "telemetry": {STARTED: 1, ("run_finished", "failed", "timeout"): 1},
+    },
+}
+
+
+@pytest.mark.parametrize("scenario", list(ROWS), ids=lambda s: s.__name__)
+def test_parity(connect, scenario):
+    assert scenario(Cell(connect)) == ROWS[scenario]
