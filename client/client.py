@@ -16,10 +16,11 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import zmq
 
-from genvisor.errors import DaemonUnavailable, InvalidLocator
+from genvisor.errors import BadRequest, DaemonUnavailable, InvalidLocator
 from genvisor.ipc import codec
 from genvisor.ipc.endpoint import default_endpoint, parse_endpoint
 from genvisor.ipc.frames import (
+    MAX_FRAME_BYTES,
     AwaitGeneration,
     CancelGeneration,
     ConfigureLLM,
@@ -79,6 +80,12 @@ def to_locator(loc: Any) -> Locator:
     if isinstance(loc, (tuple, list)) and len(loc) == 2 and all(isinstance(p, str) and p.strip() for p in loc):
         return Locator(loc[0], loc[1])
     raise InvalidLocator(f"invalid locator {loc!r}: use 'id' or ('project_id', 'id') with non-blank strings")
+
+
+def _wait_ms(timeout_ms: Any) -> int:
+    """How much longer than usual a call may take; a wrong type is the daemon's to
+    refuse (BadRequest), so it adds nothing here."""
+    return timeout_ms if isinstance(timeout_ms, int) and timeout_ms > 0 else 0
 
 
 class Transport(Protocol):
@@ -222,7 +229,7 @@ class Client:
         cancel_reason: str = "await_timeout",
     ) -> LLMResult:
         request = AwaitGeneration(to_locator(loc), ref, timeout_ms, cancel_on_timeout, cancel_reason)
-        return self._call(request, LLMResult, extra_wait_ms=timeout_ms)
+        return self._call(request, LLMResult, extra_wait_ms=_wait_ms(timeout_ms))
 
     def cancel_generation(self, loc: LocatorLike, reason: str = "cancel_requested") -> None:
         self._call(CancelGeneration(to_locator(loc), reason), Empty)
@@ -251,7 +258,7 @@ class Client:
         )
         if await_opts:
             raise TypeError(f"unknown await_opts: {', '.join(await_opts)}")
-        body = self._call(request, ConversationAndResult, extra_wait_ms=request.timeout_ms, on_event=on_event)
+        body = self._call(request, ConversationAndResult, extra_wait_ms=_wait_ms(request.timeout_ms), on_event=on_event)
         return body.conversation, body.result
 
     def next_notification(self, timeout_ms: int = 0) -> Notification | None:
@@ -279,9 +286,12 @@ class Client:
         extra_wait_ms: int = 0,
         on_event: Callable[[GenerationEvent], None] | None = None,
     ) -> T:
-        sock = self._connected()
         request_id = next(self._ids)
-        sock.send(codec.encode_request(request_id, request))
+        data = codec.encode_request(request_id, request)
+        if len(data) > MAX_FRAME_BYTES:
+            raise BadRequest(f"request of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
+        sock = self._connected()
+        sock.send(data)
         deadline = time.monotonic() + (self.timeout_ms + extra_wait_ms) / 1000
         while True:
             remaining = int((deadline - time.monotonic()) * 1000)

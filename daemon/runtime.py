@@ -21,6 +21,7 @@ import msgspec
 import trio
 
 from genvisor.errors import (
+    Diagnostic,
     AlreadyStarted,
     AwaitTimeout,
     EmptyMessage,
@@ -238,8 +239,9 @@ class Runtime:
         if mode not in modes:
             raise reject(UnsupportedMode(mode, list(modes)))
         if mode_state is not None and not isinstance(mode_state, dict):
-            raise reject(InvalidOptions("mode_state", "must be a mapping"))
-        diagnostics = modes[mode].validate(mode_state or {})
+            diagnostics = [Diagnostic("invalid_type", "", "mode_state must be a mapping")]
+        else:
+            diagnostics = modes[mode].validate(mode_state or {})
         if diagnostics:
             raise reject(InvalidModeConfig(mode, diagnostics))
         if conversation.active is not None:

@@ -54,10 +54,14 @@ def apply(state: DerivedState, entry: JournalEntry) -> DerivedState:
 
 
 def _merge_llm(current: LLMConfig, data: dict[str, Any]) -> LLMConfig:
+    def pick(key: str) -> str | None:
+        value = data.get(key)
+        return getattr(current, key) if value is None else value  # None keeps; "" is a value
+
     return LLMConfig(
-        backend=data.get("backend") or current.backend,
-        provider=data.get("provider") or current.provider,
-        model=data.get("model") or current.model,
+        backend=pick("backend"),
+        provider=pick("provider"),
+        model=pick("model"),
         options=deep_merge(current.options, data.get("options") or {}),
     )
 

@@ -143,6 +143,22 @@ def shared_daemon(tmp_path_factory):
     assert code == 0, f"daemon exited {code}:\n{d.log()}"
 
 
+@pytest.fixture(scope="module", params=["in_process", "worker_process"])
+def connect(request, tmp_path_factory):
+    """A client factory for each executor: the embedded runtime (runs in-process) and a
+    real daemon (a fresh worker process per run). Tests using it run on both."""
+    if request.param == "in_process":
+        from genvisor.daemon.config import load_config
+        from genvisor.daemon.embedded import EmbeddedRuntime
+
+        path = tmp_path_factory.mktemp("embedded") / "genvisor.toml"
+        path.write_text(TEST_CONFIG)
+        runtime = EmbeddedRuntime(load_config(path)).__enter__()
+        request.addfinalizer(runtime.close)
+        return runtime.client
+    return request.getfixturevalue("shared_daemon").client
+
+
 @pytest.fixture
 def conv():
     """A fresh conversation id per test."""
@@ -161,8 +177,9 @@ def group_members(pgid: int) -> list[int]:
 
 
 def find_tagged(tag: str) -> psutil.Process | None:
-    """The process whose command line carries `tag` (a `spawn` argv marks a run)."""
+    """The process whose command line carries `tag` (a `spawn` argv marks a run): as
+    `sh -c "…; exec sleep TAG"` until the exec, as `sleep TAG` after — the same pid."""
     for proc in psutil.process_iter(["cmdline"]):
-        if tag in (proc.info["cmdline"] or []):
+        if tag in " ".join(proc.info["cmdline"] or []).split():
             return proc
     return None

@@ -15,27 +15,12 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import TEST_CONFIG
 from genvisor.client import Client
-from genvisor.daemon.config import load_config
-from genvisor.daemon.embedded import EmbeddedRuntime
-from genvisor.errors import AwaitTimeout, GenerationCanceled, GenerationInProgress, GenvisorError, LLMError
+from genvisor.errors import GenerationCanceled, GenvisorError, LLMError
 from genvisor.types import GenerationCanceled as CanceledNote, GenerationResult
 
 SLOW = {"backend_opts": {"delay_ms": 60_000}}
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module", params=["in_process", "worker_process"])
-def connect(request, tmp_path_factory) -> Callable[[], Client]:
-    if request.param == "in_process":
-        path = tmp_path_factory.mktemp("embedded") / "genvisor.toml"
-        path.write_text(TEST_CONFIG)
-        runtime = EmbeddedRuntime(load_config(path)).__enter__()
-        request.addfinalizer(runtime.close)
-        return runtime.client
-    daemon = request.getfixturevalue("shared_daemon")
-    return daemon.client
 
 
 def _outcome(call: Callable[[], Any]) -> Any:
