@@ -70,6 +70,37 @@ def _parser() -> argparse.ArgumentParser:
     cancel = conversation_verb("cancel", "cancel the active generation")
     cancel.add_argument("--reason", default="cancel_requested")
     conversation_verb("state", "print the conversation's derived state")
+
+    start = conversation_verb("start", "start a conversation (error if it exists)")
+    start.add_argument("--metadata", type=_json_object, default=None)
+    for name, help_text in (("message", "record a user message (no generation)"), ("record", "record an assistant message")):
+        verb = conversation_verb(name, help_text)
+        verb.add_argument("text")
+    messages = conversation_verb("messages", "list messages")
+    messages.add_argument("--max", type=int, dest="max_messages")
+    messages.add_argument("--role", action="append", dest="roles", help="keep only this role (repeatable)")
+    context = conversation_verb("context", "the context a generation would send")
+    context.add_argument("--max", type=int, dest="max_messages", default=40)
+    context.add_argument("--include-system", action="store_true")
+    context.add_argument("--include-tool", action="store_true")
+    conversation_verb("timeline", "messages and events in order")
+    conversation_verb("entries", "the raw journal entries")
+    llm = conversation_verb("configure-llm", "set backend/provider/model/options (merged)")
+    llm.add_argument("--backend")
+    llm.add_argument("--provider")
+    llm.add_argument("--model")
+    llm.add_argument("--options", type=_json_object, default=None)
+    skills = conversation_verb("skills", "replace the enabled skills")
+    skills.add_argument("skills", nargs="*")
+    mode = conversation_verb("mode", "print the mode, or switch it")
+    mode.add_argument("set", nargs="?", metavar="MODE")
+    mode.add_argument("--state", type=_json_object, default=None, help="mode_state as a JSON object")
+    mode.add_argument("--reason")
+    mode.add_argument("--force", action="store_true")
+    mode.add_argument("--cancel-reason")
+    conversation_verb("stop", "stop the conversation (cancels its generation first)")
+    for name, help_text in (("modes", "list the supported modes"), ("telemetry", "run counters by mode/backend/outcome")):
+        verbs.add_parser(name, help=help_text).add_argument("--json", action="store_true")
     return parser
 
 
@@ -103,7 +134,24 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         info = client.ping()
         print(f"genvisor {info.version} pid {info.pid} up {info.uptime_s:.1f}s at {info.endpoint}")
         return 0
+    if args.verb == "modes":
+        modes = client.supported_modes()
+        _print_json(modes) if args.json else [print(f"{m.id} ({m.stability}, v{m.version}): {m.summary}") for m in modes]
+        return 0
+    if args.verb == "telemetry":
+        counts = client.telemetry()
+        _print_json(counts) if args.json else [print(f"{c.event} mode={c.mode} backend={c.backend} outcome={c.outcome or '-'} category={c.category or '-'} {c.count}") for c in counts]
+        return 0
     loc = _locator(args)
+    simple = _SIMPLE_VERBS.get(args.verb)
+    if simple is not None:
+        call, show = simple
+        value = call(client, loc, args)
+        if args.json:
+            _print_json(value)
+        elif value is not None:
+            show(value)
+        return 0
     if args.verb == "send":
         streamed: list[str] = []
 
@@ -146,6 +194,44 @@ def _run(client: Client, args: argparse.Namespace) -> int:
                 print(f"  [{message.seq}] {message.role}: {message.content}")
         return 0
     raise AssertionError(args.verb)
+
+
+def _show_messages(messages) -> None:
+    for m in messages:
+        print(f"[{m.seq}] {m.role}: {m.content}" if hasattr(m, "seq") else f"{m.role}: {m.content}")
+
+
+def _show_timeline(entries) -> None:
+    for e in entries:
+        what = f"{e.role}: {e.content}" if e.kind == "message" else f"{e.event} {msgspec.json.encode(e.data).decode()}"
+        print(f"[{e.seq}] {what}")
+
+
+def _show_conversation(conversation) -> None:
+    state = conversation.state
+    print(f"{conversation.id}: {state.status}, turn {state.turn}, {len(state.messages)} messages, mode {state.mode}")
+
+
+def _mode(client: Client, loc: Any, args: argparse.Namespace):
+    if args.set is None:
+        return client.mode(loc)
+    return client.configure_mode(loc, args.set, args.state, reason=args.reason, force=args.force, cancel_reason=args.cancel_reason)
+
+
+# verb → (call, human printer); --json prints the call's result as JSON instead.
+_SIMPLE_VERBS = {
+    "start": (lambda c, loc, a: c.start_conversation(a.conversation, a.project, a.metadata), _show_conversation),
+    "message": (lambda c, loc, a: c.send_user_message(loc, a.text), _show_conversation),
+    "record": (lambda c, loc, a: c.record_assistant_message(loc, a.text), _show_conversation),
+    "messages": (lambda c, loc, a: c.conversation_messages(loc, a.max_messages, a.roles), _show_messages),
+    "context": (lambda c, loc, a: c.conversation_llm_context(loc, a.max_messages, a.include_system, a.include_tool), _show_messages),
+    "timeline": (lambda c, loc, a: c.conversation_timeline(loc), _show_timeline),
+    "entries": (lambda c, loc, a: c.conversation_thread_entries(loc), _show_timeline),
+    "configure-llm": (lambda c, loc, a: c.configure_llm(loc, a.backend, provider=a.provider, model=a.model, options=a.options), _show_conversation),
+    "skills": (lambda c, loc, a: c.configure_skills(loc, a.skills), lambda conv: print(", ".join(conv.state.skills) or "(none)")),
+    "mode": (_mode, lambda v: print(v) if isinstance(v, str) else print(v.state.mode, v.state.mode_state)),
+    "stop": (lambda c, loc, a: c.stop_conversation(loc), print),
+}
 
 
 def demo() -> int:

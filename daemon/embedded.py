@@ -38,6 +38,7 @@ class EmbeddedRuntime:
         self._front: Front | None = None
         self._nursery: trio.Nursery | None = None
         self._failure: BaseException | None = None
+        self.runtime: Runtime | None = None  # for inspection (telemetry) from this thread
 
     def __enter__(self) -> EmbeddedRuntime:
         self._thread = threading.Thread(target=self._main, name="genvisor-embedded", daemon=True)
@@ -82,6 +83,7 @@ class EmbeddedRuntime:
             retention_s=config.generations.outcome_retention_s,
             notify=lambda owner, note: front.notify(owner, note) if front else None,
         )
+        self.runtime = runtime
         front = Front(runtime, "embedded")
         self._front = front
         self._token = trio.lowlevel.current_trio_token()

@@ -70,7 +70,8 @@ def wait_for_marker(fifo: Path, timeout_s: float = 10.0) -> None:
 
 
 class Daemon:
-    def __init__(self, directory: Path, config: str = TEST_CONFIG) -> None:
+    def __init__(self, directory: Path, config: str = TEST_CONFIG, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.directory = directory
         self.endpoint = f"ipc://{directory}/run/genvisor.sock"
         self.config_path = directory / "genvisor.toml"
@@ -84,6 +85,7 @@ class Daemon:
             [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
+            env=self.env,
         )
         # Each ping waits up to 250 ms for the daemon (ZeroMQ connects when it binds).
         deadline = time.monotonic() + 30

@@ -289,3 +289,15 @@ ROWS: dict[Callable, dict[str, Any]] = {
 @pytest.mark.parametrize("scenario", list(ROWS), ids=lambda s: s.__name__)
 def test_parity(connect, scenario):
     assert scenario(Cell(connect)) == ROWS[scenario]
+
+
+def test_shutdown_ends_every_run_exactly_once_in_telemetry():
+    from genvisor.daemon.embedded import EmbeddedRuntime
+
+    with EmbeddedRuntime() as runtime, runtime.client() as client:
+        for n in range(3):
+            client.send_user_message(f"s{n}", "hi")
+            client.generate_assistant_reply(f"s{n}", **SLOW)
+        client.send_and_generate("done", "hi")
+    counts = {(c.event, c.outcome, c.category): c.count for c in runtime.runtime.telemetry.snapshot()}
+    assert counts == {STARTED: 4, COMPLETED: 1, ("run_finished", "canceled", "canceled"): 3}
