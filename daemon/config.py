@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from genvisor.modes.assemble import RunDefaults
 from genvisor.modes.llm import BackendConfig
 
 
@@ -49,6 +50,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backends: dict[str, Backend] = {}
     workers: Workers = Workers()
     generations: Generations = Generations()
+
+    def run_defaults(self) -> RunDefaults:
+        """The config's part in a run's precedence (call > conversation > backend > this)."""
+        return RunDefaults(
+            backend=self.defaults.backend,
+            timeout_ms=self.defaults.timeout_ms,
+            stream=self.defaults.stream,
+            backends=self.backend_table(),
+        )
 
     def backend_table(self) -> dict[str, BackendConfig]:
         tables = {

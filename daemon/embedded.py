@@ -20,9 +20,9 @@ import zmq
 
 from genvisor.client.client import Client
 from genvisor.daemon.config import Config
-from genvisor.daemon.front import Front
+from genvisor.daemon.front import Front, open_front
 from genvisor.daemon.runtime import Runtime
-from genvisor.daemon.server import WORKER_TARGET, defaults_from
+from genvisor.daemon.server import WORKER_TARGET
 from genvisor.supervisor.inprocess import InProcessExecutor
 
 
@@ -73,19 +73,9 @@ class EmbeddedRuntime:
             self._ready.set()
 
     async def _serve(self) -> None:
-        config = self._config
         executor = InProcessExecutor(WORKER_TARGET)
-        front: Front | None = None
-        runtime = Runtime(
-            executor=executor,
-            defaults=defaults_from(config),
-            deadline_grace_s=config.workers.deadline_grace_ms / 1000,
-            retention_s=config.generations.outcome_retention_s,
-            notify=lambda owner, note: front.notify(owner, note) if front else None,
-        )
-        self.runtime = runtime
-        front = Front(runtime, "embedded")
-        self._front = front
+        front = self._front = open_front(self._config, executor, "embedded")
+        runtime = self.runtime = front.runtime
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:

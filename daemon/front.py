@@ -19,7 +19,8 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from genvisor import __version__
-from genvisor.daemon.runtime import Runtime
+from genvisor.daemon.config import Config
+from genvisor.daemon.runtime import Executor, Runtime
 from genvisor.errors import BadRequest, GenvisorError, InternalError
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
@@ -32,8 +33,23 @@ Owner = Any
 Outgoing = tuple[Owner, bytes]
 
 
+def open_front(config: Config, executor: Executor, endpoint: str) -> Front:
+    """The runtime `config` describes, running on `executor`, behind a front that
+    carries its notifications."""
+    runtime = Runtime(
+        executor=executor,
+        defaults=config.run_defaults(),
+        deadline_grace_s=config.workers.deadline_grace_ms / 1000,
+        retention_s=config.generations.outcome_retention_s,
+        notify=lambda owner, note: front.notify(owner, note),
+    )
+    front = Front(runtime, endpoint)
+    return front
+
+
 class Front:
     def __init__(self, runtime: Runtime, endpoint: str) -> None:
+        self.runtime = runtime
         self._runtime = runtime
         self._endpoint = endpoint
         self._started = time.monotonic()

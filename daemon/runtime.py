@@ -39,7 +39,7 @@ from genvisor.errors import (
     UnsupportedMode,
 )
 from genvisor.ipc.frames import Locator
-from genvisor.modes.assemble import Defaults, build_run_spec, context_window
+from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window
 from genvisor.modes.conversation import apply
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
 from genvisor.modes.registry import registry
@@ -118,7 +118,7 @@ class ConversationRecord:
 
 
 class Runtime:
-    def __init__(self, *, executor: Executor, defaults: Defaults, deadline_grace_s: float, retention_s: float, notify: Notify) -> None:
+    def __init__(self, *, executor: Executor, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, notify: Notify) -> None:
         self._executor = executor
         self._defaults = defaults
         self._deadline_grace_s = deadline_grace_s

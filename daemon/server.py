@@ -23,13 +23,11 @@ import zmq
 
 from genvisor import __version__
 from genvisor.daemon.config import Config
-from genvisor.daemon.front import Front
-from genvisor.daemon.runtime import Runtime
+from genvisor.daemon.front import Front, open_front
 from genvisor.errors import BadRequest
 from genvisor.ipc.endpoint import Endpoint, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.trio_zmq import TrioSocket
-from genvisor.modes.assemble import Defaults
 from genvisor.supervisor.pool import WorkerPool
 from genvisor.supervisor.runs import Supervisor
 
@@ -53,15 +51,6 @@ async def _serve_socket(sock: TrioSocket, front: Front) -> None:
                 front.receive(nursery, frames[0], frames[1])
             except Exception:  # noqa: BLE001 — a bug here must not stop the daemon
                 log.exception("unexpected error receiving a frame")
-
-
-def defaults_from(config: Config) -> Defaults:
-    return Defaults(
-        backend=config.defaults.backend,
-        timeout_ms=config.defaults.timeout_ms,
-        stream=config.defaults.stream,
-        backends=config.backend_table(),
-    )
 
 
 def resolve_endpoint(config: Config) -> Endpoint:
@@ -92,15 +81,8 @@ async def serve(config: Config) -> int:
     )
     try:
         async with TrioSocket.open(router) as sock:
-            front: Front | None = None
-            runtime = Runtime(
-                executor=supervisor,
-                defaults=defaults_from(config),
-                deadline_grace_s=config.workers.deadline_grace_ms / 1000,
-                retention_s=config.generations.outcome_retention_s,
-                notify=lambda owner, note: front.notify(owner, note) if front else None,
-            )
-            front = Front(runtime, str(endpoint))
+            front = open_front(config, supervisor, str(endpoint))
+            runtime = front.runtime
             async with trio.open_nursery() as nursery:
                 stop, serving = trio.Event(), trio.Event()
                 await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)

@@ -36,7 +36,7 @@ class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     events: bool = False
 
 
-class Defaults(msgspec.Struct, frozen=True):
+class RunDefaults(msgspec.Struct, frozen=True):
     """The daemon config's part in the precedence: call > conversation > backend > defaults."""
 
     backend: str
@@ -74,7 +74,7 @@ def build_run_spec(
     conversation_id: str,
     state: DerivedState,
     raw_options: dict[str, Any],
-    defaults: Defaults,
+    defaults: RunDefaults,
 ) -> RunSpec:
     base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode)
     try:

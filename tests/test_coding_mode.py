@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from genvisor.errors import LLMError
-from genvisor.modes.assemble import Defaults, build_run_spec
+from genvisor.modes.assemble import RunDefaults, build_run_spec
 from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, ProtocolViolation, RunTools
 from genvisor.modes.conversation import JournalEntry, fold
 from genvisor.modes.llm import BackendConfig, LLMReply
 from genvisor.types import DerivedState, ToolCall, ToolResult
 
 SCRIPTED = BackendConfig("scripted", "scripted", model="scripted")
-DEFAULTS = Defaults(backend="scripted", timeout_ms=60_000, stream=False, backends={"scripted": SCRIPTED})
+DEFAULTS = RunDefaults(backend="scripted", timeout_ms=60_000, stream=False, backends={"scripted": SCRIPTED})
 
 
 def _entry(seq, kind="message", **fields):
