@@ -5,6 +5,7 @@ CLI flags override the file. README documents every key (keep them in step).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backends: dict[str, Backend] = {}
     workers: Workers = Workers()
     generations: Generations = Generations()
+
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "genvisor"
 
     def run_defaults(self) -> RunDefaults:
         """The config's part in a run's precedence (call > conversation > backend > this)."""

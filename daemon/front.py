@@ -41,6 +41,7 @@ def open_front(config: Config, executor: Executor, endpoint: str) -> Front:
         defaults=config.run_defaults(),
         deadline_grace_s=config.workers.deadline_grace_ms / 1000,
         retention_s=config.generations.outcome_retention_s,
+        workspaces=config.state_path() / "workspaces",
         notify=lambda owner, note: front.notify(owner, note),
     )
     front = Front(runtime, endpoint)

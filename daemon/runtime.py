@@ -13,8 +13,12 @@ given. Nothing here knows about sockets.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Callable, Hashable, Protocol
 
 import msgspec
@@ -40,7 +44,7 @@ from genvisor.errors import (
 )
 from genvisor.ipc.frames import Locator
 from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window
-from genvisor.modes.conversation import apply
+from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
 from genvisor.modes.registry import registry
 from genvisor.supervisor.runs import Canceled, Completed, Crashed, DeadlineExceeded, RunHandle, Unavailable
@@ -110,7 +114,7 @@ class ConversationRecord:
         self.key = key
         self.metadata = metadata
         self.journal: list[JournalEntry] = []
-        self.state = DerivedState()
+        self.state = initial_state()
         self.active: ActiveGeneration | None = None
 
     def view(self) -> Conversation:
@@ -118,8 +122,11 @@ class ConversationRecord:
 
 
 class Runtime:
-    def __init__(self, *, executor: Executor, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, notify: Notify) -> None:
+    def __init__(
+        self, *, executor: Executor, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify
+    ) -> None:
         self._executor = executor
+        self._workspaces = workspaces
         self._defaults = defaults
         self._deadline_grace_s = deadline_grace_s
         self._retention_s = retention_s
@@ -266,7 +273,10 @@ class Runtime:
         conversation = conversation or self._create(key, {})
         ref = "gen_" + secrets.token_urlsafe(18)
         run_id = "run_" + secrets.token_hex(8)
-        spec = build_run_spec(ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, raw_options=options, defaults=self._defaults)
+        spec = build_run_spec(
+            ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, raw_options=options,
+            defaults=self._defaults, workspace=self._workspace(conversation),
+        )
         record = GenerationRecord(ref, key, run_id)
         self._generations[ref] = record
         active = ActiveGeneration(record, owner, spec)
@@ -383,6 +393,16 @@ class Runtime:
             for ref in [r for r, g in self._generations.items() if g.finished_at is not None and g.finished_at < horizon]:
                 del self._generations[ref]
 
+    def _workspace(self, conversation: ConversationRecord) -> str:
+        """`metadata["workspace"]`, else the conversation's own directory under the state
+        dir (created by the worker, which does every side effect of a run)."""
+        chosen = conversation.metadata.get("workspace")
+        if isinstance(chosen, str) and os.path.isabs(chosen):
+            return chosen
+        project, id_ = conversation.key
+        digest = hashlib.sha256(repr(conversation.key).encode()).hexdigest()[:12]
+        return str(self._workspaces / _safe(project or "_") / f"{_safe(id_)[:40]}-{digest}")
+
     # ---- journal -----------------------------------------------------------------------
 
     def _record_message(self, loc: Locator, role: str, content: str, metadata: Any) -> Conversation:
@@ -439,6 +459,10 @@ def _metadata(value: Any, field: str = "metadata") -> dict[str, Any]:
 def _check_limit(field: str, value: int | None) -> None:
     if value is not None and value < 0:
         raise InvalidOptions(field, "must be >= 0")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 def _backend_label(spec: RunSpec) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import LLMError
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, BackendConfig, LLMRequest, RunSpec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, BackendConfig, LLMRequest, RunSpec
+from genvisor.modes.tools import manifest
 from genvisor.types import ContextMessage, DerivedState, Message
 
 
@@ -75,8 +76,9 @@ def build_run_spec(
     state: DerivedState,
     raw_options: dict[str, Any],
     defaults: RunDefaults,
+    workspace: str | None = None,
 ) -> RunSpec:
-    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode)
+    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace)
     try:
         options = parse_options(raw_options)
     except LLMError as error:
@@ -97,6 +99,7 @@ def build_run_spec(
     if system_prompt:
         messages = [ContextMessage("system", system_prompt), *messages]
     base["max_steps"] = state.mode_state.get("max_steps", DEFAULT_MAX_STEPS)
+    base["max_tool_calls"] = state.mode_state.get("max_tool_calls", DEFAULT_MAX_TOOL_CALLS)
     request = LLMRequest(
         messages=messages,
         backend=backend,
@@ -108,6 +111,7 @@ def build_run_spec(
         temperature=options.temperature,
         request_options=options.request_options,
         backend_opts=options.backend_opts,
+        tools=manifest(state.skills),
     )
     return RunSpec(**base, request=request)
 

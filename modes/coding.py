@@ -58,6 +58,7 @@ class CodingRun:
         self.spec = spec
         self.step = "assemble_context"
         self._calls = 0
+        self._tool_calls = 0
         self._transcript: list[ContextMessage] = []  # tool traffic of this turn
         self._usage = Usage()
         self._started = time.monotonic()
@@ -81,6 +82,10 @@ class CodingRun:
             if self._calls >= self.spec.max_steps:
                 self.step = "done"
                 return Fail(LLMError("unknown", f"step budget of {self.spec.max_steps} LLM calls exhausted").info())
+            self._tool_calls += len(reply.tool_calls)
+            if self._tool_calls > self.spec.max_tool_calls:
+                self.step = "done"
+                return Fail(LLMError("unknown", f"tool-call budget of {self.spec.max_tool_calls} calls exhausted").info())
             self._transcript.append(
                 ContextMessage("assistant", reply.text, {"tool_calls": [msgspec.to_builtins(c) for c in reply.tool_calls]})
             )

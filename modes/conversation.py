@@ -10,13 +10,19 @@ from typing import Any
 
 import msgspec
 
+from genvisor.modes.tools import DEFAULT_SKILLS
 from genvisor.types import DerivedState, JournalEntry, LLMConfig, Message, RunInfo
 
 RUN_HISTORY_LIMIT = 20
 
 
+def initial_state() -> DerivedState:
+    """A new conversation: idle, in `coding`, with the default skills profile."""
+    return DerivedState(skills=list(DEFAULT_SKILLS))
+
+
 def fold(entries: list[JournalEntry], state: DerivedState | None = None) -> DerivedState:
-    state = state or DerivedState()
+    state = state or initial_state()
     for entry in entries:
         state = apply(state, entry)
     return state

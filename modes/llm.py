@@ -7,10 +7,12 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import ErrorInfo
+from genvisor.modes.tools import ToolSpec
 from genvisor.types import ContextMessage, LLMResult, ToolCall, Usage
 
 
 DEFAULT_MAX_STEPS = 8  # LLM calls per run: a tool loop's budget
+DEFAULT_MAX_TOOL_CALLS = 32  # tool calls per run
 
 
 class BackendConfig(msgspec.Struct, frozen=True):
@@ -34,6 +36,7 @@ class LLMRequest(msgspec.Struct, frozen=True):
     temperature: float | None = None
     request_options: dict[str, Any] = {}
     backend_opts: dict[str, Any] = {}
+    tools: list[ToolSpec] = []  # the tools the model may call (from the conversation's skills)
 
 
 class LLMReply(msgspec.Struct, frozen=True):
@@ -57,7 +60,9 @@ class RunSpec(msgspec.Struct, frozen=True):
     error: ErrorInfo | None = None
     record_metadata: dict[str, Any] = {}
     max_steps: int = DEFAULT_MAX_STEPS
+    max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS
     events: bool = False  # emit progress events (the owner asked for them)
+    workspace: str | None = None  # the directory the tools work in
 
 
 class RunSucceeded(msgspec.Struct, frozen=True, tag=True):

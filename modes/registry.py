@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from genvisor.errors import Diagnostic
 from genvisor.modes.coding import CodingRun
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, RunSpec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, RunSpec
 from genvisor.types import ModeInfo
 
 log = logging.getLogger("genvisor.modes")
@@ -34,12 +34,12 @@ class CodingMode:
         summary="Assemble context, call the model, run its tool calls, feed results back, commit the reply.",
         capabilities=["llm", "tools", "streaming", "cancel"],
         required_options=[],
-        optional_options=["max_steps", "system_prompt"],
-        defaults={"max_steps": DEFAULT_MAX_STEPS, "system_prompt": None},
+        optional_options=["max_steps", "max_tool_calls", "system_prompt"],
+        defaults={"max_steps": DEFAULT_MAX_STEPS, "max_tool_calls": DEFAULT_MAX_TOOL_CALLS, "system_prompt": None},
         stability="stable",
         version="1",
     )
-    _types = {"max_steps": int, "system_prompt": str}
+    _types = {"max_steps": int, "max_tool_calls": int, "system_prompt": str}
 
     def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
         problems = []
@@ -49,8 +49,8 @@ class CodingMode:
                 problems.append(Diagnostic("unknown_option", f"/{key}", f"coding has no option {key!r} (options: {', '.join(self._types)})"))
             elif not isinstance(value, expected) or isinstance(value, bool):
                 problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be {expected.__name__}"))
-            elif key == "max_steps" and not 1 <= value <= 64:
-                problems.append(Diagnostic("out_of_range", f"/{key}", "max_steps must be within 1..64"))
+            elif key in ("max_steps", "max_tool_calls") and not 1 <= value <= 256:
+                problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within 1..256"))
         return problems
 
     def new_run(self, spec: RunSpec) -> CodingRun:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import msgspec
+import trio
 
 from genvisor.errors import LLMError
 from genvisor.modes import scripted
 from genvisor.modes.coding import CallLLM, Commit, Fail, RunTools
 from genvisor.modes.registry import registry
+from genvisor.modes.tools import Workspace, call_tool
 from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
 from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
@@ -49,6 +51,10 @@ async def drive(spec: RunSpec, emit: Emit, *, isolated: bool = True) -> RunOutco
     if mode is None:
         return RunFailed(LLMError("config", f"mode {spec.mode!r} is not registered here").info())
     run = mode.new_run(spec)
+    workspace = None
+    if spec.workspace is not None:
+        workspace = Workspace(spec.workspace, isolated=isolated)
+        await trio.to_thread.run_sync(lambda: workspace.root.mkdir(parents=True, exist_ok=True))
     await events.send("started")
     directive = run.start()
     while True:
@@ -62,9 +68,13 @@ async def drive(spec: RunSpec, emit: Emit, *, isolated: bool = True) -> RunOutco
             directive = run.llm_replied(reply)
         elif isinstance(directive, RunTools):
             results = []
+            enabled = [spec.name for spec in spec.request.tools] if spec.request else []
             for call in directive.calls:
                 await events.send("tool_call", tool_call=call)
-                result = ToolResult(call.id, call.name, f"unknown tool {call.name!r}", is_error=True)
+                if workspace is None:
+                    result = ToolResult(call.id, call.name, "no workspace is configured for this conversation", is_error=True)
+                else:
+                    result = await call_tool(workspace, call, enabled)
                 await events.send("tool_result", tool_result=result)
                 results.append(result)
             directive = run.tools_finished(results)

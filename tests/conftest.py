@@ -82,7 +82,8 @@ class Daemon:
     def start(self) -> Daemon:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path)],
+            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path),
+             "--state-dir", str(self.directory / "state")],
             stdout=log,
             stderr=log,
             env=self.env,
@@ -153,9 +154,10 @@ def connect(request, tmp_path_factory):
         from genvisor.daemon.config import load_config
         from genvisor.daemon.embedded import EmbeddedRuntime
 
-        path = tmp_path_factory.mktemp("embedded") / "genvisor.toml"
+        directory = tmp_path_factory.mktemp("embedded")
+        path = directory / "genvisor.toml"
         path.write_text(TEST_CONFIG)
-        runtime = EmbeddedRuntime(load_config(path)).__enter__()
+        runtime = EmbeddedRuntime(load_config(path, state_dir=str(directory / "state"))).__enter__()
         request.addfinalizer(runtime.close)
         return runtime.client
     return request.getfixturevalue("shared_daemon").client

@@ -15,7 +15,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genvisor.modes.conversation import RUN_HISTORY_LIMIT, JournalEntry, apply, fold
+from genvisor.modes.conversation import RUN_HISTORY_LIMIT, JournalEntry, apply, fold, initial_state
+from genvisor.modes.tools import DEFAULT_SKILLS
 from genvisor.types import TERMINAL_RUN_STATUSES, DerivedState, LLMConfig
 
 ROLES = ("user", "assistant", "system", "tool")
@@ -151,7 +152,7 @@ def expected(entries: list[JournalEntry]) -> dict[str, Any]:
     """What the rules say the state is after `entries` (only the fields the rules fix)."""
     m: dict[str, Any] = dict(
         status="idle", turn=0, cancel_requested=False, cancel_reason=None, last_user_message=None,
-        backend=None, provider=None, model=None, options={}, skills=[], active=None, history=[],
+        backend=None, provider=None, model=None, options={}, skills=list(DEFAULT_SKILLS), active=None, history=[],
     )
     for e in entries:
         if e.kind == "message":
@@ -190,7 +191,7 @@ def observed(state: DerivedState) -> dict[str, Any]:
 
 def states_by_apply(entries: list[JournalEntry]) -> list[DerivedState]:
     """states[k] is the state after applying entries[:k] one at a time."""
-    states = [DerivedState()]
+    states = [initial_state()]
     for entry in entries:
         states.append(apply(states[-1], entry))
     return states
@@ -208,7 +209,7 @@ def test_folding_any_prefix_equals_applying_its_entries_one_by_one(entries):
     states = states_by_apply(entries)
     for k in range(len(entries) + 1):
         assert fold(entries[:k]) == states[k]
-        assert fold(entries[:k], DerivedState()) == states[k]
+        assert fold(entries[:k], initial_state()) == states[k]
     # Applying later entries neither altered earlier states nor the journal itself.
     assert [fold(entries[:k]) for k in range(len(entries) + 1)] == states
     assert msgspec.json.encode(entries) == frozen_journal
@@ -308,8 +309,9 @@ def _note(seq: int, event: str, **data: Any) -> JournalEntry:
 
 
 def test_a_new_conversation_is_idle_at_turn_zero():
-    for state in (fold([]), DerivedState()):
+    for state in (fold([]), initial_state()):
         assert (state.status, state.turn, state.cancel_requested, state.messages) == ("idle", 0, False, [])
+        assert state.skills == DEFAULT_SKILLS and state.mode == "coding"
         assert state.active_run is None and state.run_history == []
 
 
