@@ -52,6 +52,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: Workers = Workers()
     generations: Generations = Generations()
 
+    def worker_preload(self) -> list[str]:
+        """Modules the zygote imports up front: a backend's SDK costs ≈1 s to import,
+        and ≈28 MB that every fork copies page tables for, so only when configured."""
+        if any(b.kind == "openai" for b in self.backends.values()):
+            return ["genvisor.modes.openai_backend"]
+        return []
+
     def state_path(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)

@@ -73,7 +73,7 @@ async def serve(config: Config) -> int:
     if endpoint.scheme == "ipc":
         secure_ipc_socket(endpoint)
 
-    pool = WorkerPool(target=WORKER_TARGET, spares=config.workers.spares)
+    pool = WorkerPool(target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload())
     supervisor = Supervisor(
         pool,
         cancel_grace_s=config.workers.cancel_grace_ms / 1000,

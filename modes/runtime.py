@@ -92,6 +92,11 @@ async def _call_backend(request: LLMRequest, call_index: int, events: _Events, i
 
     if request.backend.kind == "scripted":
         return await scripted.complete(request, call_index, on_delta, isolated=isolated)
+    if request.backend.kind == "openai":
+        # Imported on first use (≈1 s); the zygote preloads it when such a backend is configured.
+        from genvisor.modes import openai_backend
+
+        return await openai_backend.complete(request, on_delta)
     raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
 
 

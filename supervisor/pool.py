@@ -92,8 +92,9 @@ class _Zygote:
 
 
 class WorkerPool:
-    def __init__(self, *, target: str, spares: int) -> None:
+    def __init__(self, *, target: str, spares: int, preload: list[str] = []) -> None:  # noqa: B006 — never mutated
         self._target = target
+        self._preload = list(preload)
         self._spares_wanted = spares
         self._spares: list[Worker] = []
         self._spawning = 0
@@ -282,7 +283,7 @@ class WorkerPool:
     def _start_zygote(self) -> _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_inheritable(theirs.fileno(), True)
-        argv = [sys.executable, "-m", "genvisor.supervisor.zygote", str(theirs.fileno()), str(os.getpid()), self._target]
+        argv = [sys.executable, "-m", "genvisor.supervisor.zygote", str(theirs.fileno()), str(os.getpid()), self._target, *self._preload]
         # posix_spawn (vfork) from the main thread: PDEATHSIG fires when the *thread*
         # that forked exits, so a helper thread must not start the zygote.
         pid = os.posix_spawn(

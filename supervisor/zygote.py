@@ -9,7 +9,7 @@ It is a child subreaper: a worker's orphaned descendants come back to it, and it
 every child on SIGCHLD (waitpid, no polling), reporting each exit to the daemon. It
 dies with the daemon (PDEATHSIG), and its workers die with it.
 
-Run as: python -m genvisor.supervisor.zygote CONTROL_FD DAEMON_PID TARGET
+Run as: python -m genvisor.supervisor.zygote CONTROL_FD DAEMON_PID TARGET [PRELOAD ...]
 (TARGET is `module:function`, the worker's run entry; see supervisor.worker.)
 """
 
@@ -33,10 +33,12 @@ _decoder = msgspec.msgpack.Decoder(ToZygote)
 
 
 def main(argv: list[str]) -> int:
-    control_fd, daemon_pid, target = int(argv[0]), int(argv[1]), argv[2]
+    control_fd, daemon_pid, target, preload = int(argv[0]), int(argv[1]), argv[2], argv[3:]
     linux.die_with_parent(daemon_pid)
     linux.become_subreaper()
     run_target = _load_target(target)
+    for module in preload:  # what workers would otherwise import on first use
+        importlib.import_module(module)
     # Objects that exist now are shared copy-on-write with every worker; keep the
     # collector from touching (and so copying) them in each child.
     gc.freeze()
