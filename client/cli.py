@@ -160,7 +160,11 @@ def _run(client: Client, args: argparse.Namespace) -> int:
                 streamed.append(event.text)
                 print(event.text, end="", flush=True)
             elif event.kind == "tool_call" and event.tool_call and not args.json:
-                print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr)
+                print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr, flush=True)
+            elif event.kind == "tool_result" and event.tool_result and not args.json:
+                result = event.tool_result
+                first_line = result.content.splitlines()[0] if result.content else ""
+                print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
 
         conversation, result = client.send_and_generate(
             loc, args.text, generation_opts=_generation_options(args), await_opts={"timeout_ms": args.await_timeout_ms}, on_event=on_event

@@ -59,6 +59,23 @@ def test_the_step_budget_ends_a_tool_loop():
     assert isinstance(directive, Fail) and "budget" in directive.error.message
 
 
+def test_the_tool_call_budget_ends_a_run():
+    state = fold([_entry(1, role="user", content="go"), _entry(2, kind="note", event="mode_configured", data={"mode": "coding", "mode_state": {"max_tool_calls": 2}})])
+    run = CodingRun(_spec(state))
+    run.start()
+    run.llm_replied(LLMReply(tool_calls=[ToolCall("a", "x", "{}"), ToolCall("b", "x", "{}")]))
+    run.tools_finished([ToolResult("a", "x", "r"), ToolResult("b", "x", "r")])
+    fail = run.llm_replied(LLMReply(tool_calls=[ToolCall("c", "x", "{}")]))
+    assert isinstance(fail, Fail) and "tool-call budget of 2" in fail.error.message
+
+
+def test_the_manifest_follows_the_skills():
+    state = fold([_entry(1, role="user", content="go")])
+    assert [t.name for t in _spec(state).request.tools] == ["read_file", "list_dir", "search_text", "write_file", "edit_file"]
+    state = fold([_entry(1, role="user", content="go"), _entry(2, kind="note", event="skills_configured", data={"skills": ["run_command"]})])
+    assert [t.name for t in _spec(state).request.tools] == ["run_command"]
+
+
 def test_an_input_the_step_does_not_accept_is_refused():
     run = CodingRun(_spec(_state_with(("user", "hi"))))
     with pytest.raises(ProtocolViolation):

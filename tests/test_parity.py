@@ -301,3 +301,20 @@ def test_shutdown_ends_every_run_exactly_once_in_telemetry():
         client.send_and_generate("done", "hi")
     counts = {(c.event, c.outcome, c.category): c.count for c in runtime.runtime.telemetry.snapshot()}
     assert counts == {STARTED: 4, COMPLETED: 1, ("run_finished", "canceled", "canceled"): 3}
+
+
+def test_tools_run_in_process_too(tmp_path):
+    from genvisor.daemon.config import Config
+    from genvisor.daemon.embedded import EmbeddedRuntime
+
+    script = [
+        {"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", "echo from-the-command > made.txt; echo done"]}}]},
+        {"text": "ok"},
+    ]
+    with EmbeddedRuntime(Config(state_dir=str(tmp_path))) as runtime, runtime.client() as client:
+        client.start_conversation("t", metadata={"workspace": str(tmp_path / "ws")})
+        client.configure_skills("t", ["run_command"])
+        _, result = client.send_and_generate("t", "go", generation_opts={"backend_opts": {"script": script}})
+        tool_result = [m for m in client.conversation_messages("t") if m.role == "tool"][0]
+    assert result.text == "ok" and "exit code 0" in tool_result.content and "done" in tool_result.content
+    assert (tmp_path / "ws" / "made.txt").read_text() == "from-the-command\n"
