@@ -162,14 +162,6 @@ class WorkerPool:
     def spare_count(self) -> int:
         return len(self._spares)
 
-    @property
-    def live_workers(self) -> int:
-        return len(self._workers)
-
-    @property
-    def zygote_pid(self) -> int | None:
-        return self._zygote.pid if self._zygote else None
-
     async def _keep_spares(self) -> None:
         async with trio.open_nursery() as spawning:
             while True:

@@ -168,25 +168,7 @@ class Supervisor:
 
     async def _end(self, handle: RunHandle, worker: Worker) -> None:
         started = handle._end_requested_at or time.perf_counter()
-        outcome = handle.outcome
-        if isinstance(outcome, Completed):
-            ended_by = await self._wait_exit(worker, self._cancel_grace_s, "exit")
-        elif isinstance(outcome, DeadlineExceeded):
-            ended_by = "sigkill"
-        else:
-            ended_by = "stop"
-            try:
-                await worker.channel.send(Stop(reason=outcome.reason if isinstance(outcome, Canceled) else "ended"))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            ended_by = await self._wait_exit(worker, self._cancel_grace_s, "stop")
-        if ended_by == "":
-            worker.signal_group(signal.SIGTERM)
-            ended_by = await self._wait_exit(worker, self._term_grace_s, "sigterm")
-        if ended_by in ("", "sigkill"):
-            ended_by = "sigkill"
-            worker.signal_group(signal.SIGKILL)
-            await worker.exited.wait()
+        ended_by = await self._stop(worker, handle.outcome)
         reaped_ms = (time.perf_counter() - started) * 1000
         await worker.channel.aclose()
         leftovers = await _sweep_group(worker.pid)
@@ -201,11 +183,34 @@ class Supervisor:
             self.cleanup_failures += 1
             log.error("run %d: processes of worker %d survived cleanup: %s", handle.run_id, worker.pid, leftovers.survivors)
 
-    @staticmethod
-    async def _wait_exit(worker: Worker, grace_s: float, label: str) -> str:
-        with trio.move_on_after(grace_s):
-            await worker.exited.wait()
-        return label if worker.exited.is_set() else ""
+    async def _stop(self, worker: Worker, outcome: RunOutcome | None) -> str:
+        """Escalate until the worker is reaped; returns what ended it."""
+        if worker.exited.is_set():
+            return "exit"
+        if isinstance(outcome, Completed):
+            if await _exits_within(worker, self._cancel_grace_s):
+                return "exit"
+        elif not isinstance(outcome, DeadlineExceeded):  # canceled: ask first
+            reason = outcome.reason if isinstance(outcome, Canceled) else "ended"
+            try:
+                await worker.channel.send(Stop(reason=reason))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            if await _exits_within(worker, self._cancel_grace_s):
+                return "stop"
+        if not isinstance(outcome, DeadlineExceeded):  # a deadline means stuck: no more waiting
+            worker.signal_group(signal.SIGTERM)
+            if await _exits_within(worker, self._term_grace_s):
+                return "sigterm"
+        worker.signal_group(signal.SIGKILL)
+        await worker.exited.wait()
+        return "sigkill"
+
+
+async def _exits_within(worker: Worker, grace_s: float) -> bool:
+    with trio.move_on_after(grace_s):
+        await worker.exited.wait()
+    return worker.exited.is_set()
 
 
 class _Sweep(msgspec.Struct):

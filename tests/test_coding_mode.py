@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from genvisor.errors import LLMError
 from genvisor.modes.assemble import RunDefaults, build_run_spec
 from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, ProtocolViolation, RunTools
 from genvisor.modes.conversation import JournalEntry, fold

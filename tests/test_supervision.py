@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker
-from genvisor.errors import DaemonUnavailable, GenerationCanceled, LLMError
+from genvisor.errors import DaemonUnavailable, LLMError
 from genvisor.types import GenerationCanceled as CanceledNote
 
 
