@@ -19,7 +19,7 @@ import msgspec
 
 from genvisor.client.client import Client
 from genvisor.errors import DaemonUnavailable, GenvisorError
-from genvisor.types import GenerationEvent
+from genvisor.types import DaemonStatus, GenerationEvent, LatencySummary
 
 
 def _locator(args: argparse.Namespace) -> Any:
@@ -99,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--force", action="store_true")
     mode.add_argument("--cancel-reason")
     conversation_verb("stop", "stop the conversation (cancels its generation first)")
-    for name, help_text in (("modes", "list the supported modes"), ("telemetry", "run counters by mode/backend/outcome")):
+    for name, help_text in (
+        ("modes", "list the supported modes"),
+        ("telemetry", "run counters by mode/backend/outcome"),
+        ("status", "how the daemon is doing: runs, queue, workers, journal, latencies"),
+    ):
         verbs.add_parser(name, help=help_text).add_argument("--json", action="store_true")
     return parser
 
@@ -141,6 +145,10 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     if args.verb == "telemetry":
         counts = client.telemetry()
         _print_json(counts) if args.json else [print(f"{c.event} mode={c.mode} backend={c.backend} outcome={c.outcome or '-'} category={c.category or '-'} {c.count}") for c in counts]
+        return 0
+    if args.verb == "status":
+        status = client.status()
+        _print_json(status) if args.json else print(_format_status(status))
         return 0
     loc = _locator(args)
     simple = _SIMPLE_VERBS.get(args.verb)
@@ -272,3 +280,26 @@ def demo() -> int:
             code = daemon.wait(timeout=60)
         print(f"daemon stopped (exit {code})")
         return code
+
+
+def _format_status(s: DaemonStatus) -> str:
+    def latency(summary: LatencySummary) -> str:
+        if not summary.count:
+            return "-"
+        return f"p50 {summary.p50_ms:.2f} ms  p99 {summary.p99_ms:.2f} ms  (n={summary.count})"
+
+    finished = "  ".join(f"{outcome} {n}" for outcome, n in s.runs_finished.items())
+    rows = [
+        ("daemon", f"genvisor {s.info.version}, pid {s.info.pid}, up {s.info.uptime_s:.0f}s, {s.info.endpoint}"),
+        ("metrics", f"http://{s.metrics}/metrics" if s.metrics else "off (serve --metrics HOST:PORT)"),
+        ("journal", f"{s.journal}, {s.conversations} conversations, {s.journal_unsynced} writes unsynced"),
+        ("runs", f"{s.active_runs}/{s.max_active} active, {s.queued_runs}/{s.max_queued} queued, {s.spare_workers} spare workers"),
+        ("totals", f"started {s.runs_started}  {finished}"),
+        ("refused", f"overloaded {s.admissions_rejected}  bad frames {s.frames_rejected}"),
+        ("health", f"cleanup failures {s.cleanup_failures}  zygote restarts {s.zygote_restarts}"),
+        ("run", latency(s.run_latency)),
+        ("queue wait", latency(s.queue_wait)),
+        ("worker spawn", latency(s.worker_spawn)),
+        ("cancel→reaped", latency(s.cancel_reaped)),
+    ]
+    return "\n".join(f"{label:>14}  {value}" for label, value in rows)

@@ -38,6 +38,7 @@ from genvisor.ipc.frames import (
     GetLLMContext,
     GetMessages,
     GetMode,
+    GetStatus,
     GetTelemetry,
     GetThreadEntries,
     GetTimeline,
@@ -57,6 +58,7 @@ from genvisor.types import (
     ContextMessage,
     Conversation,
     DaemonInfo,
+    DaemonStatus,
     DerivedState,
     GenerationEvent,
     JournalEntry,
@@ -214,6 +216,10 @@ class Client:
     def telemetry(self) -> list[TelemetryCount]:
         """Run counters (one start and one terminal event per run), by closed labels."""
         return self._call(GetTelemetry(), list[TelemetryCount])
+
+    def status(self) -> DaemonStatus:
+        """How the daemon is doing: runs, queue, workers, journal, latencies."""
+        return self._call(GetStatus(), DaemonStatus)
 
     # generations
 

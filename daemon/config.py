@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
+from genvisor.daemon.sqlite_store import SqliteStore
+from genvisor.daemon.store import MemoryStore, Store
 from genvisor.modes.assemble import RunDefaults
 from genvisor.modes.llm import BackendConfig
 
@@ -43,14 +46,27 @@ class Generations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outcome_retention_s: float = 600.0  # refs stay awaitable this long after the run ends
 
 
+class Admission(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_active: int = 64  # runs (worker processes) at once
+    max_queued: int = 256  # admitted runs waiting for one of those; beyond: Overloaded
+
+
+class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
+    synchronous: Literal["normal", "full"] = "normal"  # full: an fsync per commit batch
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint: str | None = None  # default: ipc://$XDG_RUNTIME_DIR/genvisor/genvisor.sock
     state_dir: str | None = None  # default: $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    metrics: str | None = None  # HOST:PORT on loopback for Prometheus; off when unset
     scripted_backend: bool = True  # offer the offline `scripted` backend
     defaults: Defaults = Defaults()
     backends: dict[str, Backend] = {}
     workers: Workers = Workers()
     generations: Generations = Generations()
+    admission: Admission = Admission()
+    journal: Journal = Journal()
 
     def worker_preload(self) -> list[str]:
         """Modules the zygote imports up front: a backend's SDK costs ≈1 s to import,
@@ -58,6 +74,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if any(b.kind == "openai" for b in self.backends.values()):
             return ["genvisor.modes.openai_backend"]
         return []
+
+    def open_store(self) -> Store:
+        """The journal this config names (blocking: SQLite opens its file)."""
+        if self.journal.backend == "memory":
+            return MemoryStore()
+        return SqliteStore(self.state_path() / "journal.sqlite3", synchronous=self.journal.synchronous.upper())
 
     def state_path(self) -> Path:
         if self.state_dir:
@@ -110,4 +132,11 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"backends.{name}.kind must be 'scripted' or 'openai', not {backend.kind!r}")
     if config.workers.spares < 0:
         raise ConfigError("workers.spares must be >= 0")
+    if config.metrics is not None:
+        try:
+            parse_metrics_address(config.metrics)
+        except MetricsAddressError as exc:
+            raise ConfigError(str(exc)) from None
+    if config.admission.max_active < 1 or config.admission.max_queued < 0:
+        raise ConfigError("admission.max_active must be >= 1 and admission.max_queued >= 0")
     return config

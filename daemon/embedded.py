@@ -23,12 +23,16 @@ from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
 from genvisor.daemon.runtime import Runtime
 from genvisor.daemon.server import WORKER_TARGET
+from genvisor.daemon.store import MemoryStore, Store
 from genvisor.supervisor.inprocess import InProcessExecutor
 
 
 class EmbeddedRuntime:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, store: Store | None = None) -> None:
         self._config = config or Config()
+        # In memory unless given: an embedded runtime lives as long as its program.
+        # A store passed in outlives the runtime (a second one over it sees the first's).
+        self._store = store or MemoryStore()
         self._inboxes: dict[int, queue.SimpleQueue[bytes]] = {}
         self._owners = itertools.count(1)
         self._ready = threading.Event()
@@ -74,7 +78,7 @@ class EmbeddedRuntime:
 
     async def _serve(self) -> None:
         executor = InProcessExecutor(WORKER_TARGET)
-        front = self._front = open_front(self._config, executor, "embedded")
+        front = self._front = await open_front(self._config, executor, "embedded", self._store)
         runtime = self.runtime = front.runtime
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()

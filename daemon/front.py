@@ -20,30 +20,44 @@ import trio
 
 from genvisor import __version__
 from genvisor.daemon.config import Config
+from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.runtime import Executor, Runtime
+from genvisor.daemon.store import Store
 from genvisor.errors import BadRequest, GenvisorError, InternalError
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
 from genvisor.modes.registry import supported_modes
-from genvisor.types import DaemonInfo, Notification
+from genvisor.supervisor.admission import Admission
+from genvisor.types import DaemonInfo, DaemonStatus, Notification
 
 log = logging.getLogger("genvisor.daemon")
 
 Owner = Any
-Outgoing = tuple[Owner, bytes]
+Outgoing = tuple[Owner, bytes, int]  # the frame, and how much of the journal must be durable first
 
 
-def open_front(config: Config, executor: Executor, endpoint: str) -> Front:
-    """The runtime `config` describes, running on `executor`, behind a front that
-    carries its notifications."""
+async def open_front(config: Config, executor: Executor, endpoint: str, store: Store) -> Front:
+    """The runtime `config` describes, restored from `store` and running on `executor`,
+    behind a front that carries its notifications."""
+    retained_since = time.time() - config.generations.outcome_retention_s
+    if store.blocking:
+        snapshot = await trio.to_thread.run_sync(lambda: store.load(retained_since=retained_since))
+    else:
+        snapshot = store.load(retained_since=retained_since)
     runtime = Runtime(
         executor=executor,
+        log=DurableLog(store),
+        admission=Admission(max_active=config.admission.max_active, max_queued=config.admission.max_queued),
         defaults=config.run_defaults(),
         deadline_grace_s=config.workers.deadline_grace_ms / 1000,
         retention_s=config.generations.outcome_retention_s,
         workspaces=config.state_path() / "workspaces",
         notify=lambda owner, note: front.notify(owner, note),
     )
+    resolved = runtime.restore(snapshot)
+    if snapshot.conversations:
+        log.info("journal %s: %d conversations restored, %d interrupted generations resolved as daemon_restarted",
+                 store.describe(), len(snapshot.conversations), resolved)
     front = Front(runtime, endpoint)
     return front
 
@@ -53,9 +67,10 @@ class Front:
         self.runtime = runtime
         self._runtime = runtime
         self._endpoint = endpoint
+        self.metrics_address: str | None = None  # set by the server when it serves metrics
         self._started = time.monotonic()
         self._outbox_send, self.outbox = trio.open_memory_channel[Outgoing | trio.Event](math.inf)
-        self.frames_rejected = 0
+        self._log = runtime.log
 
     # ---- in --------------------------------------------------------------------------
 
@@ -77,17 +92,22 @@ class Front:
         except Exception as exc:  # noqa: BLE001 — every request is answered
             self._fail(owner, frame.id, exc)
             return
-        self._outbox_send.send_nowait((owner, codec.encode_reply(frame.id, body)))
+        self._put(owner, codec.encode_reply(frame.id, body))
 
     def reject(self, owner: Owner, request_id: int, exc: BadRequest) -> None:
-        self.frames_rejected += 1
+        self._runtime.telemetry.frames_rejected.inc()
         log.warning("rejected a frame: %s", exc)
-        self._outbox_send.send_nowait((owner, codec.encode_failure(request_id, exc.info())))
+        self._put(owner, codec.encode_failure(request_id, exc.info()))
 
     # ---- out -------------------------------------------------------------------------
 
     def notify(self, owner: Owner, note: Notification) -> None:
-        self._outbox_send.send_nowait((owner, codec.encode_notification(note)))
+        self._put(owner, codec.encode_notification(note))
+
+    def _put(self, owner: Owner, data: bytes) -> None:
+        # Everything the runtime wrote before this frame was queued must be durable
+        # before the frame leaves (group commit: one wait covers many frames).
+        self._outbox_send.send_nowait((owner, data, self._log.submitted))
 
     async def flush(self) -> None:
         """Return once everything queued so far has been handed to the transport."""
@@ -100,8 +120,11 @@ class Front:
         async for item in self.outbox:
             if isinstance(item, trio.Event):
                 item.set()
-            else:
-                await send(*item)
+                continue
+            owner, data, ticket = item
+            if ticket > self._log.durable:
+                await self._log.wait_durable(ticket)
+            await send(owner, data)
 
     # ---- handlers ----------------------------------------------------------------------
 
@@ -111,17 +134,20 @@ class Front:
         except Exception as exc:  # noqa: BLE001 — every request is answered
             self._fail(owner, request_id, exc)
             return
-        self._outbox_send.send_nowait((owner, codec.encode_reply(request_id, body)))
+        self._put(owner, codec.encode_reply(request_id, body))
 
     def _fail(self, owner: Owner, request_id: int, exc: Exception) -> None:
         if not isinstance(exc, GenvisorError):
             incident = secrets.token_hex(4)
             log.exception("internal error handling request %d (incident %s)", request_id, incident)
             exc = InternalError(f"internal error (incident {incident}; see the daemon log)")
-        self._outbox_send.send_nowait((owner, codec.encode_failure(request_id, exc.info())))
+        self._put(owner, codec.encode_failure(request_id, exc.info()))
 
     def _ping(self, owner: Owner, r: f.Ping) -> DaemonInfo:
         return DaemonInfo(__version__, os.getpid(), time.monotonic() - self._started, self._endpoint)
+
+    def _status(self, owner: Owner, r: f.GetStatus) -> DaemonStatus:
+        return self._runtime.status(self._ping(owner, f.Ping()), self.metrics_address)
 
     def _ensure(self, owner: Owner, r: f.EnsureConversation) -> f.Ensured:
         return f.Ensured(*self._runtime.ensure_conversation(r.id, r.project_id, r.metadata))
@@ -164,6 +190,7 @@ class Front:
         f.SupportedModes: lambda self, o, r: supported_modes(),
         f.StopConversation: _stop,
         f.GetTelemetry: lambda self, o, r: self._runtime.telemetry.snapshot(),
+        f.GetStatus: _status,
         f.GenerateAssistantReply: lambda self, o, r: f.GenerationRef(self._runtime.generate(r.loc, r.options, o)),
         f.CancelGeneration: _cancel,
     }

@@ -39,6 +39,7 @@ from genvisor.errors import (
     LLMError,
     NoGenerationInProgress,
     NotFound,
+    Overloaded,
     RunInProgress,
     UnsupportedMode,
 )
@@ -47,11 +48,14 @@ from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
 from genvisor.modes.registry import registry
-from genvisor.supervisor.runs import Canceled, Completed, Crashed, DeadlineExceeded, RunHandle, Unavailable
+from genvisor.supervisor.admission import Admission, Slot
+from genvisor.supervisor.runs import Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
 from genvisor.types import (
     ROLES,
     ContextMessage,
     Conversation,
+    DaemonInfo,
+    DaemonStatus,
     DerivedState,
     GenerationCanceled as CanceledNote,
     GenerationEvent,
@@ -61,6 +65,16 @@ from genvisor.types import (
     Message,
     Notification,
     TimelineEntry,
+)
+from genvisor.daemon.durable import DurableLog
+from genvisor.daemon.store import (
+    AppendEntry,
+    CreateConversation,
+    ForgetGenerations,
+    GenerationFinished,
+    GenerationStarted,
+    Snapshot,
+    StoredOutcome,
 )
 from genvisor.daemon.telemetry import Telemetry
 
@@ -78,6 +92,8 @@ class Executor(Protocol):
 
     def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle: ...
 
+    def health(self) -> ExecutorHealth: ...
+
 
 class GenerationRecord:
     """A generation's outcome, kept for re-awaits after the run ends."""
@@ -90,7 +106,7 @@ class GenerationRecord:
         self.result: LLMResult | None = None
         self.error: ErrorInfo | None = None
         self.canceled: str | None = None
-        self.finished_at: float | None = None
+        self.finished_at: float | None = None  # wall clock: retention outlives restarts
 
     def outcome(self) -> LLMResult:
         if self.canceled is not None:
@@ -102,11 +118,17 @@ class GenerationRecord:
 
 
 class ActiveGeneration:
-    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec) -> None:
+    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec, slot: Slot) -> None:
         self.record = record
         self.owner = owner
         self.spec = spec
+        self.slot = slot
+        self.queue_scope = trio.CancelScope()  # cancelled when the run ends while still queued
         self.handle: RunHandle | None = None
+        self.started_at: float | None = None  # perf_counter, once admitted to a worker
+
+    def run_seconds(self) -> float | None:
+        return None if self.started_at is None else time.perf_counter() - self.started_at
 
 
 class ConversationRecord:
@@ -123,9 +145,12 @@ class ConversationRecord:
 
 class Runtime:
     def __init__(
-        self, *, executor: Executor, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify
+        self, *, executor: Executor, log: DurableLog, admission: Admission, defaults: RunDefaults,
+        deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify,
     ) -> None:
         self._executor = executor
+        self.log = log
+        self.admission = admission
         self._workspaces = workspaces
         self._defaults = defaults
         self._deadline_grace_s = deadline_grace_s
@@ -135,14 +160,52 @@ class Runtime:
         self._generations: dict[str, GenerationRecord] = {}
         self._nursery: trio.Nursery | None = None
         self._admitting = True
-        self.telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
+        self.telemetry = telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
+        telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
+        telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
+        telemetry.gauge("genvisor_spare_workers", "Pre-forked workers waiting for a run", lambda: executor.health().spare_workers)
+        telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: log.submitted - log.durable)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.log.run)
             nursery.start_soon(self._expire_outcomes)
             task_status.started()
             await trio.sleep_forever()
+
+    def restore(self, snapshot: Snapshot) -> int:
+        """Take back what the store holds; call once, before serving. A generation that
+        was in flight when the daemon died is resolved here, once, as failed with reason
+        `daemon_restarted`: its turn never committed (a commit is one transaction), so
+        nothing is duplicated. Returns how many were resolved."""
+        for stored in snapshot.conversations:
+            conversation = ConversationRecord(stored.key, stored.metadata)
+            conversation.journal = stored.entries
+            for entry in stored.entries:
+                conversation.state = apply(conversation.state, entry)
+            self._conversations[stored.key] = conversation
+        resolved = 0
+        for stored_generation in snapshot.generations:
+            record = GenerationRecord(stored_generation.ref, stored_generation.key, stored_generation.run_id)
+            self._generations[record.ref] = record
+            if stored_generation.outcome is None:
+                error = LLMError(
+                    "unknown", "the daemon restarted while the generation was running; nothing of it was committed",
+                    retryable=True, details={"reason": "daemon_restarted"},
+                )
+                conversation = self._conversations[record.key]
+                self._append(conversation, kind="note", event="run_finished",
+                             data={"run_id": record.run_id, "status": "failed", "reason": "daemon_restarted"})
+                record.error = error.info()
+                self._close_record(record)
+                resolved += 1
+            else:
+                outcome = stored_generation.outcome
+                record.result, record.error, record.canceled = outcome.result, outcome.error, outcome.canceled
+                record.finished_at = stored_generation.finished_at
+                record.done.set()
+        return resolved
 
     def shutdown(self) -> None:
         """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
@@ -150,6 +213,31 @@ class Runtime:
         for conversation in self._conversations.values():
             if conversation.active is not None:
                 self._cancel(conversation, "daemon_shutdown")
+
+    def status(self, info: DaemonInfo, metrics: str | None) -> DaemonStatus:
+        t, health = self.telemetry, self._executor.health()
+        return DaemonStatus(
+            info=info,
+            metrics=metrics,
+            journal=self.log.store.describe(),
+            journal_unsynced=self.log.submitted - self.log.durable,
+            conversations=len(self._conversations),
+            active_runs=self.admission.active,
+            max_active=self.admission.max_active,
+            queued_runs=self.admission.queued,
+            max_queued=self.admission.max_queued,
+            spare_workers=health.spare_workers,
+            runs_started=t.total(t.runs_started),
+            runs_finished={outcome: t.total(t.runs_finished, outcome=outcome) for outcome in ("completed", "failed", "canceled")},
+            admissions_rejected=t.total(t.admissions_rejected),
+            frames_rejected=t.total(t.frames_rejected),
+            cleanup_failures=t.total(t.cleanup_failures),
+            zygote_restarts=health.zygote_restarts,
+            run_latency=t.summary(t.run_seconds),
+            queue_wait=t.summary(t.queue_wait_seconds),
+            worker_spawn=t.summary(t.worker_spawn_seconds),
+            cancel_reaped=t.summary(t.cancel_reaped_seconds),
+        )
 
     # ---- conversations -----------------------------------------------------------------
 
@@ -270,6 +358,11 @@ class Runtime:
             raise GenerationInProgress(f"conversation {key[1]!r} has an active generation")
         if not self._admitting:
             raise GenerationCanceled("daemon_shutdown")
+        try:
+            slot = self.admission.admit()
+        except Overloaded:
+            self.telemetry.admissions_rejected.inc()
+            raise  # refused before anything is recorded
         conversation = conversation or self._create(key, {})
         ref = "gen_" + secrets.token_urlsafe(18)
         run_id = "run_" + secrets.token_hex(8)
@@ -279,18 +372,18 @@ class Runtime:
         )
         record = GenerationRecord(ref, key, run_id)
         self._generations[ref] = record
-        active = ActiveGeneration(record, owner, spec)
+        active = ActiveGeneration(record, owner, spec, slot)
         conversation.active = active
+        self.log.submit(GenerationStarted(ref, key, run_id))
         self._append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
         self.telemetry.run_started(spec.mode, _backend_label(spec))
         if spec.request is None:
             assert spec.error is not None
+            slot.release()
             self._finish(conversation, active, error=spec.error)
             return ref
-        deadline = trio.current_time() + spec.request.timeout_ms / 1000 + self._deadline_grace_s
-        active.handle = self._executor.start_run(_encoder.encode(spec), on_progress=lambda raw: self._on_progress(active, raw), deadline=deadline)
         assert self._nursery is not None
-        self._nursery.start_soon(self._settle_when_done, conversation, active)
+        self._nursery.start_soon(self._drive, conversation, active)
         return ref
 
     async def await_generation(self, loc: Locator, ref: str, timeout_ms: int, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
@@ -330,6 +423,25 @@ class Runtime:
         if active.spec.events and not active.record.done.is_set():
             self._notify(active.owner, _event_decoder.decode(raw))
 
+    async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Wait for admission, run, settle; the slot is held until the worker is gone,
+        so `max_active` bounds processes, not just runs."""
+        with active.slot:
+            with active.queue_scope:
+                await active.slot.acquire()
+            if active.record.done.is_set():
+                return  # canceled while queued
+            self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)
+            active.started_at = time.perf_counter()
+            assert active.spec.request is not None
+            deadline = trio.current_time() + active.spec.request.timeout_ms / 1000 + self._deadline_grace_s
+            active.handle = self._executor.start_run(
+                _encoder.encode(active.spec), on_progress=lambda raw: self._on_progress(active, raw), deadline=deadline
+            )
+            await self._settle_when_done(conversation, active)
+            await active.handle.cleaned_up.wait()
+            self._observe_cleanup(active.handle)
+
     async def _settle_when_done(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         assert active.handle is not None
         outcome = await active.handle.wait()
@@ -364,7 +476,9 @@ class Runtime:
             record.error = error
             status = "failed"
         self._append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": status})
-        self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), status, error.category if error else None)
+        self.telemetry.run_finished(
+            active.spec.mode, _backend_label(active.spec), status, error.category if error else None, active.run_seconds()
+        )
         self._settle(conversation, active, GenerationResult(ref=record.ref, result=record.result, error=record.error))
 
     def _cancel(self, conversation: ConversationRecord, reason: str) -> None:
@@ -374,24 +488,42 @@ class Runtime:
         record.canceled = reason
         self._append(conversation, kind="note", event="cancel_requested", data={"reason": reason, "ref": record.ref})
         self._append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason})
-        self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), "canceled", "canceled")
+        self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), "canceled", "canceled", active.run_seconds())
         self._settle(conversation, active, CanceledNote(ref=record.ref, reason=reason))
         if active.handle is not None:
             active.handle.cancel(reason)  # termination begins; it completes in the executor
+        else:
+            active.queue_scope.cancel()  # still waiting for admission: leave the queue
 
     def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification) -> None:
-        record = active.record
-        record.finished_at = time.monotonic()
-        record.done.set()
+        self._close_record(active.record)
         conversation.active = None
         self._notify(active.owner, note)
+
+    def _observe_cleanup(self, handle: RunHandle) -> None:
+        report = handle.cleanup
+        if report is None:
+            return  # no process ran (in-process executor, or no worker was available)
+        if not report.verified:
+            self.telemetry.cleanup_failures.inc()
+        if isinstance(handle.outcome, Canceled):
+            self.telemetry.cancel_reaped_seconds.observe(report.reaped_after_ms / 1000)
+
+    def _close_record(self, record: GenerationRecord) -> None:
+        record.finished_at = time.time()
+        record.done.set()
+        outcome = StoredOutcome(result=record.result, error=record.error, canceled=record.canceled)
+        self.log.submit(GenerationFinished(record.ref, record.finished_at, outcome))
 
     async def _expire_outcomes(self) -> None:
         while True:
             await trio.sleep(max(1.0, self._retention_s / 10))
-            horizon = time.monotonic() - self._retention_s
-            for ref in [r for r, g in self._generations.items() if g.finished_at is not None and g.finished_at < horizon]:
+            horizon = time.time() - self._retention_s
+            expired = [r for r, g in self._generations.items() if g.finished_at is not None and g.finished_at < horizon]
+            for ref in expired:
                 del self._generations[ref]
+            if expired:
+                self.log.submit(ForgetGenerations(expired))
 
     def _workspace(self, conversation: ConversationRecord) -> str:
         """`metadata["workspace"]`, else the conversation's own directory under the state
@@ -426,6 +558,7 @@ class Runtime:
             metadata = {**metadata, "project_id": key[0]}
         conversation = ConversationRecord(key, metadata)
         self._conversations[key] = conversation
+        self.log.submit(CreateConversation(key, metadata))
         return conversation
 
     def _fetch(self, loc: Locator) -> ConversationRecord:
@@ -440,6 +573,7 @@ class Runtime:
         entry = JournalEntry(entry_id=f"e{seq}_{secrets.token_hex(4)}", seq=seq, at=time.time(), **fields)
         conversation.journal.append(entry)
         conversation.state = apply(conversation.state, entry)
+        self.log.submit(AppendEntry(conversation.key, entry))
 
 
 def _key(loc: Locator) -> ConversationKey:

@@ -24,6 +24,8 @@ import zmq
 from genvisor import __version__
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
+from genvisor.daemon.metrics import MetricsServer
+from genvisor.daemon.store import StoreFailed
 from genvisor.errors import BadRequest
 from genvisor.ipc.endpoint import Endpoint, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
@@ -80,9 +82,20 @@ async def serve(config: Config) -> int:
         term_grace_s=config.workers.term_grace_ms / 1000,
     )
     try:
+        store = await trio.to_thread.run_sync(config.open_store)
+    except StoreFailed as exc:
+        ctx.term()
+        raise SystemExit(f"genvisor: {exc}") from None
+    metrics: MetricsServer | None = None
+    try:
         async with TrioSocket.open(router) as sock:
-            front = open_front(config, supervisor, str(endpoint))
+            front = await open_front(config, supervisor, str(endpoint), store)
             runtime = front.runtime
+            pool.on_spawn = runtime.telemetry.worker_spawn_seconds.observe
+            if config.metrics:
+                metrics = MetricsServer(config.metrics, runtime.telemetry.registry)
+                front.metrics_address = metrics.address
+                log.info("metrics on http://%s/metrics", metrics.address)
             async with trio.open_nursery() as nursery:
                 stop, serving = trio.Event(), trio.Event()
                 await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
@@ -90,7 +103,7 @@ async def serve(config: Config) -> int:
                 await nursery.start(runtime.run)
                 nursery.start_soon(_serve_socket, sock, front)
                 serving.set()
-                log.info("genvisor %s serving on %s (pid %d)", __version__, endpoint, os.getpid())
+                log.info("genvisor %s serving on %s (pid %d), journal %s", __version__, endpoint, os.getpid(), store.describe())
                 print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
                 await stop.wait()
                 runtime.shutdown()
@@ -102,6 +115,10 @@ async def serve(config: Config) -> int:
                 endpoint.path.unlink()
             except FileNotFoundError:
                 pass
+        with trio.CancelScope(shield=True):
+            if metrics is not None:
+                await trio.to_thread.run_sync(metrics.close)
+            await trio.to_thread.run_sync(store.close)
     log.info("genvisor stopped")
     return 0
 
@@ -133,4 +150,10 @@ def main(config: Config) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    return trio.run(serve, config)
+    try:
+        return trio.run(serve, config)
+    except* StoreFailed as group:
+        # Crash-only: memory is ahead of the disk, so stop; a restart recovers from
+        # the last durable state and resolves the runs this one had in flight.
+        log.critical("stopping: %s", group.exceptions[0])
+    return 1

@@ -16,14 +16,11 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--state-dir", help="directory for the daemon's state")
     parser.add_argument("--metrics", help="HOST:PORT for Prometheus metrics (loopback)")
     args = parser.parse_args(argv)
-    if args.metrics:
-        print("genvisor serve: --metrics is not available in this version yet", file=sys.stderr)
-        return 2
     from genvisor.daemon.config import ConfigError, load_config
     from genvisor.daemon.server import main as serve_main
 
     try:
-        config = load_config(args.config, endpoint=args.endpoint, state_dir=args.state_dir)
+        config = load_config(args.config, endpoint=args.endpoint, state_dir=args.state_dir, metrics=args.metrics)
     except ConfigError as exc:
         print(f"genvisor serve: {exc}", file=sys.stderr)
         return 2

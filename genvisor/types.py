@@ -196,3 +196,36 @@ class DaemonInfo(msgspec.Struct, frozen=True):
     pid: int
     uptime_s: float
     endpoint: str
+
+
+class LatencySummary(msgspec.Struct, frozen=True):
+    """A latency histogram at a glance (estimates from its buckets)."""
+
+    count: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class DaemonStatus(msgspec.Struct, frozen=True):
+    """`status`: how the daemon is doing — the figures its Prometheus metrics carry."""
+
+    info: DaemonInfo
+    metrics: str | None  # HOST:PORT of the Prometheus endpoint, if served
+    journal: str  # "sqlite:PATH" or "memory"
+    journal_unsynced: int  # writes submitted, not yet durable
+    conversations: int
+    active_runs: int
+    max_active: int
+    queued_runs: int
+    max_queued: int
+    spare_workers: int
+    runs_started: int
+    runs_finished: dict[str, int]  # outcome -> count
+    admissions_rejected: int
+    frames_rejected: int
+    cleanup_failures: int
+    zygote_restarts: int
+    run_latency: LatencySummary
+    queue_wait: LatencySummary
+    worker_spawn: LatencySummary
+    cancel_reaped: LatencySummary

@@ -136,6 +136,10 @@ class GetTelemetry(Request, tag="telemetry"):
     pass
 
 
+class GetStatus(Request, tag="status"):
+    pass
+
+
 # Generation options travel untyped on purpose: the contract (baseline parity) says an
 # invalid option still returns a ref and the *run* ends with LLMError("config").
 GenerationOptions = dict[str, Any]
@@ -174,7 +178,7 @@ class SendAndGenerate(Request, tag="send_and_generate"):
 AnyRequest = (
     Ping | StartConversation | EnsureConversation | SendUserMessage | RecordAssistantMessage | ConfigureLLM
     | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
-    | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GenerateAssistantReply
+    | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GetStatus | GenerateAssistantReply
     | AwaitGeneration | CancelGeneration | SendAndGenerate
 )
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import msgspec
 import trio
 
-from genvisor.supervisor.runs import Completed, Crashed, DeadlineExceeded, RunHandle
+from genvisor.supervisor.runs import Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -36,6 +36,9 @@ class InProcessExecutor:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def health(self) -> ExecutorHealth:
+        return ExecutorHealth(spare_workers=0, zygote_restarts=0)  # no processes here
 
     def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle:
         assert self._nursery is not None, "InProcessExecutor.run() is not running"

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import trio
@@ -109,6 +109,7 @@ class WorkerPool:
         self.zygote_restarts = 0
         self.orphans_reaped = 0
         self.workers_spawned = 0
+        self.on_spawn: Callable[[float], None] = lambda seconds: None  # spawn → Ready, for metrics
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -227,6 +228,7 @@ class WorkerPool:
             await worker.channel.aclose()
             raise WorkersUnavailable(f"worker {pid} died before it was ready: {worker.exit_details()}")
         self.workers_spawned += 1
+        self.on_spawn(time.perf_counter() - started)
         return worker
 
     # ---- the zygote --------------------------------------------------------------------

@@ -63,6 +63,11 @@ class CleanupReport(msgspec.Struct, frozen=True):
     verified: bool
 
 
+class ExecutorHealth(msgspec.Struct, frozen=True):
+    spare_workers: int
+    zygote_restarts: int
+
+
 class RunHandle:
     def __init__(self, run_id: int) -> None:
         self.run_id = run_id
@@ -120,6 +125,9 @@ class Supervisor:
                     for handle in list(self.active.values()):
                         handle.cancel("daemon_shutdown")
             nursery.cancel_scope.cancel()
+
+    def health(self) -> ExecutorHealth:
+        return ExecutorHealth(spare_workers=self.pool.spare_count, zygote_restarts=self.pool.zygote_restarts)
 
     def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle:
         assert self._nursery is not None, "Supervisor.run() is not running"

@@ -52,6 +52,15 @@ def main(argv: list[str]) -> int:
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ, "control")
     selector.register(wake_r, selectors.EVENT_READ, "sigchld")
+    try:
+        _serve(control, selector, (wake_r, wake_w), run_target)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon is gone or closing: nobody is left to tell
+    return 0
+
+
+def _serve(control: socket.socket, selector: selectors.BaseSelector, wake: tuple[int, int], run_target) -> None:
+    wake_r = wake[0]
     while True:
         for key, _ in selector.select():
             if key.data == "sigchld":
@@ -63,9 +72,9 @@ def main(argv: list[str]) -> int:
             except ConnectionResetError:
                 message, fds = b"", []
             if not message:
-                return 0  # the daemon closed the control channel: we are done
+                return  # the daemon closed the control channel: we are done
             request = _decoder.decode(message)
-            _spawn(control, request, fds, (wake_r, wake_w), run_target)
+            _spawn(control, request, fds, wake, run_target)
 
 
 def _spawn(control: socket.socket, request: Spawn, fds: list[int], wake: tuple[int, int], run_target) -> None:

@@ -1,0 +1,174 @@
+"""The durable store: SQLite in WAL mode, one file in the state dir.
+
+Every call blocks; the `DurableLog` makes them from a worker thread, one at a time
+(hence `check_same_thread=False`: calls move between threads, never overlap).
+
+    conversations(rowid, project, id, metadata)     project '' stands for None
+    entries(conversation, seq, body)                 body: a msgpack JournalEntry
+    generations(ref, conversation, run_id, finished_at, outcome)
+
+`synchronous=NORMAL` (the default) makes a commit survive a crash of the daemon, the
+case that matters here; `FULL` adds an fsync per batch, for power loss too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+
+import msgspec
+
+from genvisor.daemon.store import (
+    AppendEntry,
+    ConversationKey,
+    CreateConversation,
+    ForgetGenerations,
+    GenerationFinished,
+    GenerationStarted,
+    Snapshot,
+    StoredConversation,
+    StoredGeneration,
+    StoredOutcome,
+    StoreFailed,
+    Write,
+)
+from genvisor.types import JournalEntry
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    rowid INTEGER PRIMARY KEY,
+    project TEXT NOT NULL,
+    id TEXT NOT NULL,
+    metadata BLOB NOT NULL,
+    UNIQUE (project, id)
+);
+CREATE TABLE IF NOT EXISTS entries (
+    conversation INTEGER NOT NULL REFERENCES conversations(rowid),
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS generations (
+    ref TEXT PRIMARY KEY,
+    conversation INTEGER NOT NULL REFERENCES conversations(rowid),
+    run_id TEXT NOT NULL,
+    finished_at REAL,
+    outcome BLOB
+);
+"""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_entry = msgspec.msgpack.Decoder(JournalEntry).decode
+_decode_outcome = msgspec.msgpack.Decoder(StoredOutcome).decode
+_decode_metadata = msgspec.msgpack.Decoder(dict).decode
+
+
+class SqliteStore:
+    blocking = True
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = _lock_exclusively(path.with_name(path.name + ".lock"))
+        old_umask = os.umask(0o077)  # the journal holds conversations: owner only
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            os.close(self._lock)
+            raise StoreFailed(f"cannot open the journal {path}: {exc}") from exc
+        finally:
+            os.umask(old_umask)
+        self.path = path
+        self._rowids: dict[ConversationKey, int] = {}
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreFailed(f"{path} has journal schema {version}; this genvisor knows up to {SCHEMA_VERSION}")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreFailed(f"cannot open the journal {path}: {exc}") from exc
+
+    def load(self, *, retained_since: float) -> Snapshot:
+        keys: dict[int, ConversationKey] = {}
+        conversations: dict[int, StoredConversation] = {}
+        for rowid, project, id_, metadata in self._db.execute("SELECT rowid, project, id, metadata FROM conversations"):
+            key = (project or None, id_)
+            keys[rowid] = key
+            self._rowids[key] = rowid
+            conversations[rowid] = StoredConversation(key, _decode_metadata(metadata), [])
+        for rowid, body in self._db.execute("SELECT conversation, body FROM entries ORDER BY conversation, seq"):
+            conversations[rowid].entries.append(_decode_entry(body))
+        self._db.execute("DELETE FROM generations WHERE finished_at < ?", (retained_since,))
+        generations = [
+            StoredGeneration(ref, keys[rowid], run_id, finished_at, _decode_outcome(outcome) if outcome is not None else None)
+            for ref, rowid, run_id, finished_at, outcome in self._db.execute(
+                "SELECT ref, conversation, run_id, finished_at, outcome FROM generations"
+            )
+        ]
+        return Snapshot(list(conversations.values()), generations)
+
+    def write(self, batch: list[Write]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for write in batch:
+                    self._apply(write)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreFailed(f"journal write failed ({self.path}): {exc}") from exc
+
+    def describe(self) -> str:
+        return f"sqlite:{self.path}"
+
+    def close(self) -> None:
+        self._db.close()
+        os.close(self._lock)  # and with it the lock
+
+    def _apply(self, write: Write) -> None:
+        db = self._db
+        if isinstance(write, AppendEntry):
+            db.execute(
+                "INSERT INTO entries (conversation, seq, body) VALUES (?, ?, ?)",
+                (self._rowids[write.key], write.entry.seq, _encode(write.entry)),
+            )
+        elif isinstance(write, CreateConversation):
+            project, id_ = write.key
+            cursor = db.execute(
+                "INSERT INTO conversations (project, id, metadata) VALUES (?, ?, ?)", (project or "", id_, _encode(write.metadata))
+            )
+            self._rowids[write.key] = cursor.lastrowid
+        elif isinstance(write, GenerationStarted):
+            db.execute(
+                "INSERT INTO generations (ref, conversation, run_id) VALUES (?, ?, ?)", (write.ref, self._rowids[write.key], write.run_id)
+            )
+        elif isinstance(write, GenerationFinished):
+            db.execute(
+                "UPDATE generations SET finished_at = ?, outcome = ? WHERE ref = ?", (write.finished_at, _encode(write.outcome), write.ref)
+            )
+        else:
+            assert isinstance(write, ForgetGenerations)
+            db.executemany("DELETE FROM generations WHERE ref = ?", [(ref,) for ref in write.refs])
+
+
+def _lock_exclusively(path: Path) -> int:
+    """One daemon per journal: two writers would each believe their memory is the truth."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreFailed(f"the journal is in use by another genvisor daemon (pid {holder}): {path}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
