@@ -63,6 +63,10 @@ async def serve(config: Config) -> int:
     endpoint = resolve_endpoint(config)
     if not endpoint.is_loopback:
         raise SystemExit(f"refusing to listen on {endpoint}: only ipc:// and loopback tcp:// endpoints are allowed")
+    try:
+        store = await trio.to_thread.run_sync(config.open_store)  # first: it holds the state dir's lock
+    except StoreFailed as exc:
+        raise SystemExit(f"genvisor: {exc}") from None
     if endpoint.scheme == "ipc":
         prepare_private_dir(endpoint.path.parent)
         if endpoint.path.exists():
@@ -81,11 +85,6 @@ async def serve(config: Config) -> int:
         cancel_grace_s=config.workers.cancel_grace_ms / 1000,
         term_grace_s=config.workers.term_grace_ms / 1000,
     )
-    try:
-        store = await trio.to_thread.run_sync(config.open_store)
-    except StoreFailed as exc:
-        ctx.term()
-        raise SystemExit(f"genvisor: {exc}") from None
     metrics: MetricsServer | None = None
     try:
         async with TrioSocket.open(router) as sock:
