@@ -358,11 +358,7 @@ class Runtime:
             raise GenerationInProgress(f"conversation {key[1]!r} has an active generation")
         if not self._admitting:
             raise GenerationCanceled("daemon_shutdown")
-        try:
-            slot = self.admission.admit()
-        except Overloaded:
-            self.telemetry.admissions_rejected.inc()
-            raise  # refused before anything is recorded
+        slot = self._admit()
         conversation = conversation or self._create(key, {})
         ref = "gen_" + secrets.token_urlsafe(18)
         run_id = "run_" + secrets.token_hex(8)
@@ -412,12 +408,20 @@ class Runtime:
         self, loc: Locator, content: str, message_metadata: Any, options: dict[str, Any], owner: Owner,
         timeout_ms: int, cancel_on_timeout: bool, cancel_reason: str,
     ) -> tuple[Conversation, LLMResult]:
+        self._admit().release()  # full: refused before the user message is recorded
         self.send_user_message(loc, content, message_metadata)
         ref = self.generate(loc, options, owner)
         result = await self.await_generation(loc, ref, timeout_ms, cancel_on_timeout, cancel_reason)
         return self.conversation(loc), result
 
     # ---- run lifecycle -----------------------------------------------------------------
+
+    def _admit(self) -> Slot:
+        try:
+            return self.admission.admit()
+        except Overloaded:
+            self.telemetry.admissions_rejected.inc()
+            raise  # nothing has been recorded
 
     def _on_progress(self, active: ActiveGeneration, raw: msgspec.Raw) -> None:
         if active.spec.events and not active.record.done.is_set():
