@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -76,9 +77,17 @@ def test_metrics_count_runs_by_closed_labels(metered):
         assert sample.labels.get("outcome", "completed") in OUTCOMES
         assert sample.labels.get("category", "none") in CATEGORIES
 
-    for name in ("genvisor_run_duration_seconds", "genvisor_queue_wait_seconds", "genvisor_cancel_reaped_seconds"):
-        counts = [s for s in metrics[name] if s.name == name + "_count"]
-        assert sum(s.value for s in counts) >= 1, name
+    for name in ("genvisor_run_duration_seconds", "genvisor_queue_wait_seconds"):
+        assert _count(metrics, name) >= 1, name
+
+    # Cancel → reaped is observed once the worker is gone, which may be after the await.
+    deadline = time.monotonic() + 10
+    while not _count(_scrape(metered), "genvisor_cancel_reaped_seconds"):
+        assert time.monotonic() < deadline, "no cancel→reaped observation within 10 s"
+
+
+def _count(metrics: dict[str, list], histogram: str) -> float:
+    return sum(s.value for s in metrics[histogram] if s.name == histogram + "_count")
 
 
 def test_status_shows_the_same_figures(metered):
