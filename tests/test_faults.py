@@ -1,0 +1,169 @@
+"""Faults, bounded: workers killed at each step of a run, long runs of cancels, overload.
+(Heavy counts of the same live in bench/faults.py; daemon kills in test_journal.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker
+from genvisor.errors import GenerationCanceled, LLMError, NotFound, Overloaded
+
+
+def _worker_of(tag: str) -> int:
+    """The worker running the run that started the process tagged `tag`: the leader of
+    its process group (each worker is its own session and group)."""
+    deadline = time.monotonic() + 10
+    while (proc := find_tagged(tag)) is None:
+        assert time.monotonic() < deadline, f"no process tagged {tag}"
+    return os.getpgid(proc.pid)
+
+
+def _wait_idle(daemon: Daemon) -> None:
+    """Until no run holds a worker slot (a slot is freed once its worker is reaped)."""
+    deadline = time.monotonic() + 20
+    with daemon.client() as client:
+        while client.status().active_runs:
+            assert time.monotonic() < deadline, "runs still active after 20 s"
+
+
+def _during_llm_call(tmp_path, conv):
+    argv, fifo, tag = spawn_marker(tmp_path, conv)
+    return {"backend_opts": {"spawn": argv, "delay_ms": 60_000}}, fifo, tag, None
+
+
+def _during_tool_call(tmp_path, conv):
+    argv, fifo, tag = spawn_marker(tmp_path, conv)
+    script = [{"tool_calls": [{"name": "run_command", "arguments": {"argv": argv, "timeout_ms": 60_000}}]}, {"text": "never"}]
+    return {"backend_opts": {"script": script}}, fifo, tag, ["run_command"]
+
+
+def _during_second_step(tmp_path, conv):
+    """After one tool call came back and was fed to the model: the second step's tool."""
+    argv, fifo, tag = spawn_marker(tmp_path, conv)
+    script = [
+        {"tool_calls": [{"name": "write_file", "arguments": {"path": "a.txt", "content": "x"}}]},
+        {"tool_calls": [{"name": "run_command", "arguments": {"argv": argv, "timeout_ms": 60_000}}]},
+        {"text": "never"},
+    ]
+    return {"backend_opts": {"script": script}}, fifo, tag, ["write_file", "run_command"]
+
+
+@pytest.mark.parametrize("step", [_during_llm_call, _during_tool_call, _during_second_step], ids=lambda f: f.__name__[1:])
+def test_a_worker_killed_at_any_step_is_a_typed_failure_that_changes_nothing(shared_daemon, conv, tmp_path, step):
+    options, fifo, tag, skills = step(tmp_path, conv)
+    with shared_daemon.client() as client:
+        if skills:
+            client.configure_skills(conv, skills)
+        client.send_user_message(conv, "go")
+        before = client.conversation_messages(conv)
+        ref = client.generate_assistant_reply(conv, **options)
+        wait_for_marker(fifo)
+        worker = _worker_of(tag)
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(LLMError) as raised:
+            client.await_generation(conv, ref)
+        assert raised.value.category == "unknown" and raised.value.message == "generation worker crashed"
+        assert raised.value.details["signal"] == signal.SIGKILL
+        assert client.conversation_messages(conv) == before  # no tool message, no reply
+        wait_for_group_gone(worker, timeout_s=10)  # the tool's processes went with it
+        assert find_tagged(tag) is None
+        _, result = client.send_and_generate(conv, "again")  # the conversation goes on
+        assert result.text == "again"
+
+
+def test_a_spare_worker_killed_before_its_run_is_replaced(daemon, conv):
+    zygote = next(p for p in daemon.descendants() if p.ppid() == daemon.pid)
+    deadline = time.monotonic() + 10
+    while not (spares := zygote.children()):
+        assert time.monotonic() < deadline, "no spare worker appeared"
+    spares[0].kill()
+    psutil.wait_procs([spares[0]], timeout=10)
+    with daemon.client() as client:
+        for i in range(3):
+            _, result = client.send_and_generate(conv, f"m{i}")
+            assert result.text == f"m{i}"
+        assert client.status().zygote_restarts == 0
+
+
+def test_many_canceled_runs_leave_nothing_and_fds_and_rss_stay_flat(daemon, conv):
+    process = psutil.Process(daemon.pid)
+
+    def cancel_runs(n: int) -> None:
+        with daemon.client() as client:
+            for i in range(n):
+                client.send_user_message(conv, f"m{i}")
+                ref = client.generate_assistant_reply(conv, backend_opts={"delay_ms": 60_000})
+                client.cancel_generation(conv, "next")
+                with pytest.raises(GenerationCanceled):
+                    client.await_generation(conv, ref)
+        _wait_idle(daemon)
+
+    cancel_runs(20)  # warm-up: caches, histograms, the journal's pages
+    fds, rss = process.num_fds(), process.memory_info().rss
+    cancel_runs(60)
+    assert process.num_fds() <= fds + 2
+    assert process.memory_info().rss - rss < 8 * 2**20
+    # Only the zygote and its spares remain under the daemon.
+    zygote = [p for p in daemon.descendants() if p.ppid() == daemon.pid]
+    assert len(zygote) == 1
+    assert all(p.ppid() == zygote[0].pid for p in daemon.descendants() if p is not zygote[0] and p.pid != zygote[0].pid)
+    with daemon.client() as client:
+        status = client.status()
+    assert status.runs_finished["canceled"] == 80 and status.cleanup_failures == 0
+
+
+def test_under_overload_the_queue_keeps_its_bound_and_admitted_runs_finish(tmp_path):
+    config = TEST_CONFIG + "\n[admission]\nmax_active = 2\nmax_queued = 3\n"
+    daemon = Daemon(tmp_path, config=config).start()
+    outcomes: list[str] = []
+    done = threading.Event()
+    depth: list[int] = []
+
+    def client_thread(n: int) -> None:
+        with daemon.client() as client:
+            for i in range(4):
+                try:
+                    client.send_and_generate(f"t{n}", f"m{i}", generation_opts={"backend_opts": {"delay_ms": 20}})
+                    outcomes.append("completed")
+                except Overloaded:
+                    outcomes.append("overloaded")
+
+    def watch_depth() -> None:
+        with daemon.client() as client:
+            while not done.is_set():
+                status = client.status()
+                depth.append(status.queued_runs)
+                assert status.active_runs <= 2
+
+    try:
+        watcher = threading.Thread(target=watch_depth)
+        watcher.start()
+        threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        done.set()
+        watcher.join(timeout=30)
+        assert len(outcomes) == 48
+        assert outcomes.count("overloaded") > 0 and outcomes.count("completed") > 0
+        assert max(depth) <= 3
+        with daemon.client() as client:
+            status = client.status()
+            assert status.admissions_rejected == outcomes.count("overloaded")
+            assert status.runs_finished["completed"] == outcomes.count("completed")
+            for n in range(12):  # each conversation holds exactly its admitted turns, whole
+                try:
+                    messages = client.conversation_messages(f"t{n}")
+                except NotFound:
+                    continue  # every one of its turns was refused: nothing was recorded
+                assert len(messages) == 2 * sum(1 for m in messages if m.role == "assistant")
+    finally:
+        done.set()
+        assert daemon.stop() == 0, daemon.log()
