@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from genvisor.daemon.service_dirs import state_directory
 from genvisor.modes.assemble import RunDefaults
 from genvisor.modes.llm import BackendConfig
 
@@ -44,8 +45,9 @@ class Generations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    endpoint: str | None = None  # default: ipc://$XDG_RUNTIME_DIR/genvisor/genvisor.sock
-    state_dir: str | None = None  # default: $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    endpoint: str | None = None  # default: ipc://{$RUNTIME_DIRECTORY | $XDG_RUNTIME_DIR/genvisor}/genvisor.sock
+    state_dir: str | None = None  # default: $STATE_DIRECTORY, $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    ipc_group_access: bool = False  # the daemon's group may connect too (socket 0660 in a 0750 directory)
     scripted_backend: bool = True  # offer the offline `scripted` backend
     defaults: Defaults = Defaults()
     backends: dict[str, Backend] = {}
@@ -62,6 +64,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def state_path(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)
+        if systemd_state := state_directory():
+            return systemd_state
         return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "genvisor"
 
     def run_defaults(self) -> RunDefaults:
