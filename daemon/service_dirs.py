@@ -2,8 +2,8 @@
 
 systemd creates them owned by the service's user and passes their paths as
 $RUNTIME_DIRECTORY and $STATE_DIRECTORY (colon-separated when a unit names several;
-the first is ours). Only the daemon reads them: a client inside some other service
-must not look for our socket in that service's runtime directory.
+the first is ours). The daemon's defaults use them; the client's do not, as a client
+inside some other service would find that service's runtime directory, not ours.
 """
 
 from __future__ import annotations

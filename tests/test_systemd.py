@@ -43,6 +43,7 @@ class ServiceDaemon(Daemon):
 
     def __init__(self, directory: Path, env: dict[str, str] | None = None, config: str = TEST_CONFIG,
                  prefix: Sequence[str] = ()) -> None:
+        # GENVISOR_ENDPOINT emptied: a developer's own would win over the runtime directory.
         systemd_env = {"RUNTIME_DIRECTORY": str(directory / "run"), "STATE_DIRECTORY": str(directory / "state"),
                        "GENVISOR_ENDPOINT": ""}
         super().__init__(directory, config, env={**systemd_env, **(env or {})})
