@@ -15,6 +15,7 @@ import msgspec
 from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import MemoryStore, Store
+from genvisor.daemon.service_dirs import state_directory
 from genvisor.modes.assemble import RunDefaults
 from genvisor.modes.llm import BackendConfig
 
@@ -57,8 +58,9 @@ class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    endpoint: str | None = None  # default: ipc://$XDG_RUNTIME_DIR/genvisor/genvisor.sock
-    state_dir: str | None = None  # default: $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    endpoint: str | None = None  # default: ipc://{$RUNTIME_DIRECTORY | $XDG_RUNTIME_DIR/genvisor}/genvisor.sock
+    state_dir: str | None = None  # default: $STATE_DIRECTORY, $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
+    ipc_group_access: bool = False  # the daemon's group may connect too (socket 0660 in a 0750 directory)
     metrics: str | None = None  # HOST:PORT on loopback for Prometheus; off when unset
     scripted_backend: bool = True  # offer the offline `scripted` backend
     defaults: Defaults = Defaults()
@@ -84,6 +86,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def state_path(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)
+        if systemd_state := state_directory():
+            return systemd_state
         return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "genvisor"
 
     def run_defaults(self) -> RunDefaults:

@@ -5,7 +5,8 @@
        ├─ supervisor      zygote, spare workers, runs
        ├─ runtime         conversations, generations, outcome retention
        ├─ front           ROUTER: receive → dispatch → one outgoing queue → send
-       └─ signals         SIGTERM/SIGINT → graceful shutdown
+       ├─ signals         SIGTERM/SIGINT → graceful shutdown
+       └─ watchdog        sd_notify WATCHDOG=1 under systemd (READY/STOPPING too)
 
 Every frame is answered: a frame that does not decode gets `BadRequest`, a handler
 bug gets `InternalError` with an incident id that is also logged.
@@ -26,6 +27,8 @@ from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
 from genvisor.daemon.metrics import MetricsServer
 from genvisor.daemon.store import StoreFailed
+from genvisor.daemon.sd_notify import Notifier
+from genvisor.daemon.service_dirs import runtime_directory
 from genvisor.errors import BadRequest
 from genvisor.ipc.endpoint import Endpoint, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
@@ -56,10 +59,11 @@ async def _serve_socket(sock: TrioSocket, front: Front) -> None:
 
 
 def resolve_endpoint(config: Config) -> Endpoint:
-    return parse_endpoint(config.endpoint) if config.endpoint else default_endpoint()
+    return parse_endpoint(config.endpoint) if config.endpoint else default_endpoint(runtime_directory())
 
 
 async def serve(config: Config) -> int:
+    notifier = Notifier.from_environ(os.environ, os.getpid())  # before the zygote inherits the environment
     endpoint = resolve_endpoint(config)
     if not endpoint.is_loopback:
         raise SystemExit(f"refusing to listen on {endpoint}: only ipc:// and loopback tcp:// endpoints are allowed")
@@ -68,7 +72,7 @@ async def serve(config: Config) -> int:
     except StoreFailed as exc:
         raise SystemExit(f"genvisor: {exc}") from None
     if endpoint.scheme == "ipc":
-        prepare_private_dir(endpoint.path.parent)
+        prepare_private_dir(endpoint.path.parent, config.ipc_group_access)
         if endpoint.path.exists():
             endpoint.path.unlink()  # a stale socket of a previous daemon (we own the dir)
     ctx = zmq.Context()
@@ -77,7 +81,7 @@ async def serve(config: Config) -> int:
     router.setsockopt(zmq.LINGER, 0)
     router.bind(str(endpoint))
     if endpoint.scheme == "ipc":
-        secure_ipc_socket(endpoint)
+        secure_ipc_socket(endpoint, config.ipc_group_access)
 
     pool = WorkerPool(target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload())
     supervisor = Supervisor(
@@ -104,7 +108,10 @@ async def serve(config: Config) -> int:
                 serving.set()
                 log.info("genvisor %s serving on %s (pid %d), journal %s", __version__, endpoint, os.getpid(), store.describe())
                 print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
+                notifier.ready(f"serving on {endpoint}")
+                nursery.start_soon(notifier.keep_watchdog)
                 await stop.wait()
+                notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
                 runtime.shutdown()
                 await _drain_and_stop(nursery, supervisor, front)
     finally:

@@ -1,8 +1,9 @@
 """ZeroMQ endpoints: parsing, the default address, and the ipc socket's permissions.
 
 An ipc socket is only as private as its directory: the daemon creates the directory
-0700 (refusing one owned by someone else or open to others) and the socket 0600, so
-only the daemon's user can connect.
+0700 (refusing one owned by someone else, closing one open to others) and the socket
+0600, so only the daemon's user can connect; with group access, 0750 and 0660 let the
+daemon's group in too.
 """
 
 from __future__ import annotations
@@ -72,25 +73,29 @@ def default_runtime_dir() -> Path:
     return Path(f"/tmp/genvisor-{os.getuid()}")
 
 
-def default_endpoint() -> Endpoint:
+def default_endpoint(runtime_dir: Path | None = None) -> Endpoint:
+    """$GENVISOR_ENDPOINT, else the socket in `runtime_dir` (the daemon passes the one
+    systemd made for it), else in `default_runtime_dir()`."""
     configured = os.environ.get(ENDPOINT_ENV)
     if configured:
         return parse_endpoint(configured)
-    return Endpoint("ipc", str(default_runtime_dir() / SOCKET_NAME))
+    return Endpoint("ipc", str((runtime_dir or default_runtime_dir()) / SOCKET_NAME))
 
 
-def prepare_private_dir(directory: Path) -> None:
-    """Create `directory` 0700, or check an existing one is ours and closed to others."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+def prepare_private_dir(directory: Path, group_access: bool = False) -> None:
+    """Create `directory` 0700 (0750 with group access), or check an existing one is
+    ours and give it that mode."""
+    mode = 0o750 if group_access else 0o700
+    directory.mkdir(mode=mode, parents=True, exist_ok=True)
     info = directory.lstat()
     if not stat.S_ISDIR(info.st_mode):
         raise EndpointError(f"{directory} is not a directory")
     if info.st_uid != os.getuid():
         raise EndpointError(f"{directory} belongs to uid {info.st_uid}, not to this user; refusing to put the socket there")
-    if info.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(directory, mode)
 
 
-def secure_ipc_socket(endpoint: Endpoint) -> None:
-    """After bind: make the socket file readable and writable by its owner only."""
-    os.chmod(endpoint.path, 0o600)
+def secure_ipc_socket(endpoint: Endpoint, group_access: bool = False) -> None:
+    """After bind: the socket file is for its owner only (and its group, with group access)."""
+    os.chmod(endpoint.path, 0o660 if group_access else 0o600)

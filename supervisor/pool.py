@@ -50,6 +50,10 @@ RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 # Spares forked at once: the zygote forks one at a time, but each child's start-up
 # (page faults, warm-up) runs on its own core, so two keep up with a busy daemon.
 CONCURRENT_SPAWNS = 2
+# Consecutive failed spawns before a waiting run is told no worker can be had. A dying
+# zygote takes the spawns in flight with it (up to CONCURRENT_SPAWNS); its successor
+# should get the next one through.
+ACQUIRE_GIVES_UP_AFTER = CONCURRENT_SPAWNS + 1
 
 
 class WorkersUnavailable(Exception):
@@ -100,6 +104,9 @@ class WorkerPool:
         self._spawning = 0
         self._spawn_failures = 0
         self._refill = trio.Event()
+        self._spares_changed = trio.Event()  # a spawn ended, well or not: acquirers look again
+        self._waiting = 0  # acquirers waiting for a worker; spawns are made for them too
+        self._last_spawn_error: WorkersUnavailable | None = None
         self._workers: dict[int, Worker] = {}
         self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._tokens = itertools.count(1)
@@ -151,13 +158,24 @@ class WorkerPool:
     # ---- handing out workers ---------------------------------------------------------
 
     async def acquire(self) -> Worker:
-        """A fresh worker, ready for its one run (a spare if one is waiting)."""
-        if self._spares:
-            worker = self._spares.pop()
-            self._refill.set()
-            return worker
+        """A fresh worker, ready for its one run: a spare, or the next one spawned.
+
+        Spawns happen in the pool's own tasks, never in the caller's: a caller
+        cancelled while it waits leaves a finished spawn behind as a spare instead of
+        a half-made worker and a leaked channel."""
+        self._waiting += 1
+        try:
+            while not self._spares:
+                self._refill.set()
+                await self._spares_changed.wait()
+                if not self._spares and self._spawn_failures >= ACQUIRE_GIVES_UP_AFTER:
+                    assert self._last_spawn_error is not None
+                    raise self._last_spawn_error
+        finally:
+            self._waiting -= 1
+        worker = self._spares.pop()
         self._refill.set()
-        return await self._spawn()
+        return worker
 
     @property
     def spare_count(self) -> int:
@@ -170,7 +188,7 @@ class WorkerPool:
                 while (
                     not self._closing
                     and self._spawning < CONCURRENT_SPAWNS
-                    and len(self._spares) + self._spawning < self._spares_wanted
+                    and len(self._spares) + self._spawning < self._spares_wanted + self._waiting
                 ):
                     self._spawning += 1
                     spawning.start_soon(self._spawn_spare)
@@ -182,11 +200,18 @@ class WorkerPool:
             self._spawn_failures = 0
         except WorkersUnavailable as exc:
             self._spawn_failures += 1
-            log.warning("spare worker not started: %s", exc)
+            self._last_spawn_error = exc
+            log.warning("worker not started: %s", exc)
+            self._wake_acquirers()
             await trio.sleep(RESTART_BACKOFF_S[min(self._spawn_failures, len(RESTART_BACKOFF_S)) - 1])
         finally:
             self._spawning -= 1
             self._refill.set()
+            self._wake_acquirers()
+
+    def _wake_acquirers(self) -> None:
+        changed, self._spares_changed = self._spares_changed, trio.Event()
+        changed.set()
 
     async def _spawn(self) -> Worker:
         zygote = await self._wait_for_zygote()

@@ -79,15 +79,17 @@ class Daemon:
         self.log_path = directory / "daemon.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> Daemon:
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path),
+                "--state-dir", str(self.directory / "state")]
+
+    def launch(self) -> None:
+        """Start the process, without waiting for it to answer."""
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path),
-             "--state-dir", str(self.directory / "state")],
-            stdout=log,
-            stderr=log,
-            env=self.env,
-        )
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env)
+
+    def start(self) -> Daemon:
+        self.launch()
         # Each ping waits up to 250 ms for the daemon (ZeroMQ connects when it binds).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

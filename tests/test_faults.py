@@ -24,12 +24,28 @@ def _worker_of(tag: str) -> int:
     return os.getpgid(proc.pid)
 
 
-def _wait_idle(daemon: Daemon) -> None:
-    """Until no run holds a worker slot (a slot is freed once its worker is reaped)."""
+def _wait_idle(daemon: Daemon, spares: int = 1) -> None:
+    """Until no run holds a worker slot (a slot is freed once its worker is reaped) and
+    the spares are back (a spawn in flight holds sockets of its own)."""
     deadline = time.monotonic() + 20
     with daemon.client() as client:
-        while client.status().active_runs:
-            assert time.monotonic() < deadline, "runs still active after 20 s"
+        while (status := client.status()).active_runs or status.spare_workers < spares:
+            assert time.monotonic() < deadline, f"not idle after 20 s: {status}"
+
+
+def _fd_table(pid: int) -> list[str]:
+    unix = {}
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        parts = line.split()
+        unix[parts[6]] = " ".join(parts[4:6] + parts[7:])
+    table = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            target = os.readlink(f'/proc/{pid}/fd/{fd}')
+            table.append(f"{fd} -> {target} {unix.get(target[8:-1], '')}")
+        except OSError:
+            pass
+    return table
 
 
 def _during_llm_call(tmp_path, conv):
@@ -107,7 +123,7 @@ def test_many_canceled_runs_leave_nothing_and_fds_and_rss_stay_flat(daemon, conv
     cancel_runs(20)  # warm-up: caches, histograms, the journal's pages
     fds, rss = process.num_fds(), process.memory_info().rss
     cancel_runs(60)
-    assert process.num_fds() <= fds + 2
+    assert process.num_fds() <= fds + 2, "\n".join(_fd_table(daemon.pid))
     assert process.memory_info().rss - rss < 8 * 2**20
     # Only the zygote and its spares remain under the daemon.
     zygote = [p for p in daemon.descendants() if p.ppid() == daemon.pid]

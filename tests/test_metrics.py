@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TEST_CONFIG, Daemon
+from conftest import TEST_CONFIG, Daemon, spawn_marker, wait_for_marker
 from genvisor.daemon.telemetry import CATEGORIES, OUTCOMES
 from genvisor.errors import GenerationCanceled, LLMError, Overloaded
 from genvisor.modes.registry import registry
@@ -39,15 +39,18 @@ def _value(samples: list, **labels: str) -> float:
     return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created"))
 
 
-def test_metrics_count_runs_by_closed_labels(metered):
+def test_metrics_count_runs_by_closed_labels(metered, tmp_path):
     with metered.client() as client:
         client.send_and_generate("m1", "hello")
         with pytest.raises(LLMError):
             client.send_and_generate("m2", "x", generation_opts={"backend_opts": {"error": {"category": "auth", "message": "no"}}})
+        _wait_until_idle(client)  # slots are freed once their workers are reaped
         refs = {}
+        argv, fifo, _ = spawn_marker(tmp_path, "m3")
         for conv in ("m3", "m4"):  # one running, one queued: full
             client.send_user_message(conv, "slow")
-            refs[conv] = client.generate_assistant_reply(conv, backend_opts={"delay_ms": 60_000})
+            refs[conv] = client.generate_assistant_reply(conv, backend_opts={"delay_ms": 60_000, "spawn": argv})
+        wait_for_marker(fifo)  # m3 has its worker: its cancel will be a cancel → reaped
         with pytest.raises(Overloaded):
             client.generate_assistant_reply("m5")
         for conv, ref in refs.items():
@@ -84,6 +87,12 @@ def test_metrics_count_runs_by_closed_labels(metered):
     deadline = time.monotonic() + 10
     while not _count(_scrape(metered), "genvisor_cancel_reaped_seconds"):
         assert time.monotonic() < deadline, "no cancel→reaped observation within 10 s"
+
+
+def _wait_until_idle(client) -> None:
+    deadline = time.monotonic() + 10
+    while (status := client.status()).active_runs or status.queued_runs:
+        assert time.monotonic() < deadline, "runs still holding slots after 10 s"
 
 
 def _count(metrics: dict[str, list], histogram: str) -> float:
