@@ -25,7 +25,9 @@ from genvisor import __version__
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
 from genvisor.errors import BadRequest
-from genvisor.ipc.endpoint import Endpoint, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
+from genvisor.ipc import codec
+from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
+from genvisor.ipc.endpoint import Endpoint, EndpointError, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.supervisor.pool import WorkerPool
@@ -45,7 +47,7 @@ async def _serve_socket(sock: TrioSocket, front: Front) -> None:
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
-                front.reject(frames[0], 0, BadRequest(f"expected 1 frame per request, got {len(frames) - 1}"))
+                front.reject(frames[0], codec.peek_request_id(frames[1]), BadRequest(f"expected 1 frame per request, got {len(frames) - 1}"))
                 continue
             try:
                 front.receive(nursery, frames[0], frames[1])
@@ -59,8 +61,7 @@ def resolve_endpoint(config: Config) -> Endpoint:
 
 async def serve(config: Config) -> int:
     endpoint = resolve_endpoint(config)
-    if not endpoint.is_loopback:
-        raise SystemExit(f"refusing to listen on {endpoint}: only ipc:// and loopback tcp:// endpoints are allowed")
+    curve = server_curve(endpoint, config.security.server_secret_key_file, config.security.authorized_clients_dir)
     if endpoint.scheme == "ipc":
         prepare_private_dir(endpoint.path.parent)
         if endpoint.path.exists():
@@ -69,6 +70,7 @@ async def serve(config: Config) -> int:
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
     router.setsockopt(zmq.LINGER, 0)
+    authenticator = secure_server_socket(ctx, router, curve) if curve else None
     router.bind(str(endpoint))
     if endpoint.scheme == "ipc":
         secure_ipc_socket(endpoint)
@@ -96,6 +98,8 @@ async def serve(config: Config) -> int:
                 runtime.shutdown()
                 await _drain_and_stop(nursery, supervisor, front)
     finally:
+        if authenticator is not None:
+            authenticator.stop()  # its sockets must close before ctx.term() can return
         ctx.term()
         if endpoint.scheme == "ipc":
             try:
@@ -133,4 +137,8 @@ def main(config: Config) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    return trio.run(serve, config)
+    try:
+        return trio.run(serve, config)
+    except (CurveError, EndpointError) as exc:  # refused at start-up, before serving
+        print(f"genvisor serve: {exc}", file=sys.stderr)
+        return 2
