@@ -36,7 +36,7 @@ _server_frame_decoder = msgspec.msgpack.Decoder(ServerFrame)
 class _Head(msgspec.Struct):
     """The part of a frame read to answer even a frame that fails to decode."""
 
-    v: int = 0
+    v: Any = 0  # any type: a wrong one is reported as such, and the id still read
     id: int = 0
 
 
