@@ -42,6 +42,10 @@ class _Head(msgspec.Struct):
 
 _head_decoder = msgspec.msgpack.Decoder(_Head)
 
+# msgspec reports a string that is not valid UTF-8 as UnicodeDecodeError, not as a
+# DecodeError: without it here, such a frame would escape unanswered.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
+
 
 def encode(value: Any) -> bytes:
     return _encoder.encode(value)
@@ -57,7 +61,7 @@ def decode_request(data: bytes) -> ClientFrame:
         raise BadRequestFrame(peek_request_id(data), f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
         frame = _client_frame_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _UNDECODABLE as exc:
         head = _peek_head(data)
         if head is not None and head.v != PROTOCOL_VERSION:
             raise BadRequestFrame(head.id, f"unsupported protocol version {head.v} (this daemon speaks {PROTOCOL_VERSION})") from None
@@ -78,7 +82,7 @@ class BadRequestFrame(BadRequest):
 def _peek_head(data: bytes) -> _Head | None:
     try:
         return _head_decoder.decode(data)
-    except msgspec.DecodeError:
+    except _UNDECODABLE:
         return None
 
 

@@ -141,6 +141,19 @@ def extra_parts(draw):
     return "extra_parts", [frame(rid, VALID[op]), *draw(st.lists(st.binary(max_size=64), min_size=1, max_size=3))], rid
 
 
+PLACEHOLDER = "\x00fuzz\x00"
+STRING_FIELDS = [("send_user_message", "content", PLACEHOLDER), ("send_user_message", "loc", [None, PLACEHOLDER]),
+                 ("start_conversation", "id", PLACEHOLDER), ("await_generation", "ref", PLACEHOLDER), ("configure_mode", "mode", PLACEHOLDER)]
+
+
+@st.composite
+def invalid_utf8(draw):
+    """A valid request but for one string, whose bytes are not UTF-8 (0xFF never is)."""
+    rid, (op, field, value) = draw(ids), draw(st.sampled_from(STRING_FIELDS))
+    bad = b"\xff" + draw(st.binary(min_size=len(PLACEHOLDER) - 1, max_size=len(PLACEHOLDER) - 1))
+    return "invalid_utf8", [frame(rid, _with(op, **{field: value})).replace(PLACEHOLDER.encode(), bad)], rid
+
+
 @st.composite
 def id_not_an_int(draw):
     bad_id, op = draw(st.one_of(st.text(max_size=4), st.none(), st.floats(allow_nan=False))), draw(ops)
@@ -152,11 +165,11 @@ cases = st.one_of(
     st.just(("empty", [b""], 0)),
     msgpack_values.map(lambda value: ("wrong_shape", [msgspec.msgpack.encode(value)], None)),
     truncated(), wrong_version(), unknown_op(), wrong_type(), missing_field(), unknown_field(), huge_string(),
-    extra_parts(), id_not_an_int(),
+    extra_parts(), invalid_utf8(), id_not_an_int(),
 )
 
 CATEGORIES = {"random_bytes", "empty", "truncated", "wrong_shape", "wrong_version", "unknown_op", "wrong_type",
-              "missing_field", "unknown_field", "huge_string", "extra_parts", "id_not_an_int"}
+              "missing_field", "unknown_field", "huge_string", "extra_parts", "invalid_utf8", "id_not_an_int"}
 
 
 def _assert_invalid(parts: list[bytes]) -> None:

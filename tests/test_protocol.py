@@ -156,6 +156,7 @@ BAD_FRAMES = {
     "wrong_type": [_frame_with(req={"op": "send_user_message", "loc": [None, "c"], "content": 5})],
     "unknown_field": [_frame_with(req={"op": "ping", "extra": 1})],
     "two_parts": [codec.encode_request(41, frames.Ping()), b"tail"],
+    "invalid_utf8": [codec.encode_request(41, frames.SendUserMessage(LOC, "hello")).replace(b"hello", b"\xff\xfehel")],
     "oversized": [_frame_with(req={"op": "send_user_message", "loc": [None, "c"], "content": "x" * (frames.MAX_FRAME_BYTES + 1)})],
 }
 
