@@ -198,6 +198,9 @@ def test_the_cli_takes_keys_from_flags_or_the_environment(curve_daemon, keys):
     env["GENVISOR_CLIENT_KEY"] = str(keys / "mallory.key_secret")
     done = subprocess.run([*base, "ping"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 3 and "authorized_clients_dir" in done.stderr
+    env["GENVISOR_CLIENT_KEY"] = str(keys / "alice.key")  # the public half: no secret in it
+    done = subprocess.run([*base, "ping"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "holds no secret key" in done.stderr
 
 
 # ---- client key files and keygen ---------------------------------------------------------
