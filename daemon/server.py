@@ -47,7 +47,8 @@ async def _serve_socket(sock: TrioSocket, front: Front) -> None:
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
-                front.reject(frames[0], codec.peek_request_id(frames[1]), BadRequest(f"expected 1 frame per request, got {len(frames) - 1}"))
+                problem = BadRequest(f"expected 1 frame per request, got {len(frames) - 1}")
+                front.reject(frames[0], codec.peek_request_id(frames[1]), problem)
                 continue
             try:
                 front.receive(nursery, frames[0], frames[1])

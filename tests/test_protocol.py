@@ -166,8 +166,8 @@ def test_bad_frames_get_bad_request_and_the_daemon_keeps_serving(shared_daemon, 
     answer = _raw_exchange(shared_daemon.endpoint, *BAD_FRAMES[name])
     assert isinstance(answer, frames.Failure)
     assert isinstance(answer.error.to_exception(), BadRequest)
-    if name not in ("garbage", "truncated", "two_parts", "oversized"):
-        assert answer.id == 41  # the id was readable, so the answer finds its request
+    if name != "garbage":
+        assert answer.id == 41  # the id was readable (even from the start of a cut or oversized frame)
     with shared_daemon.client() as client:
         assert client.ping().pid == shared_daemon.pid
         # Nothing was recorded by the rejected frames.

@@ -236,7 +236,7 @@ def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path):
 
 def test_the_ipc_socket_is_0600_in_a_0700_directory_even_one_that_was_open(tmp_path):
     run_dir = tmp_path / "run"
-    run_dir.mkdir(mode=0o755)
+    run_dir.mkdir()
     run_dir.chmod(0o755)  # an existing directory open to others gets closed
     daemon = Daemon(tmp_path).start()
     try:
