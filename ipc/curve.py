@@ -123,7 +123,7 @@ def count_authorized_keys(directory: str | os.PathLike) -> int:
 def write_certificate_pair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write NAME.key (public) and NAME.key_secret (0600) into `directory`, created
     0700 if missing; never overwrite a key."""
-    if not name or name in (".", "..") or "/" in name or name.startswith("."):
+    if not name or "/" in name or name.startswith("."):
         raise CurveError(f"key name {name!r} must be a plain file name")
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-import zmq
 
+from raw_peer import RawPeer
 from genvisor.errors import _BY_CODE, BadRequest, Diagnostic, ErrorInfo, GenvisorError, LLMError, InvalidOptions
 from genvisor.ipc import codec, frames
 from genvisor.ipc.channel import FrameReader, FrameTooLarge, pack_frame
@@ -130,16 +130,9 @@ def test_bad_endpoints_are_refused(text):
 
 
 def _raw_exchange(endpoint: str, *parts: bytes) -> frames.Failure:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart(list(parts))
-        assert sock.poll(10_000), "the daemon did not answer a bad frame"
-        return codec.decode_server_frame(sock.recv())
-    finally:
-        sock.close()
+    with RawPeer(endpoint) as peer:
+        peer.send(*parts)
+        return peer.answer()
 
 
 def _frame_with(**fields) -> bytes:
