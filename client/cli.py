@@ -19,6 +19,8 @@ import msgspec
 
 from genvisor.client.client import Client
 from genvisor.errors import DaemonUnavailable, GenvisorError
+from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
+from genvisor.ipc.endpoint import EndpointError
 from genvisor.types import DaemonStatus, GenerationEvent, LatencySummary
 
 
@@ -41,11 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genvisor", description="Drive a genvisor daemon.")
     parser.add_argument("--endpoint", help="daemon endpoint (default: $GENVISOR_ENDPOINT or the default ipc path)")
     parser.add_argument("--timeout-ms", type=int, default=10_000, help="how long to wait for the daemon to answer")
+    parser.add_argument("--server-key", metavar="FILE", help=f"the daemon's CURVE public certificate, for tcp (default: ${SERVER_KEY_ENV})")
+    parser.add_argument("--client-key", metavar="FILE", help=f"this client's CURVE secret certificate (default: ${CLIENT_KEY_ENV})")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     verbs.add_parser("ping", help="check the daemon answers; print version, pid, uptime")
     verbs.add_parser("serve", help="run the daemon (see `genvisor serve --help`)")
     verbs.add_parser("demo", help="start a daemon on the scripted backend, run a short demo, stop it")
+    keygen = verbs.add_parser("keygen", help="write a CURVE certificate pair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)")
+    keygen.add_argument("dir")
+    keygen.add_argument("name")
 
     def conversation_verb(name: str, help_text: str) -> argparse.ArgumentParser:
         verb = verbs.add_parser(name, help=help_text)
@@ -123,8 +130,13 @@ def main(argv: list[str]) -> int:
     if args.verb == "demo":
         return demo()
     try:
-        with Client(args.endpoint, timeout_ms=args.timeout_ms) as client:
+        if args.verb == "keygen":
+            return keygen(args.dir, args.name)
+        with Client(args.endpoint, timeout_ms=args.timeout_ms, server_key=args.server_key, client_key=args.client_key) as client:
             return _run(client, args)
+    except (CurveError, EndpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except DaemonUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -244,6 +256,14 @@ _SIMPLE_VERBS = {
     "mode": (_mode, lambda v: print(v) if isinstance(v, str) else print(v.state.mode, v.state.mode_state)),
     "stop": (lambda c, loc, a: c.stop_conversation(loc), print),
 }
+
+
+def keygen(directory: str, name: str) -> int:
+    public, secret = write_certificate_pair(directory, name)
+    print(f"wrote {public}: the public key, to hand out (a client's goes in the daemon's authorized_clients_dir, "
+          "the daemon's to its clients as --server-key)")
+    print(f"wrote {secret}: the secret key, mode 0600 (the daemon's server_secret_key_file, or a client's --client-key)")
+    return 0
 
 
 def demo() -> int:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
 import zmq
 
+from genvisor.client.dealer import WatchedDealer
 from genvisor.errors import BadRequest, DaemonUnavailable, InvalidLocator
 from genvisor.ipc import codec
+from genvisor.ipc.curve import client_curve
 from genvisor.ipc.endpoint import default_endpoint, parse_endpoint
 from genvisor.ipc.frames import (
     MAX_FRAME_BYTES,
@@ -106,8 +109,14 @@ class Client:
         *,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         transport: Callable[[], Transport] | None = None,
+        server_key: str | os.PathLike | None = None,
+        client_key: str | os.PathLike | None = None,
     ) -> None:
+        """`server_key` (the daemon's public certificate) and `client_key` (this
+        client's secret certificate) turn CURVE on; they default to
+        $GENVISOR_SERVER_KEY and $GENVISOR_CLIENT_KEY. A bad key file raises CurveError."""
         self.endpoint = "embedded" if transport else str(parse_endpoint(endpoint) if endpoint else default_endpoint())
+        self._curve = None if transport else client_curve(server_key, client_key)
         self.timeout_ms = timeout_ms
         self._transport = transport
         self._socket: Transport | None = None
@@ -132,11 +141,17 @@ class Client:
             if self._transport is not None:
                 self._socket = self._transport()
             else:
-                sock = zmq.Context.instance().socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(self.endpoint)
-                self._socket = sock
+                self._socket = WatchedDealer(self.endpoint, self._curve)
         return self._socket
+
+    def _poll(self, sock: Transport, timeout_ms: int) -> bool:
+        """Wait for a frame. A refused handshake raises DaemonUnavailable and drops the
+        socket, as a timeout does, so the request cannot go out later."""
+        try:
+            return bool(sock.poll(timeout_ms, zmq.POLLIN))
+        except DaemonUnavailable:
+            self.close()
+            raise
 
     # ---- calls -------------------------------------------------------------------------
 
@@ -275,7 +290,7 @@ class Client:
         sock = self._connected()
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining, zmq.POLLIN):
+            if not self._poll(sock, remaining):
                 return None
             frame = codec.decode_server_frame(sock.recv())
             if isinstance(frame, Notify):
@@ -301,7 +316,7 @@ class Client:
         deadline = time.monotonic() + (self.timeout_ms + extra_wait_ms) / 1000
         while True:
             remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
+            if remaining <= 0 or not self._poll(sock, remaining):
                 self.close()
                 raise DaemonUnavailable(f"no answer from the daemon at {self.endpoint} within {self.timeout_ms + extra_wait_ms} ms")
             frame = codec.decode_server_frame(sock.recv())

@@ -57,6 +57,12 @@ class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     synchronous: Literal["normal", "full"] = "normal"  # full: an fsync per commit batch
 
 
+class Security(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Both or neither; a tcp endpoint needs both (see ipc.curve and README, Security).
+    server_secret_key_file: str | None = None  # the daemon's CURVE secret certificate (`genvisor keygen`)
+    authorized_clients_dir: str | None = None  # public certificates (*.key) of the clients let in
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint: str | None = None  # default: ipc://{$RUNTIME_DIRECTORY | $XDG_RUNTIME_DIR/genvisor}/genvisor.sock
     state_dir: str | None = None  # default: $STATE_DIRECTORY, $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
@@ -69,6 +75,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     generations: Generations = Generations()
     admission: Admission = Admission()
     journal: Journal = Journal()
+    security: Security = Security()
 
     def worker_preload(self) -> list[str]:
         """Modules the zygote imports up front: a backend's SDK costs ≈1 s to import,
@@ -134,6 +141,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
     for name, backend in config.backends.items():
         if backend.kind not in ("scripted", "openai"):
             raise ConfigError(f"backends.{name}.kind must be 'scripted' or 'openai', not {backend.kind!r}")
+    if (config.security.server_secret_key_file is None) != (config.security.authorized_clients_dir is None):
+        raise ConfigError("security.server_secret_key_file and security.authorized_clients_dir go together: set both for CURVE, or neither")
     if config.workers.spares < 0:
         raise ConfigError("workers.spares must be >= 0")
     if config.metrics is not None:

@@ -44,7 +44,7 @@ from genvisor.errors import (
     UnsupportedMode,
 )
 from genvisor.ipc.frames import Locator
-from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window
+from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
 from genvisor.modes.registry import registry
@@ -293,6 +293,8 @@ class Runtime:
         key = _key(loc)
         if options is not None and not isinstance(options, dict):
             raise InvalidOptions("options", "must be a mapping")
+        if named := transport_keys(options or {}):
+            raise InvalidOptions(f"options.{named[0]}", "where and how a request travels is the daemon config's, not a client's")
         conversation = self._writable(key)
         self._append(conversation, kind="note", event="llm_configured",
                      data={"backend": backend, "provider": provider, "model": model, "options": options or {}})

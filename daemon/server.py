@@ -30,7 +30,9 @@ from genvisor.daemon.store import StoreFailed
 from genvisor.daemon.sd_notify import Notifier
 from genvisor.daemon.service_dirs import runtime_directory
 from genvisor.errors import BadRequest
-from genvisor.ipc.endpoint import Endpoint, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
+from genvisor.ipc import codec
+from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
+from genvisor.ipc.endpoint import Endpoint, EndpointError, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.supervisor.pool import WorkerPool
@@ -50,7 +52,8 @@ async def _serve_socket(sock: TrioSocket, front: Front) -> None:
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
-                front.reject(frames[0], 0, BadRequest(f"expected 1 frame per request, got {len(frames) - 1}"))
+                problem = BadRequest(f"expected 1 frame per request, got {len(frames) - 1}")
+                front.reject(frames[0], codec.peek_request_id(frames[1]), problem)
                 continue
             try:
                 front.receive(nursery, frames[0], frames[1])
@@ -65,8 +68,7 @@ def resolve_endpoint(config: Config) -> Endpoint:
 async def serve(config: Config) -> int:
     notifier = Notifier.from_environ(os.environ, os.getpid())  # before the zygote inherits the environment
     endpoint = resolve_endpoint(config)
-    if not endpoint.is_loopback:
-        raise SystemExit(f"refusing to listen on {endpoint}: only ipc:// and loopback tcp:// endpoints are allowed")
+    curve = server_curve(endpoint, config.security.server_secret_key_file, config.security.authorized_clients_dir)
     try:
         store = await trio.to_thread.run_sync(config.open_store)  # first: it holds the state dir's lock
     except StoreFailed as exc:
@@ -79,6 +81,7 @@ async def serve(config: Config) -> int:
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
     router.setsockopt(zmq.LINGER, 0)
+    authenticator = secure_server_socket(ctx, router, curve) if curve else None
     router.bind(str(endpoint))
     if endpoint.scheme == "ipc":
         secure_ipc_socket(endpoint, config.ipc_group_access)
@@ -115,6 +118,8 @@ async def serve(config: Config) -> int:
                 runtime.shutdown()
                 await _drain_and_stop(nursery, supervisor, front)
     finally:
+        if authenticator is not None:
+            authenticator.stop()  # its sockets must close before ctx.term() can return
         ctx.term()
         if endpoint.scheme == "ipc":
             try:
@@ -158,8 +163,16 @@ def main(config: Config) -> int:
     )
     try:
         return trio.run(serve, config)
-    except* StoreFailed as group:
+    except (CurveError, EndpointError) as exc:  # refused at start-up, before serving
+        print(f"genvisor serve: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:
+        failed, rest = group.split(StoreFailed)
+        if failed is None:
+            raise
         # Crash-only: memory is ahead of the disk, so stop; a restart recovers from
         # the last durable state and resolves the runs this one had in flight.
-        log.critical("stopping: %s", group.exceptions[0])
-    return 1
+        log.critical("stopping: %s", failed.exceptions[0])
+        if rest is not None:
+            log.error("and while stopping", exc_info=rest)
+        return 1

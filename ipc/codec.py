@@ -8,6 +8,7 @@ the daemon answers it and carries on.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, TypeVar
 
 import msgspec
@@ -35,11 +36,15 @@ _server_frame_decoder = msgspec.msgpack.Decoder(ServerFrame)
 class _Head(msgspec.Struct):
     """The part of a frame read to answer even a frame that fails to decode."""
 
-    v: int = 0
+    v: Any = 0  # any type: a wrong one is reported as such, and the id still read
     id: int = 0
 
 
 _head_decoder = msgspec.msgpack.Decoder(_Head)
+
+# msgspec reports a string that is not valid UTF-8 as UnicodeDecodeError, not as a
+# DecodeError: without it here, such a frame would escape unanswered.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 def encode(value: Any) -> bytes:
@@ -53,14 +58,14 @@ def encode_request(request_id: int, request: AnyRequest) -> bytes:
 def decode_request(data: bytes) -> ClientFrame:
     """Decode a client frame or raise `BadRequestFrame` (which knows the request id)."""
     if len(data) > MAX_FRAME_BYTES:
-        raise BadRequestFrame(_peek_id(data), f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+        raise BadRequestFrame(peek_request_id(data), f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
         frame = _client_frame_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _UNDECODABLE as exc:
         head = _peek_head(data)
         if head is not None and head.v != PROTOCOL_VERSION:
             raise BadRequestFrame(head.id, f"unsupported protocol version {head.v} (this daemon speaks {PROTOCOL_VERSION})") from None
-        raise BadRequestFrame(head.id if head else 0, f"malformed frame: {exc}") from None
+        raise BadRequestFrame(head.id if head else _leading_id(data), f"malformed frame: {exc}") from None
     if frame.v != PROTOCOL_VERSION:
         raise BadRequestFrame(frame.id, f"unsupported protocol version {frame.v} (this daemon speaks {PROTOCOL_VERSION})")
     return frame
@@ -77,15 +82,55 @@ class BadRequestFrame(BadRequest):
 def _peek_head(data: bytes) -> _Head | None:
     try:
         return _head_decoder.decode(data)
-    except msgspec.DecodeError:
+    except _UNDECODABLE:
         return None
 
 
-def _peek_id(data: bytes) -> int:
-    # Only peek at the start of an oversized frame: decoding all of it is the cost the
-    # limit exists to avoid. A truncated prefix rarely decodes; then the id is 0.
-    head = _peek_head(data[:64])
-    return head.id if head else 0
+def peek_request_id(data: bytes) -> int:
+    """The id of a frame that will not be decoded (0 if none can be read), so that
+    the answer to it still finds its request."""
+    if len(data) <= MAX_FRAME_BYTES:
+        head = _peek_head(data)
+        if head is not None:
+            return head.id
+    return _leading_id(data)
+
+
+def _leading_id(data: bytes) -> int:
+    """`id` read from the first two entries of the frame's msgpack map (`v` and `id`
+    lead a ClientFrame), without decoding the rest: the frame may be oversized (the
+    cost the limit avoids) or cut short. 0 when those entries are not there."""
+    try:
+        pos = _MAP_HEADER[data[0]]
+        for _ in range(2):
+            key, pos = _read_short_str(data, pos)
+            value, pos = _read_int(data, pos)
+            if key == b"id":
+                return value
+    except (IndexError, KeyError, ValueError, struct.error):
+        pass
+    return 0
+
+
+# msgpack's wire format, the parts _leading_id reads: a map header's length by its
+# first byte (fixmap, map16, map32), and the ints by their tag.
+_MAP_HEADER = {**{tag: 1 for tag in range(0x80, 0x90)}, 0xDE: 3, 0xDF: 5}
+_INT_FORMATS = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}
+
+
+def _read_short_str(data: bytes, pos: int) -> tuple[bytes, int]:
+    length = data[pos] - 0xA0  # fixstr: up to 31 bytes, which every key of ours is
+    if not 0 <= length < 32:
+        raise ValueError("not a short string")
+    return data[pos + 1 : pos + 1 + length], pos + 1 + length
+
+
+def _read_int(data: bytes, pos: int) -> tuple[int, int]:
+    tag = data[pos]
+    if tag <= 0x7F or tag >= 0xE0:  # positive / negative fixint: the tag is the value
+        return struct.unpack_from(">b" if tag >= 0xE0 else ">B", data, pos)[0], pos + 1
+    fmt = _INT_FORMATS[tag]
+    return struct.unpack_from(fmt, data, pos + 1)[0], pos + 1 + struct.calcsize(fmt)
 
 
 def encode_reply(request_id: int, body: Any) -> bytes:

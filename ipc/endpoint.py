@@ -8,7 +8,6 @@ daemon's group in too.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 from pathlib import Path
@@ -34,18 +33,6 @@ class Endpoint(msgspec.Struct, frozen=True):
     def path(self) -> Path:
         assert self.scheme == "ipc"
         return Path(self.address)
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.scheme == "ipc":
-            return True
-        host = self.address.rsplit(":", 1)[0].strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
 
 
 def parse_endpoint(text: str) -> Endpoint:

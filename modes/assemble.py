@@ -37,6 +37,19 @@ class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     events: bool = False
 
 
+# Where a model request goes and how it travels is the operator's: the backend's table
+# in the daemon config. These keys would hand that to a client: the address and the
+# key, and the SDK's per-request transport arguments — a `Host` in extra_headers sends
+# the request, with the operator's key, to another virtual host behind the configured
+# address (a gateway, a reverse proxy).
+TRANSPORT_KEYS = frozenset({"base_url", "api_key", "api_key_env", "extra_headers", "extra_query", "timeout"})
+
+
+def transport_keys(options: dict[str, Any]) -> list[str]:
+    """The keys of a client's `options` that would say where or how a request travels."""
+    return sorted(TRANSPORT_KEYS.intersection(options))
+
+
 class RunDefaults(msgspec.Struct, frozen=True):
     """The daemon config's part in the precedence: call > conversation > backend > defaults."""
 
@@ -52,6 +65,9 @@ def parse_options(raw: dict[str, Any]) -> GenerationOptions:
         options = msgspec.convert(raw, GenerationOptions)
     except msgspec.ValidationError as exc:
         raise LLMError("config", f"invalid generation options: {exc}") from None
+    if named := transport_keys(options.request_options):
+        raise LLMError("config", f"invalid generation options: request_options may not set {', '.join(named)} "
+                                 "(where and how a request travels is the daemon config's)")
     if options.max_messages < 0:
         raise LLMError("config", "invalid generation options: max_messages must be >= 0")
     if options.timeout_ms is not None and options.timeout_ms <= 0:

@@ -95,7 +95,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited at start:\n{self.log()}")
-            with Client(self.endpoint, timeout_ms=250) as client:
+            with self.client(timeout_ms=250) as client:
                 try:
                     client.ping()
                     return self
