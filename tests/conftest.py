@@ -31,6 +31,26 @@ deadline_grace_ms = 200
 _names = itertools.count(1)
 
 
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait on pidfds until every pid has exited; returns those still alive at the
+    deadline (psutil.wait_procs polls, and takes seconds for processes not our children)."""
+    deadline = time.monotonic() + timeout_s
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    return alive
+
+
 def wait_for_group_gone(pgid: int, timeout_s: float) -> None:
     """Wait until no living process is left in process group `pgid`, on pidfds."""
     deadline = time.monotonic() + timeout_s

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, wait_for_exit
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import (
     AppendEntry,
@@ -109,7 +108,7 @@ def _restart(daemon: Daemon, *, kill: bool) -> None:
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait(timeout=30)
         # The zygote dies with the daemon and the workers with the zygote (PDEATHSIG).
-        gone, alive = psutil.wait_procs(family, timeout=10)
+        alive = wait_for_exit([p.pid for p in family], timeout_s=10)
         assert not alive, f"processes outlived a killed daemon: {alive}"
     else:
         assert daemon.stop() == 0

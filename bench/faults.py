@@ -1,0 +1,309 @@
+"""The long fault run: worker kills, daemon kills, cancels in a row — and what they cost.
+
+    python bench/faults.py                      # 1000 worker kills, 200 daemon kills, 10000 cancels
+    python bench/faults.py --worker-kills 50 --daemon-kills 10 --cancels 500   # a quick one
+
+Each fault is checked, not just caused; the table counts what must stay zero:
+daemon crashes, processes left behind, acknowledged messages lost, messages
+duplicated, runs not resolved exactly once, cleanup failures. Frames are fuzzed by
+bench/fuzz_frames.py. Exits 1 if any count that must be zero is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from genvisor.client import Client
+from genvisor.errors import DaemonUnavailable, GenerationCanceled, LLMError
+
+CONFIG = """
+[workers]
+spares = 2
+cancel_grace_ms = 300
+term_grace_ms = 300
+"""
+
+
+class Daemon:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.endpoint = f"ipc://{directory}/genvisor.sock"
+        (directory / "genvisor.toml").write_text(CONFIG)
+        self.process: subprocess.Popen | None = None
+        self.unexpected_exits = 0
+
+    def start(self) -> None:
+        log = open(self.directory / "daemon.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint,
+             "--config", str(self.directory / "genvisor.toml"), "--state-dir", str(self.directory / "state")],
+            stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with Client(self.endpoint, timeout_ms=250) as client:
+                try:
+                    client.ping()
+                    return
+                except DaemonUnavailable:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"the daemon did not start; see {self.directory}/daemon.log")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            self.unexpected_exits += 1
+            self.start()
+
+    def kill(self) -> list[psutil.Process]:
+        """SIGKILL the daemon; returns the processes that were its descendants."""
+        family = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        return family
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def client(self) -> Client:
+        return Client(self.endpoint, timeout_ms=30_000)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def wait_idle(client: Client, spares: int = 2, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (status := client.status()).active_runs or status.queued_runs or status.spare_workers < spares:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle after {timeout_s}s: {status}")
+
+
+def leftovers(daemon: Daemon) -> int:
+    """Processes under the daemon beyond its zygote and the zygote's spare workers."""
+    family = daemon.descendants()
+    zygotes = [p for p in family if p.ppid() == daemon.process.pid]
+    spares = [p for p in family if zygotes and p.ppid() == zygotes[0].pid]
+    return len(family) - len(zygotes) - len(spares) + max(0, len(zygotes) - 1)
+
+
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still alive at the deadline, waiting on pidfds (no polling)."""
+    deadline = time.monotonic() + timeout_s
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not _readable(fd, deadline - time.monotonic()):
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    return alive
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))
+
+
+def wait_marker(fifo: Path, timeout_s: float = 10) -> bool:
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return _readable(fd, timeout_s)
+    finally:
+        os.close(fd)
+
+
+# ---- scenarios --------------------------------------------------------------------------
+
+
+def worker_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]:
+    """kill -9 of the worker at a random point: in the model call, or in a tool."""
+    found = collections.Counter()
+    started = time.perf_counter()
+    with daemon.client() as client:
+        client.configure_skills("wk", ["write_file", "run_command"])
+        for i in range(n):
+            fifo = daemon.directory / f"wk{i}.fifo"
+            os.mkfifo(fifo)
+            tag = str(200000 + i)
+            argv = ["sh", "-c", f"echo up > {fifo}; exec sleep {tag}"]
+            if rng.random() < 0.5:
+                options = {"backend_opts": {"spawn": argv, "delay_ms": 60_000}}
+            else:
+                script = [{"tool_calls": [{"name": "write_file", "arguments": {"path": "a", "content": "x"}}]},
+                          {"tool_calls": [{"name": "run_command", "arguments": {"argv": argv, "timeout_ms": 60_000}}]},
+                          {"text": "never"}]
+                options = {"backend_opts": {"script": script}}
+            client.send_user_message("wk", f"go {i}")
+            before = client.conversation_messages("wk")
+            ref = client.generate_assistant_reply("wk", **options)
+            if not wait_marker(fifo):
+                found["marker_missing"] += 1
+                continue
+            victim = _tagged(tag)
+            if victim is None:
+                found["marker_missing"] += 1
+                continue
+            os.kill(os.getpgid(victim.pid), signal.SIGKILL)  # the worker leads its run's group
+            try:
+                client.await_generation("wk", ref)
+                found["not_failed"] += 1
+            except LLMError as exc:
+                found["typed_error"] += exc.message == "generation worker crashed"
+            if client.conversation_messages("wk") != before:
+                found["history_changed"] += 1
+            os.unlink(fifo)
+        wait_idle(client)
+        found["cleanup_failures"] = client.status().cleanup_failures
+    daemon.check_alive()
+    found["leftover_processes"] = leftovers(daemon) + sum(1 for i in range(n) if _tagged(str(200000 + i)))
+    return {"kills": n, **found, "seconds": time.perf_counter() - started}
+
+
+def _tagged(tag: str) -> psutil.Process | None:
+    """The marker process: `sh -c "…; exec sleep TAG"` until its exec, `sleep TAG` after."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if tag in " ".join(proc.info["cmdline"] or []).split():
+            return proc
+    return None
+
+
+def daemon_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]:
+    """kill -9 of the daemon at a random point of a turn, then a restart: nothing
+    acknowledged is lost, the run in flight ends once, nothing is duplicated."""
+    acknowledged: list[str] = []
+    completed = 0
+    refs: list[str] = []
+    found = collections.Counter()
+    started = time.perf_counter()
+    for i in range(n):
+        with daemon.client() as client:
+            client.send_user_message("dk", f"m{i}")
+            acknowledged.append(f"m{i}")
+            ref = client.generate_assistant_reply("dk", backend_opts={"delay_ms": rng.choice([0, 1, 5, 60_000])})
+            refs.append(ref)
+            if rng.random() < 0.5:
+                try:
+                    client.await_generation("dk", ref, timeout_ms=rng.choice([1, 200]), cancel_on_timeout=False)
+                    completed += 1
+                except Exception:  # noqa: BLE001 — still running: the kill finds it in flight
+                    pass
+        family = daemon.kill()
+        found["leftover_processes"] += len(wait_for_exit([p.pid for p in family], timeout_s=10))
+        daemon.start()
+    with daemon.client() as client:
+        messages = client.conversation_messages("dk")
+        entries = client.conversation_thread_entries("dk")
+        user = [m.content for m in messages if m.role == "user"]
+        found["acknowledged_lost"] = len(set(acknowledged) - set(user))
+        found["messages_duplicated"] = len(user) - len(set(user)) + sum(
+            c - 1 for c in collections.Counter(m.entry_id for m in messages).values()
+        )
+        assistant = sum(1 for m in messages if m.role == "assistant")
+        found["assistant_fewer_than_seen_completed"] = max(0, completed - assistant)
+        started_runs = collections.Counter(e.data["run_id"] for e in entries if e.event == "run_started")
+        finished_runs = collections.Counter(e.data["run_id"] for e in entries if e.event == "run_finished")
+        found["runs_not_resolved_once"] = sum(1 for run in started_runs if finished_runs[run] != 1)
+        found["resolved_daemon_restarted"] = sum(1 for e in entries if e.event == "run_finished" and e.data.get("reason") == "daemon_restarted")
+        found["assistant_messages"] = assistant
+        for ref in refs:  # every ref resolves, once, to a terminal outcome
+            try:
+                client.await_generation("dk", ref, timeout_ms=1_000)
+            except (LLMError, GenerationCanceled):
+                pass
+            except Exception:  # noqa: BLE001
+                found["refs_unresolved"] += 1
+        found["seq_gaps"] = int([e.seq for e in entries] != list(range(1, len(entries) + 1)))
+    return {"kills": n, **found, "seconds": time.perf_counter() - started}
+
+
+def cancels(daemon: Daemon, n: int) -> dict[str, float]:
+    """Cancels in a row: each run's whole process group reaped; fds and RSS flat."""
+    process = psutil.Process(daemon.process.pid)
+    found = collections.Counter()
+    started = time.perf_counter()
+    with daemon.client() as client:
+        warm = min(200, n // 10)
+        for i in range(n + warm):
+            if i == warm:
+                wait_idle(client)
+                fds, rss = process.num_fds(), process.memory_info().rss
+            client.send_user_message("cx", "m")
+            ref = client.generate_assistant_reply("cx", backend_opts={"delay_ms": 60_000})
+            client.cancel_generation("cx", "next")
+            try:
+                client.await_generation("cx", ref)
+                found["not_canceled"] += 1
+            except GenerationCanceled:
+                pass
+        wait_idle(client)
+        status = client.status()
+    daemon.check_alive()
+    return {
+        "cancels": n, **found,
+        "cleanup_failures": status.cleanup_failures,
+        "cancel_reaped_p50_ms": status.cancel_reaped.p50_ms or 0.0,
+        "cancel_reaped_p99_ms": status.cancel_reaped.p99_ms or 0.0,
+        "leftover_processes": leftovers(daemon),
+        "fds_growth": process.num_fds() - fds,
+        "rss_growth_mib": round((process.memory_info().rss - rss) / 2**20, 2),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+MUST_BE_ZERO = (
+    "not_failed", "history_changed", "marker_missing", "cleanup_failures", "leftover_processes",
+    "acknowledged_lost", "messages_duplicated", "assistant_fewer_than_seen_completed", "runs_not_resolved_once",
+    "refs_unresolved", "seq_gaps", "not_canceled", "fds_growth",
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker-kills", type=int, default=1000)
+    parser.add_argument("--daemon-kills", type=int, default=200)
+    parser.add_argument("--cancels", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="genvisor-faults-") as tmp:
+        daemon = Daemon(Path(tmp))
+        daemon.start()
+        try:
+            results["worker kills"] = worker_kills(daemon, args.worker_kills, rng)
+            results["cancels"] = cancels(daemon, args.cancels)
+            results["daemon kills"] = daemon_kills(daemon, args.daemon_kills, rng)
+        finally:
+            code = daemon.stop()
+        results["daemon"] = {"unexpected_exits": daemon.unexpected_exits, "final_exit_code": code}
+    failed = False
+    for scenario, figures in results.items():
+        print(f"\n{scenario}")
+        for key, value in figures.items():
+            bad = (key in MUST_BE_ZERO or key in ("unexpected_exits", "final_exit_code")) and value > 0
+            failed |= bad
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            print(f"  {key:<40} {shown}{'   <-- expected 0' if bad else ''}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
