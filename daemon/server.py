@@ -86,7 +86,10 @@ async def serve(config: Config) -> int:
     if endpoint.scheme == "ipc":
         secure_ipc_socket(endpoint, config.ipc_group_access)
 
-    pool = WorkerPool(target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload())
+    pool = WorkerPool(
+        target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload(),
+        instance=str(config.state_path().resolve()),  # one daemon per state dir: the journal's lock
+    )
     supervisor = Supervisor(
         pool,
         cancel_grace_s=config.workers.cancel_grace_ms / 1000,

@@ -53,3 +53,49 @@ def describe_wait_status(status: int) -> dict[str, int | str]:
             name = f"signal {number}"
         return {"signal": number, "signal_name": name}
     return {"exit_code": os.waitstatus_to_exitcode(status)}
+
+
+# Environment markers, inherited by everything a run execs (commands keep the
+# environment they are given): they name what a stray process belonged to after it
+# left its run's process group or outlived its daemon.
+WORKER_ENV = "GENVISOR_WORKER"  # in a run's processes: the pid of the worker that ran it
+INSTANCE_ENV = "GENVISOR_INSTANCE"  # in every process of a daemon: its state dir
+
+
+def children(pid: int) -> list[int]:
+    """The children of `pid` now (re-parented orphans included)."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return found
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    """`name` in the environment `pid` was exec'd with; None if absent or unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for item in block.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def kill_marked(name: str, value: str) -> list[int]:
+    """SIGKILL every process (but this one) whose environment has `name=value`."""
+    killed = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and environ_value(int(entry), name) == value:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return killed

@@ -96,8 +96,11 @@ class _Zygote:
 
 
 class WorkerPool:
-    def __init__(self, *, target: str, spares: int, preload: list[str] = []) -> None:  # noqa: B006 — never mutated
+    def __init__(self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None) -> None:  # noqa: B006
         self._target = target
+        # Marks every process of this daemon (zygote, workers, what runs exec), so a
+        # successor can find what a killed daemon left running.
+        self._instance = instance
         self._preload = list(preload)
         self._spares_wanted = spares
         self._spares: list[Worker] = []
@@ -123,6 +126,10 @@ class WorkerPool:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the pool until cancelled; `started` once the first zygote is up."""
         linux.become_subreaper()
+        if self._instance is not None:
+            stale = await trio.to_thread.run_sync(linux.kill_marked, linux.INSTANCE_ENV, self._instance)
+            if stale:
+                log.warning("killed %d processes a previous daemon left running: %s", len(stale), stale)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._reap_children)
             await nursery.start(self._supervise_zygote)
@@ -305,10 +312,13 @@ class WorkerPool:
         argv = [sys.executable, "-m", "genvisor.supervisor.zygote", str(theirs.fileno()), str(os.getpid()), self._target, *self._preload]
         # posix_spawn (vfork) from the main thread: PDEATHSIG fires when the *thread*
         # that forked exits, so a helper thread must not start the zygote.
+        env = dict(os.environ)
+        if self._instance is not None:
+            env[linux.INSTANCE_ENV] = self._instance
         pid = os.posix_spawn(
             sys.executable,
             argv,
-            os.environ,
+            env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
         )
         theirs.close()

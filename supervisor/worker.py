@@ -35,6 +35,7 @@ _encoder = msgspec.msgpack.Encoder()
 def child_main(channel_fd: int, zygote_pid: int, target: RunTarget) -> int:
     os.setsid()
     linux.die_with_parent(zygote_pid)
+    os.environ[linux.WORKER_ENV] = str(os.getpid())  # what the run execs carries it
     sock = socket.socket(fileno=channel_fd)
     return trio.run(_serve, sock, target)
 

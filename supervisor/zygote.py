@@ -104,12 +104,35 @@ def _spawn(control: socket.socket, request: Spawn, fds: list[int], wake: tuple[i
         finally:
             os._exit(code)  # never return into the zygote's loop
     os.close(channel_fd)
+    _workers.add(pid)
     _send(control, Spawned(token=request.token, pid=pid))
+
+
+# The workers this zygote forked and has not reaped. Any other child is a process that
+# left its run's group (setsid) and lost its parent, re-parented to us as subreaper.
+_workers: set[int] = set()
 
 
 def _reap_all(control: socket.socket) -> None:
     for pid, status in linux.reap_exited():
+        _workers.discard(pid)
         _send(control, Exited(pid=pid, status=status))
+    _kill_escapees()
+
+
+def _kill_escapees() -> None:
+    """Kill the re-parented strays whose run is over. Each exit here brings a SIGCHLD and
+    another pass, so a stray's own children, re-parented in turn, go the same way."""
+    for pid in linux.children(os.getpid()):
+        if pid in _workers:
+            continue
+        owner = linux.environ_value(pid, linux.WORKER_ENV)
+        if owner is not None and owner.isdigit() and int(owner) in _workers:
+            continue  # its run is still going; it goes when its worker does
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _send(control: socket.socket, frame: FromZygote) -> None:

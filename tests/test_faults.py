@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker
+from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_exit, wait_for_group_gone, wait_for_marker
 from genvisor.errors import GenerationCanceled, LLMError, NotFound, Overloaded
 
 
@@ -183,3 +183,45 @@ def test_under_overload_the_queue_keeps_its_bound_and_admitted_runs_finish(tmp_p
     finally:
         done.set()
         assert daemon.stop() == 0, daemon.log()
+
+
+def _escaping(tmp_path, name: str) -> tuple[list[str], object, str]:
+    """A `spawn` argv whose process leaves the run's process group (setsid) and loses
+    its parent, so the group sweep cannot see it."""
+    _, fifo, tag = spawn_marker(tmp_path, name)
+    inner = f"echo up > {fifo}; exec sleep {tag}"
+    return ["sh", "-c", f"setsid sh -c '{inner}' >/dev/null 2>&1 &"], fifo, tag
+
+
+def test_a_process_that_escapes_its_group_dies_with_its_run(shared_daemon, conv, tmp_path):
+    argv, fifo, tag = _escaping(tmp_path, conv)
+    with shared_daemon.client() as client:
+        client.send_user_message(conv, "go")
+        ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+        wait_for_marker(fifo)
+        deadline = time.monotonic() + 10
+        while (escapee := find_tagged(tag)) is None:
+            assert time.monotonic() < deadline
+        assert os.getsid(escapee.pid) == escapee.pid  # out of the run's session and group
+        assert escapee.is_running()  # while its run goes on, it may run too
+        client.cancel_generation(conv, "done")
+        with pytest.raises(GenerationCanceled):
+            client.await_generation(conv, ref)
+    assert not wait_for_exit([escapee.pid], timeout_s=10), "the escaped process outlived its run"
+
+
+def test_what_a_killed_daemon_left_running_is_killed_by_its_successor(daemon, conv, tmp_path):
+    argv, fifo, tag = _escaping(tmp_path, conv)
+    with daemon.client() as client:
+        client.send_user_message(conv, "go")
+        client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+        wait_for_marker(fifo)
+    deadline = time.monotonic() + 10
+    while (stray := find_tagged(tag)) is None:
+        assert time.monotonic() < deadline
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(timeout=30)
+    # Zygote and worker die with the daemon (PDEATHSIG); the stray, out of their reach, does not.
+    assert stray.is_running()
+    daemon.start()
+    assert not wait_for_exit([stray.pid], timeout_s=10), "the new daemon left the old one's stray running"
