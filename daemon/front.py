@@ -46,7 +46,7 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
         snapshot = store.load(retained_since=retained_since)
     runtime = Runtime(
         executor=executor,
-        log=DurableLog(store),
+        journal=DurableLog(store),
         admission=Admission(max_active=config.admission.max_active, max_queued=config.admission.max_queued),
         defaults=config.run_defaults(),
         deadline_grace_s=config.workers.deadline_grace_ms / 1000,
@@ -70,7 +70,7 @@ class Front:
         self.metrics_address: str | None = None  # set by the server when it serves metrics
         self._started = time.monotonic()
         self._outbox_send, self.outbox = trio.open_memory_channel[Outgoing | trio.Event](math.inf)
-        self._log = runtime.log
+        self._journal = runtime.journal
 
     # ---- in --------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ class Front:
     def _put(self, owner: Owner, data: bytes) -> None:
         # Everything the runtime wrote before this frame was queued must be durable
         # before the frame leaves (group commit: one wait covers many frames).
-        self._outbox_send.send_nowait((owner, data, self._log.submitted))
+        self._outbox_send.send_nowait((owner, data, self._journal.submitted))
 
     async def flush(self) -> None:
         """Return once everything queued so far has been handed to the transport."""
@@ -122,8 +122,8 @@ class Front:
                 item.set()
                 continue
             owner, data, ticket = item
-            if ticket > self._log.durable:
-                await self._log.wait_durable(ticket)
+            if ticket > self._journal.durable:
+                await self._journal.wait_durable(ticket)
             await send(owner, data)
 
     # ---- handlers ----------------------------------------------------------------------

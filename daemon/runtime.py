@@ -145,11 +145,11 @@ class ConversationRecord:
 
 class Runtime:
     def __init__(
-        self, *, executor: Executor, log: DurableLog, admission: Admission, defaults: RunDefaults,
+        self, *, executor: Executor, journal: DurableLog, admission: Admission, defaults: RunDefaults,
         deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify,
     ) -> None:
         self._executor = executor
-        self.log = log
+        self.journal = journal
         self.admission = admission
         self._workspaces = workspaces
         self._defaults = defaults
@@ -164,12 +164,12 @@ class Runtime:
         telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
         telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
         telemetry.gauge("genvisor_spare_workers", "Pre-forked workers waiting for a run", lambda: executor.health().spare_workers)
-        telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: log.submitted - log.durable)
+        telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: journal.submitted - journal.durable)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self.log.run)
+            await nursery.start(self.journal.run)
             nursery.start_soon(self._expire_outcomes)
             task_status.started()
             await trio.sleep_forever()
@@ -219,8 +219,8 @@ class Runtime:
         return DaemonStatus(
             info=info,
             metrics=metrics,
-            journal=self.log.store.describe(),
-            journal_unsynced=self.log.submitted - self.log.durable,
+            journal=self.journal.store.describe(),
+            journal_unsynced=self.journal.submitted - self.journal.durable,
             conversations=len(self._conversations),
             active_runs=self.admission.active,
             max_active=self.admission.max_active,
@@ -372,7 +372,7 @@ class Runtime:
         self._generations[ref] = record
         active = ActiveGeneration(record, owner, spec, slot)
         conversation.active = active
-        self.log.submit(GenerationStarted(ref, key, run_id))
+        self.journal.submit(GenerationStarted(ref, key, run_id))
         self._append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
         self.telemetry.run_started(spec.mode, _backend_label(spec))
         if spec.request is None:
@@ -519,7 +519,7 @@ class Runtime:
         record.finished_at = time.time()
         record.done.set()
         outcome = StoredOutcome(result=record.result, error=record.error, canceled=record.canceled)
-        self.log.submit(GenerationFinished(record.ref, record.finished_at, outcome))
+        self.journal.submit(GenerationFinished(record.ref, record.finished_at, outcome))
 
     async def _expire_outcomes(self) -> None:
         while True:
@@ -529,7 +529,7 @@ class Runtime:
             for ref in expired:
                 del self._generations[ref]
             if expired:
-                self.log.submit(ForgetGenerations(expired))
+                self.journal.submit(ForgetGenerations(expired))
 
     def _workspace(self, conversation: ConversationRecord) -> str:
         """`metadata["workspace"]`, else the conversation's own directory under the state
@@ -564,7 +564,7 @@ class Runtime:
             metadata = {**metadata, "project_id": key[0]}
         conversation = ConversationRecord(key, metadata)
         self._conversations[key] = conversation
-        self.log.submit(CreateConversation(key, metadata))
+        self.journal.submit(CreateConversation(key, metadata))
         return conversation
 
     def _fetch(self, loc: Locator) -> ConversationRecord:
@@ -579,7 +579,7 @@ class Runtime:
         entry = JournalEntry(entry_id=f"e{seq}_{secrets.token_hex(4)}", seq=seq, at=time.time(), **fields)
         conversation.journal.append(entry)
         conversation.state = apply(conversation.state, entry)
-        self.log.submit(AppendEntry(conversation.key, entry))
+        self.journal.submit(AppendEntry(conversation.key, entry))
 
 
 def _key(loc: Locator) -> ConversationKey:
