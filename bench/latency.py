@@ -1,199 +1,179 @@
-"""Generation and cancel latency of genvisor, side by side with fresh-process peers.
+"""Scenario 1 — latency of one generation, next to fresh-process peers.
 
-Prints one table from one run (absolute times on a shared VM drift; compare the
-ratios). Every generation gets a fresh worker process, as does every peer job.
-
-    python bench/latency.py [--n 300]
-
-Rows:
-  genvisor send_and_generate   client → daemon → fresh worker → commit → reply
-  PPE forkserver (preloaded)   ProcessPoolExecutor(max_tasks_per_child=1), trio/zmq/msgspec preloaded
-  mp.Pool fork                 multiprocessing.Pool(maxtasksperchild=1)
-  genvisor cancel → reaped     Supervisor: cancel() → worker reaped and its group verified empty
-  mp.Process kill → reaped     fork a process running a job, SIGKILL it, join
+genvisor: `send_and_generate` on the zero-delay scripted backend, a fresh worker per
+generation, journal on, one client, one call at a time. Peers: the same trivial job
+through pools whose every process runs one job (bench.peers). Rounds interleave the
+rows so drift on a shared machine hits them alike. A second, traced daemon
+(bench.trace) gives the breakdown of where a generation's time goes.
 """
 
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
-import multiprocessing
-import statistics
-import subprocess
-import sys
-import tempfile
+import bisect
 import time
 from pathlib import Path
 
 import msgspec
-import trio
 
-from genvisor.client import Client
-from genvisor.errors import DaemonUnavailable
+from bench import peers
+from bench.harness import Daemon, daemon_config
+from bench.report import Result, Table, figure
+from bench.stats import Summary, fmt, fmt_ratio, ratio, summarize
 
-
-def job(text: str) -> str:
-    return text
-
-
-def long_job() -> None:
-    time.sleep(3600)
+GENVISOR = "genvisor send_and_generate (fresh worker per generation)"
+ROUNDS = 4
 
 
-def summarize(name: str, samples_ms: list[float]) -> dict:
-    ordered = sorted(samples_ms)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"name": name, "n": len(ordered), "p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": ordered[-1], "mean": statistics.fmean(ordered)}
-
-
-def start_daemon(directory: Path) -> tuple[subprocess.Popen, str]:
-    endpoint = f"ipc://{directory}/run/genvisor.sock"
-    log = open(directory / "daemon.log", "wb")
-    env_log = {"GENVISOR_LOG_LEVEL": "WARNING"}
-    import os
-
-    process = subprocess.Popen([sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint], stdout=log, stderr=log, env={**os.environ, **env_log})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with Client(endpoint, timeout_ms=250) as client:
-            try:
-                client.ping()
-                return process, endpoint
-            except DaemonUnavailable:
-                continue
-    raise SystemExit("daemon did not start")
-
-
-def bench_genvisor(endpoint: str, n: int) -> list[float]:
-    samples = []
-    with Client(endpoint) as client:
-        for i in range(20):  # warm-up: spares, caches
-            client.send_and_generate("bench-warm", f"w{i}")
+def generations(daemon: Daemon, n: int, prefix: str = "lat") -> list[tuple[float, float]]:
+    """`n` sequential generations over 50 conversations: (sent, answered) perf_counter pairs."""
+    spans = []
+    with daemon.client() as client:
         for i in range(n):
             start = time.perf_counter()
-            _, result = client.send_and_generate(f"bench-{i % 50}", "hello")
-            samples.append((time.perf_counter() - start) * 1000)
-            assert result.text == "hello"
-    return samples
+            _, result = client.send_and_generate(f"{prefix}-{i % 50}", "hello")
+            spans.append((start, time.perf_counter()))
+            assert result.text == "hello", result
+    return spans
 
 
-def bench_executor(make, n: int) -> list[float]:
+def peer_samples(factory, n: int) -> list[float]:
     samples = []
-    with make() as pool:
-        for _ in range(10):
-            pool.submit(job, "w").result()
+    with factory(1) as call:
+        for _ in range(3):  # the pool's first process is started at open: skip it
+            call("warm")
         for _ in range(n):
             start = time.perf_counter()
-            assert pool.submit(job, "hello").result() == "hello"
+            assert call("hello") == "hello"
             samples.append((time.perf_counter() - start) * 1000)
     return samples
 
 
-def bench_mp_pool(n: int) -> list[float]:
-    samples = []
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        for _ in range(10):
-            pool.apply(job, ("w",))
-        for _ in range(n):
-            start = time.perf_counter()
-            assert pool.apply(job, ("hello",)) == "hello"
-            samples.append((time.perf_counter() - start) * 1000)
-    return samples
+def run(ctx) -> Result:
+    n = ctx.n(full=400, quick=60)
+    samples: dict[str, list[float]] = {GENVISOR: []}
+    with Daemon(ctx.dir("latency"), daemon_config()) as daemon:
+        generations(daemon, 20, "warm")
+        for _ in range(ROUNDS):
+            spans = generations(daemon, n // ROUNDS)
+            samples[GENVISOR] += [(b - a) * 1000 for a, b in spans]
+            for name, (factory, slowness) in peers.LATENCY_PEERS.items():
+                samples.setdefault(name, []).extend(peer_samples(factory, max(3, n // ROUNDS // slowness)))
+    summaries = {name: summarize(s) for name, s in samples.items()}
+    base = summaries[GENVISOR]
+    fastest = min((s for name, s in summaries.items() if name != GENVISOR), key=lambda s: s.p50)
+    fastest_name = next(name for name, s in summaries.items() if s is fastest)
 
+    breakdown, refill = traced_breakdown(ctx, ctx.n(full=200, quick=40))
 
-def bench_genvisor_cancel(n: int) -> tuple[list[float], list[float], int]:
-    """cancel() → worker reaped, and → group verified empty, through the daemon's Supervisor."""
-    from genvisor.modes.llm import BackendConfig, LLMRequest, RunSpec
-    from genvisor.supervisor.pool import WorkerPool
-    from genvisor.supervisor.runs import Supervisor
-    from genvisor.types import ContextMessage
-
-    spec = msgspec.msgpack.encode(
-        RunSpec(
-            ref="gen_b", run_id="run_b", conversation_id="c", mode="coding", request_id="q", events=True,
-            request=LLMRequest([ContextMessage("user", "x")], BackendConfig("scripted", "scripted"), backend_opts={"delay_ms": 60_000}),
-        )
+    rows = [[name, str(s.n), fmt(s.p50), fmt(s.p90), fmt(s.p99), fmt(s.max), fmt_ratio(ratio(s.p50, base.p50)), fmt_ratio(ratio(s.p99, base.p99))]
+            for name, s in summaries.items()]
+    hop_rows = [[hop, fmt(s.p50, 3), fmt(s.p90, 3), fmt(s.p99, 3), fmt_ratio(ratio(s.p50, sum(h.p50 for h in breakdown.values())))]
+                for hop, s in breakdown.items()]
+    if refill.n:
+        hop_rows.append(["(off the path) spare refill: fork → Ready", fmt(refill.p50, 3), fmt(refill.p90, 3), fmt(refill.p99, 3), "–"])
+    plot = "latency.png"
+    _plot(ctx.out / plot, samples)
+    _plot_breakdown(ctx.out / "latency-breakdown.png", breakdown)
+    return Result(
+        name="latency",
+        tables=[
+            Table("Generation latency, ms (one call at a time)", ["path", "n", "p50", "p90", "p99", "max", "p50 × genvisor", "p99 × genvisor"], rows),
+            Table("Where a generation's time goes (traced daemon, ms)", ["hop", "p50", "p90", "p99", "share of p50 sum"], hop_rows,
+                  note="A second daemon with timestamps at each hop (bench/trace.py); its p50s sum to a little more than the untraced p50."),
+        ],
+        metrics={
+            "latency.p50_ms": base.p50,
+            "latency.p99_ms": base.p99,
+            "latency.p50_vs_fastest_peer": ratio(base.p50, fastest.p50),
+            "latency.p99_vs_fastest_peer": ratio(base.p99, fastest.p99),
+            "latency.fastest_peer_p50_ms": fastest.p50,
+        },
+        plots=[plot, "latency-breakdown.png"],
+        notes=[f"Fastest fresh-process peer this run: {fastest_name} ({fastest.p50:.2f} ms p50)."],
+        data={"summaries": summaries, "breakdown": breakdown, "refill": refill},
     )
-    reaped: list[float] = []
-    verified: list[float] = []
-    failures = 0
-
-    async def main() -> None:
-        nonlocal failures
-        supervisor = Supervisor(WorkerPool(target="genvisor.modes.runtime:execute", spares=2), cancel_grace_s=2.0, term_grace_s=1.0)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
-            for i in range(n + 10):
-                running = trio.Event()
-                handle = supervisor.start_run(spec, on_progress=lambda _e: running.set(), deadline=None)
-                await running.wait()  # the worker is inside its run
-                start = time.perf_counter()
-                handle.cancel("bench")
-                await handle.cleaned_up.wait()
-                done = (time.perf_counter() - start) * 1000
-                if i >= 10:
-                    reaped.append(handle.cleanup.reaped_after_ms)
-                    verified.append(done)
-                    failures += not handle.cleanup.verified
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    return reaped, verified, failures
 
 
-def bench_mp_kill(n: int) -> list[float]:
-    ctx = multiprocessing.get_context("fork")
-    samples = []
-    for _ in range(n):
-        process = ctx.Process(target=long_job)
-        process.start()
-        start = time.perf_counter()
-        process.kill()
-        process.join()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
+# ---- the breakdown -------------------------------------------------------------------
+
+HOPS = [
+    ("client → daemon", "t0", "recv"),
+    ("admit: journal the message, build the run spec", "recv", "admitted"),
+    ("spawn: hand the run to a spare worker", "admitted", "acquired"),
+    ("spawn: Start frame → worker runs", "acquired", "wstart"),
+    ("run: mode + scripted backend, in the worker", "wstart", "wend"),
+    ("result: worker → daemon", "wend", "settled"),
+    ("commit: journal the outcome", "settled", "committed"),
+    ("reply: daemon sends", "committed", "sent"),
+    ("reply: → client", "sent", "t1"),
+]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=300)
-    args = parser.parse_args()
-    n = args.n
+def traced_breakdown(ctx, n: int) -> tuple[dict[str, Summary], Summary]:
+    trace_dir = ctx.dir("trace")
+    with Daemon(ctx.dir("latency-traced"), daemon_config(), traced=trace_dir) as daemon:
+        generations(daemon, 20, "warm")
+        spans = generations(daemon, n)
+    raw = msgspec.msgpack.decode((trace_dir / "daemon.msgpack").read_bytes())
+    stamps: dict[str, list[float]] = {}
+    for label, at in raw["stamps"]:
+        stamps.setdefault(label, []).append(at)
+    for times in stamps.values():
+        times.sort()
+    workers = sorted(tuple(map(float, line.split())) for line in (trace_dir / "workers.txt").read_text().split("\n") if line)
+    stamps["wstart"] = [w[0] for w in workers]
+    stamps["wend"] = [w[1] for w in workers]
 
-    forkserver = multiprocessing.get_context("forkserver")
-    forkserver.set_forkserver_preload(["trio", "zmq", "msgspec"])
-
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="genvisor-bench-") as tmp:
-        daemon, endpoint = start_daemon(Path(tmp))
-        try:
-            # Interleave halves so drift on a shared box hits every row alike.
-            g1 = bench_genvisor(endpoint, n // 2)
-            p1 = bench_executor(lambda: concurrent.futures.ProcessPoolExecutor(1, mp_context=forkserver, max_tasks_per_child=1), n // 2)
-            m1 = bench_mp_pool(n // 2)
-            g2 = bench_genvisor(endpoint, n - n // 2)
-            p2 = bench_executor(lambda: concurrent.futures.ProcessPoolExecutor(1, mp_context=forkserver, max_tasks_per_child=1), n - n // 2)
-            m2 = bench_mp_pool(n - n // 2)
-        finally:
-            daemon.terminate()
-            daemon.wait(60)
-    rows.append(summarize("genvisor send_and_generate", g1 + g2))
-    rows.append(summarize("PPE forkserver (preloaded)", p1 + p2))
-    rows.append(summarize("mp.Pool fork", m1 + m2))
-    reaped, verified, failures = bench_genvisor_cancel(n)
-    rows.append(summarize("genvisor cancel → reaped", reaped))
-    rows.append(summarize("genvisor cancel → verified", verified))
-    rows.append(summarize("mp.Process kill → reaped", bench_mp_kill(n)))
-
-    base = {"generation": rows[0]["p50"], "cancel": rows[3]["p50"]}
-    print(f"\n{'scenario':<30} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}  p50 ratio to genvisor")
-    for row in rows:
-        ref = base["generation"] if "cancel" not in row["name"] and "kill" not in row["name"] else base["cancel"]
-        print(f"{row['name']:<30} {row['n']:>5} {row['p50']:>8.2f} {row['p90']:>8.2f} {row['p99']:>8.2f} {row['max']:>8.2f}  {row['p50'] / ref:>6.2f}x")
-    print(f"\ncleanup verification failures: {failures}")
-    print("targets: generation p50 <= 3 ms; cancel -> reaped p99 <= 5 ms")
+    hops: dict[str, list[float]] = {hop: [] for hop, _, _ in HOPS}
+    for t0, t1 in spans:
+        at: dict[str, float | None] = {"t0": t0, "t1": t1}
+        previous = t0
+        for label in ("recv", "admitted", "acquired", "wstart", "wend", "settled", "committed"):
+            at[label] = _first_after(stamps.get(label, []), previous, t1)
+            previous = at[label] or previous  # a hook that is gone: measure from the last one
+        at["sent"] = _last_before(stamps.get("sent", []), t1, t0)
+        for hop, a, b in HOPS:
+            if at.get(a) is not None and at.get(b) is not None:
+                hops[hop].append((at[b] - at[a]) * 1000)
+    begins, ends = stamps.get("spawn_begin", []), stamps.get("spawn_end", [])
+    refill = summarize([(e - b) * 1000 for b, e in zip(begins, ends) if e >= b])
+    return {hop: summarize(s) for hop, s in hops.items()}, refill
 
 
-if __name__ == "__main__":
-    main()
+def _first_after(times: list[float], after: float, before: float) -> float | None:
+    i = bisect.bisect_left(times, after)
+    return times[i] if i < len(times) and times[i] <= before else None
+
+
+def _last_before(times: list[float], before: float, after: float) -> float | None:
+    i = bisect.bisect_right(times, before) - 1
+    return times[i] if i >= 0 and times[i] >= after else None
+
+
+# ---- plots ---------------------------------------------------------------------------
+
+def _plot(path: Path, samples: dict[str, list[float]]) -> None:
+    with figure(path, width=8, height=4.5) as ax:
+        for name, values in samples.items():
+            ordered = sorted(values)
+            ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+            ax.step(ordered, ys, where="post", label=name, linewidth=2.5 if name == GENVISOR else 1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("submit → result, ms (log)")
+        ax.set_ylabel("fraction of calls")
+        ax.set_title("One trivial job in a fresh process: genvisor vs peers (same run)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+
+
+def _plot_breakdown(path: Path, breakdown: dict[str, Summary]) -> None:
+    with figure(path, width=8, height=3.2) as ax:
+        left = 0.0
+        for hop, s in breakdown.items():
+            if s.n:
+                ax.barh([0], [s.p50], left=left, label=hop)
+                left += s.p50
+        ax.set_yticks([])
+        ax.set_xlabel("ms (p50 of each hop)")
+        ax.set_title("Where a generation's time goes")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)

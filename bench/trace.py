@@ -1,0 +1,111 @@
+"""A traced daemon: the real `genvisor serve`, with a timestamp taken at each hop of a
+generation, to show where its time goes.
+
+    python -m bench.trace TRACE_DIR serve --endpoint … --config …
+
+Nothing is replaced: a few methods are wrapped to note `time.perf_counter()` (the
+system-wide CLOCK_MONOTONIC on Linux, so client, daemon and worker stamps compare).
+The daemon's stamps are written to TRACE_DIR/daemon.msgpack when it exits; each worker
+appends its run's start and end to TRACE_DIR/workers.txt. A hook whose method has
+gone (the daemon is being changed under us) is skipped and its hop reads n/a.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from genvisor.modes import runtime as _modes_runtime
+
+_TRACE_ENV = "GENVISOR_BENCH_TRACE"
+_stamps: list[tuple[str, float]] = []
+
+
+def _wrap(owner: Any, name: str, label: str, *, at: str = "exit") -> bool:
+    original = getattr(owner, name, None)
+    if original is None:
+        return False
+    note = _stamps.append
+    clock = time.perf_counter
+
+    if inspect.iscoroutinefunction(original):
+        @functools.wraps(original)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if at == "entry":
+                note((label, clock()))
+            result = await original(*args, **kwargs)
+            if at == "exit":
+                note((label, clock()))
+            return result
+    else:
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if at == "entry":
+                note((label, clock()))
+            result = original(*args, **kwargs)
+            if at == "exit" and result is not False:  # RunHandle._settle: False = already settled
+                note((label, clock()))
+            return result
+
+    setattr(owner, name, wrapper)
+    return True
+
+
+def install() -> list[str]:
+    """Wrap the hops of a generation; returns the labels that could not be hooked."""
+    from genvisor.daemon import runtime, server
+    from genvisor.ipc.trio_zmq import TrioSocket
+    from genvisor.supervisor import pool, runs
+
+    server.WORKER_TARGET = "bench.trace:execute"
+    hooks = [
+        (TrioSocket, "recv_multipart", "recv", "exit"),  # a client frame is in
+        (runtime.Runtime, "generate", "admitted", "exit"),  # journaled, spec built, run handed over
+        (runs.Supervisor, "_converse", "acquired", "entry"),  # a spare in hand, Start about to go
+        (runs.RunHandle, "_settle", "settled", "exit"),  # the worker's Finished is read
+        (runtime.Runtime, "_finish", "committed", "exit"),  # outcome committed to the journal
+        (TrioSocket, "send_multipart", "sent", "exit"),  # a frame handed to ZeroMQ
+        (pool.WorkerPool, "_spawn", "spawn_end", "exit"),  # a spare forked and Ready
+        (pool.WorkerPool, "_spawn", "spawn_begin", "entry"),
+    ]
+    return [label for owner, name, label, at in hooks if not _wrap(owner, name, label, at=at)]
+
+
+async def execute(spec: msgspec.Raw, emit: Any) -> Any:
+    """The worker's run target, stamped at its start and end."""
+    started = time.perf_counter()
+    outcome = await _modes_runtime.execute(spec, emit)
+    ended = time.perf_counter()
+    fd = os.open(os.environ[_TRACE_ENV] + "/workers.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{started} {ended}\n".encode())  # one small O_APPEND write: atomic
+    finally:
+        os.close(fd)
+    return outcome
+
+
+execute.warm = _modes_runtime.execute.warm  # type: ignore[attr-defined]
+
+
+def main(argv: list[str]) -> int:
+    trace_dir = Path(argv[0])
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[_TRACE_ENV] = str(trace_dir)  # inherited by the zygote and its workers
+    missing = install()
+    from genvisor.__main__ import main as genvisor_main
+
+    try:
+        return genvisor_main(argv[1:])
+    finally:
+        (trace_dir / "daemon.msgpack").write_bytes(msgspec.msgpack.encode({"stamps": _stamps, "missing": missing}))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
