@@ -39,6 +39,9 @@ def main(argv: list[str]) -> int:
     run_target = _load_target(target)
     for module in preload:  # what workers would otherwise import on first use
         importlib.import_module(module)
+    prepare = getattr(run_target, "prepare", None)
+    if prepare is not None:
+        prepare()  # loaded once here, shared by every worker (see supervisor.worker)
     # Objects that exist now are shared copy-on-write with every worker; keep the
     # collector from touching (and so copying) them in each child.
     gc.freeze()
