@@ -3,8 +3,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +26,18 @@ run: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
-	$(PY) bench/latency.py
+$(BENCH_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@ $(STAMP)
+
+# The benchmarks, never part of `make test` (≈6 min; BENCH_ARGS=--quick for ≈1 min):
+# results.json, results.md and plots in bench/results/<UTC time>/, and bench/results/latest.
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+# Hold the latest run against bench/thresholds.toml; non-zero on a regression.
+bench-check: $(STAMP)
+	$(PY) -m bench.check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

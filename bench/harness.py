@@ -200,3 +200,17 @@ def cpu(daemon: Daemon) -> CPU:
         # The zygote reaps the workers, so their CPU is its children's.
         workers=(z.children_user + z.children_system) if z else 0.0,
     )
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """What a process's open fds are: socket, pipe, anon_inode:[pidfd], a file's name…"""
+    kinds: dict[str, int] = {}
+    base = Path(f"/proc/{pid}/fd")
+    for fd in base.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        kind = target.split(":")[0] if target.startswith(("socket:", "pipe:")) else Path(target).name if target.startswith("/") else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds

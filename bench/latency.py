@@ -103,8 +103,9 @@ HOPS = [
     ("spawn: Start frame → worker runs", "acquired", "wstart"),
     ("run: mode + scripted backend, in the worker", "wstart", "wend"),
     ("result: worker → daemon", "wend", "settled"),
-    ("commit: journal the outcome", "settled", "committed"),
-    ("reply: daemon sends", "committed", "sent"),
+    ("commit: apply the outcome, submit its journal writes", "settled", "committed"),
+    ("commit: journal durable (SQLite batch, off the loop)", "committed", "durable"),
+    ("reply: daemon sends", "durable", "sent"),
     ("reply: → client", "sent", "t1"),
 ]
 
@@ -128,7 +129,7 @@ def traced_breakdown(ctx, n: int) -> tuple[dict[str, Summary], Summary]:
     for t0, t1 in spans:
         at: dict[str, float | None] = {"t0": t0, "t1": t1}
         previous = t0
-        for label in ("recv", "admitted", "acquired", "wstart", "wend", "settled", "committed"):
+        for label in ("recv", "admitted", "acquired", "wstart", "wend", "settled", "committed", "durable"):
             at[label] = _first_after(stamps.get(label, []), previous, t1)
             previous = at[label] or previous  # a hook that is gone: measure from the last one
         at["sent"] = _last_before(stamps.get("sent", []), t1, t0)

@@ -60,7 +60,7 @@ def _wrap(owner: Any, name: str, label: str, *, at: str = "exit") -> bool:
 
 def install() -> list[str]:
     """Wrap the hops of a generation; returns the labels that could not be hooked."""
-    from genvisor.daemon import runtime, server
+    from genvisor.daemon import durable, runtime, server
     from genvisor.ipc.trio_zmq import TrioSocket
     from genvisor.supervisor import pool, runs
 
@@ -70,7 +70,8 @@ def install() -> list[str]:
         (runtime.Runtime, "generate", "admitted", "exit"),  # journaled, spec built, run handed over
         (runs.Supervisor, "_converse", "acquired", "entry"),  # a spare in hand, Start about to go
         (runs.RunHandle, "_settle", "settled", "exit"),  # the worker's Finished is read
-        (runtime.Runtime, "_finish", "committed", "exit"),  # outcome committed to the journal
+        (runtime.Runtime, "_finish", "committed", "exit"),  # outcome applied, its journal writes submitted
+        (durable.DurableLog, "_commit", "durable", "exit"),  # a batch of journal writes is durable
         (TrioSocket, "send_multipart", "sent", "exit"),  # a frame handed to ZeroMQ
         (pool.WorkerPool, "_spawn", "spawn_end", "exit"),  # a spare forked and Ready
         (pool.WorkerPool, "_spawn", "spawn_begin", "entry"),
