@@ -77,10 +77,19 @@ class FramedChannel(Generic[T]):
             frame = self._reader.next_frame()
             if frame is not None:
                 return self._decoder.decode(frame)
-            data = await self._stream.receive_some(256 * 1024)
+            try:
+                data = await self._stream.receive_some(256 * 1024)
+            except trio.BrokenResourceError:
+                # A peer that died with our last frame unread resets the connection
+                # (ECONNRESET) instead of closing it: the same end, said differently.
+                return None
             if not data:
                 return None
             self._reader.feed(data)
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    def close(self) -> None:
+        """`aclose` for code that cannot await (nothing may be using the channel)."""
+        self._stream.socket.close()

@@ -227,6 +227,20 @@ class WorkerPool:
         done = trio.Event()
         answer: list[Any] = []
         self._pending[token] = (done, answer)
+        try:
+            return await self._start_worker(zygote, token, done, answer, ours, theirs)
+        except BaseException:
+            # Failed, or cancelled (a run canceled while it waited for its worker):
+            # leave no socket and no worker behind. One the zygote has not reported yet
+            # is killed when it is, as its token is no longer pending; one it has is
+            # ours to kill while registered (unreaped, so its pid is still its own).
+            self._pending.pop(token, None)
+            ours.close()
+            if answer and isinstance(answer[0], Spawned) and answer[0].pid in self._workers:
+                _kill(answer[0].pid)
+            raise
+
+    async def _start_worker(self, zygote: _Zygote, token: int, done: trio.Event, answer: list[Any], ours: socket.socket, theirs: socket.socket) -> Worker:
         started = time.perf_counter()
         try:
             await zygote.control.sendmsg(
@@ -234,7 +248,6 @@ class WorkerPool:
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
             )
         except OSError as exc:
-            ours.close()
             raise WorkersUnavailable(f"zygote unreachable: {exc}") from None
         finally:
             theirs.close()
@@ -242,13 +255,11 @@ class WorkerPool:
             await done.wait()
         self._pending.pop(token, None)
         if not answer or isinstance(answer[0], SpawnFailed):
-            ours.close()
             raise WorkersUnavailable(answer[0].error if answer else "zygote did not answer a spawn")
         pid = answer[0].pid
         # _on_zygote_frame registered the pid, so an exit before now is not lost.
         worker = self._workers.get(pid)
         if worker is None:
-            ours.close()
             raise WorkersUnavailable(f"worker {pid} exited before it was ready")
         worker.channel = FramedChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), FromWorker)
         worker.spawned_at = started
@@ -257,7 +268,6 @@ class WorkerPool:
             ready = await worker.channel.receive()
         if not isinstance(ready, Ready):
             worker.signal_group(signal.SIGKILL)
-            await worker.channel.aclose()
             raise WorkersUnavailable(f"worker {pid} died before it was ready: {worker.exit_details()}")
         self.workers_spawned += 1
         self.on_spawn(time.perf_counter() - started)
@@ -344,7 +354,9 @@ class WorkerPool:
             pending = self._pending.get(frame.token)
             if pending is None:
                 if isinstance(frame, Spawned):  # its spawner gave up waiting: do not leak it
-                    os.kill(frame.pid, signal.SIGKILL)  # unreaped until the zygote reports it
+                    # It may be gone already: its channel's end closed, and it exits
+                    # when it sees that (the zygote reaps first and reports after).
+                    _kill(frame.pid)
                 return
             if isinstance(frame, Spawned):
                 # Register before anyone awaits: the worker may exit at once.
@@ -373,6 +385,13 @@ class WorkerPool:
         if zygote is not None and pid == zygote.pid:
             log.log(logging.INFO if self._closing else logging.ERROR, "zygote %d exited: %s", pid, linux.describe_wait_status(status))
             zygote.gone.set()
+            # Its spares die with it (PDEATHSIG), but may not have yet: off the shelf
+            # now, so no run is handed a worker that is about to die.
+            for spare in self._spares:
+                spare.signal_group(signal.SIGKILL)
+                spare.channel.close()
+            self._spares.clear()
+            self._refill.set()
             return
         worker = self._workers.pop(pid, None)
         if worker is None:
@@ -385,6 +404,7 @@ class WorkerPool:
         worker.exited.set()
         if worker in self._spares:
             self._spares.remove(worker)
+            worker.channel.close()  # no run will: it never had one
             self._refill.set()
 
 
