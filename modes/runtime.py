@@ -41,8 +41,18 @@ async def _warm() -> None:
     _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard))
 
 
+def _prepare() -> None:
+    """Run once in the zygote before it forks (see supervisor.worker): read the mode
+    registry's entry points, and make a dry run so that what a first run builds
+    lazily (msgspec's resolved types, trio's and the mode's caches) is built there
+    and shared, not rebuilt in every worker. A Trio run that has returned leaves no
+    loop and, without `to_thread`, no thread behind, so the zygote may still fork."""
+    registry()
+    trio.run(_warm)
+
+
 execute.warm = _warm  # type: ignore[attr-defined]
-execute.prepare = registry  # type: ignore[attr-defined]  # entry points read once, in the zygote
+execute.prepare = _prepare  # type: ignore[attr-defined]
 _encoder = msgspec.msgpack.Encoder()
 
 

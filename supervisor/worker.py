@@ -12,8 +12,9 @@ target has a `warm` attribute (`async def warm() -> None`), a spare awaits it be
 announcing itself: the first pass through the code copies the pages it touches
 (copy-on-write after fork), and that is better paid before a run than during one.
 If it has a `prepare` attribute (a plain function), the zygote calls it once before
-it forks any worker: what it loads (say, a registry read from package metadata, ≈8 ms
-of CPU) is then inherited by every worker instead of redone in each.
+it forks any worker: what it loads or builds (say, a registry read from package
+metadata, ≈8 ms of CPU, or caches a first run fills) is then inherited by every worker
+instead of redone in each. It must leave no thread running (fork would lose it).
 """
 
 from __future__ import annotations
