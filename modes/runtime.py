@@ -41,14 +41,22 @@ async def _warm() -> None:
     _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard))
 
 
+# Dry runs in the zygote: the first builds what a run builds lazily (msgspec's resolved
+# types, trio's and the mode's caches); the next ones let CPython 3.11 finish
+# specializing the bytecode, whose counters are writes — copy-on-write faults in every
+# worker. 20 cut a worker's faults in its first run by ≈9% (865 → 786), ≈20 ms once.
+PREPARE_DRY_RUNS = 20
+
+
 def _prepare() -> None:
     """Run once in the zygote before it forks (see supervisor.worker): read the mode
-    registry's entry points, and make a dry run so that what a first run builds
-    lazily (msgspec's resolved types, trio's and the mode's caches) is built there
-    and shared, not rebuilt in every worker. A Trio run that has returned leaves no
-    loop and, without `to_thread`, no thread behind, so the zygote may still fork."""
+    registry's entry points, and make dry runs, so that what a run builds or writes
+    first is done there and shared, not redone in every worker. A Trio run that has
+    returned leaves no loop and, without `to_thread`, no thread behind, so the zygote
+    may still fork."""
     registry()
-    trio.run(_warm)
+    for _ in range(PREPARE_DRY_RUNS):
+        trio.run(_warm)
 
 
 execute.warm = _warm  # type: ignore[attr-defined]
