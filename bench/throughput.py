@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import peers
-from bench.harness import Daemon, daemon_config
+from bench.harness import Daemon, cpu, daemon_config
 from bench.loops import closed_loop, genvisor_caller, peer_caller
 from bench.report import Result, Table, figure
 from bench.stats import fmt, fmt_ratio, ratio, summarize
@@ -23,10 +23,13 @@ def run(ctx) -> Result:
     rates: dict[str, dict[int, float]] = {GENVISOR: {}}
     p99: dict[str, dict[int, float]] = {GENVISOR: {}}
     errors = 0
+    cpu_ms: dict[int, dict[str, float]] = {}
     with Daemon(ctx.dir("throughput"), daemon_config(max_active=64, max_queued=256)) as daemon:
         for clients in CLIENTS:
             # genvisor and its peers back to back at each level, so drift hits them alike
+            before = cpu(daemon)
             loop = closed_loop(genvisor_caller(daemon.endpoint, f"tp{clients}"), clients, seconds)
+            cpu_ms[clients] = before.per_item_ms(cpu(daemon), loop.completed)
             rates[GENVISOR][clients], p99[GENVISOR][clients] = loop.per_s, summarize(loop.latencies_ms).p99
             errors += loop.errors
             for name in peers.THROUGHPUT_PEERS:
@@ -42,22 +45,30 @@ def run(ctx) -> Result:
     rows = [[name, *(fmt(r[c], 0) for c in CLIENTS), *(fmt_ratio(ratio(r[c], rates[GENVISOR][c])) for c in CLIENTS)]
             for name, r in rates.items()]
     lat_rows = [[name, *(fmt(q[c], 1) for c in CLIENTS)] for name, q in p99.items()]
+    parts = list(cpu_ms[CLIENTS[0]])
+    cpu_rows = [[part, *(fmt(cpu_ms[c][part]) for c in CLIENTS)] for part in parts]
+    cpu_rows.append(["all", *(fmt(sum(cpu_ms[c].values())) for c in CLIENTS)])
+    cpu_rows.append(["→ ceiling on 2 cores, /s", *(fmt(2000 / sum(cpu_ms[c].values()), 0) for c in CLIENTS)])
     _plot(ctx.out / "throughput.png", rates)
     return Result(
         name="throughput",
         tables=[
             Table("Closed-loop throughput, generations (jobs)/s", columns, rows),
             Table("Latency p99 under that load, ms", ["path", *(f"{c} clients" for c in CLIENTS)], lat_rows),
+            Table("genvisor CPU per generation by process, ms", ["process", *(f"{c} clients" for c in CLIENTS)], cpu_rows,
+                  note="From the kernel's accounting (the workers' is the zygote's reaped children's). Throughput is "
+                       "bounded by these CPU-ms on two cores shared with the client and the rest of the machine."),
         ],
         metrics={
             "throughput.peak_per_s": peak,
             "throughput.peak_vs_best_peer": ratio(peak, best_peer),
             "throughput.errors": errors,
             **{f"throughput.c{c}_per_s": rates[GENVISOR][c] for c in CLIENTS},
+            "throughput.cpu_ms_per_generation": sum(cpu_ms[8].values()),
         },
         plots=["throughput.png"],
         notes=[f"{seconds} s per level after a warm-up; errors: {errors}."],
-        data={"rates": rates, "p99_ms": p99},
+        data={"rates": rates, "p99_ms": p99, "cpu_ms": cpu_ms},
     )
 
 
