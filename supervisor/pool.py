@@ -90,6 +90,9 @@ class _Zygote:
     def __init__(self, pid: int, control: trio.socket.SocketType) -> None:
         self.pid = pid
         self.control = control
+        # Spawns are requested concurrently; Trio lets one task at a time wait to send
+        # on a socket, and with the zygote busy forking its buffer does fill (1 000 runs).
+        self.send_lock = trio.Lock()
         self.hello = trio.Event()
         self.gone = trio.Event()
         self.started_at = time.monotonic()
@@ -243,10 +246,11 @@ class WorkerPool:
     async def _start_worker(self, zygote: _Zygote, token: int, done: trio.Event, answer: list[Any], ours: socket.socket, theirs: socket.socket) -> Worker:
         started = time.perf_counter()
         try:
-            await zygote.control.sendmsg(
-                [_encoder.encode(Spawn(token=token))],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
-            )
+            async with zygote.send_lock:
+                await zygote.control.sendmsg(
+                    [_encoder.encode(Spawn(token=token))],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
+                )
         except OSError as exc:
             raise WorkersUnavailable(f"zygote unreachable: {exc}") from None
         finally:

@@ -80,3 +80,34 @@ def test_no_daemon_means_daemon_unavailable(tmp_path):
     with Client(f"ipc://{tmp_path}/nobody.sock", timeout_ms=100) as client:
         with pytest.raises(DaemonUnavailable):
             client.ping()
+
+
+async def test_runs_starting_at_once_wait_their_turn_to_ask_the_zygote_for_a_worker():
+    """With the zygote's control buffer full (it forks one worker at a time), spawn
+    requests queue for the socket instead of crashing the pool (BusyResourceError)."""
+    import socket
+
+    import msgspec
+    import trio
+
+    from genvisor.daemon.server import WORKER_TARGET
+    from genvisor.modes.llm import BackendConfig, LLMRequest, RunSpec
+    from genvisor.supervisor.pool import WorkerPool
+    from genvisor.supervisor.runs import Completed, Supervisor
+    from genvisor.types import ContextMessage
+
+    spec = msgspec.msgpack.encode(RunSpec(
+        ref="gen_t", run_id="run_t", conversation_id="c", mode="coding", request_id="q",
+        request=LLMRequest([ContextMessage("user", "x")], BackendConfig("scripted", "scripted")),
+    ))
+    pool = WorkerPool(target=WORKER_TARGET, spares=0)
+    supervisor = Supervisor(pool, cancel_grace_s=2.0, term_grace_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        pool._zygote.control.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum: full at once
+        handles = [supervisor.start_run(spec, on_progress=lambda _event: None, deadline=None) for _ in range(40)]
+        outcomes = [await handle.wait() for handle in handles]
+        for handle in handles:
+            await handle.cleaned_up.wait()
+        nursery.cancel_scope.cancel()
+    assert all(isinstance(outcome, Completed) for outcome in outcomes), outcomes
