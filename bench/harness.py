@@ -137,6 +137,15 @@ class Daemon:
         while len(self.workers()) < wanted and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Until no run is active and the spares are back (polled, with a deadline):
+        the state to count fds and processes in, with nothing in flight."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while client.status().active_runs and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.wait_for_spares(max(0.0, deadline - time.monotonic()))
+
     def rss_mib(self) -> float:
         return self.ps.memory_info().rss / MIB
 

@@ -4,6 +4,7 @@ returns, for a fixed time; the same driver for genvisor and the peers."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from typing import Callable, ContextManager
@@ -67,16 +68,18 @@ def closed_loop(open_caller: OpenCaller, clients: int, seconds: float, warmup: i
     return LoopResult(clients, len(flat), elapsed, sum(errors), flat)
 
 
-def genvisor_caller(endpoint: str, prefix: str) -> OpenCaller:
-    """Client `i` generates in its own conversation (one active run per conversation)."""
+def genvisor_caller(endpoint: str, prefix: str, rotate: int = 1) -> OpenCaller:
+    """Client `i` generates in its own conversations (one active run per conversation),
+    taking `rotate` of them in turn: a soak spreads its turns, as a conversation's
+    history is in every reply and makes its turns slower as it grows."""
 
     @contextlib.contextmanager
     def open_caller(i: int):
         with Client(endpoint, timeout_ms=120_000) as client:
-            conv = f"{prefix}-{i}"
+            turns = itertools.count()
 
             def call() -> None:
-                client.send_and_generate(conv, "hello")
+                client.send_and_generate(f"{prefix}-{i}-{next(turns) % rotate}", "hello")
 
             yield call
 

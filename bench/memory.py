@@ -21,6 +21,10 @@ from bench.stats import fmt, fmt_ratio, ratio, summarize
 # Generation outcomes are kept awaitable for `outcome_retention_s` (600 s by default);
 # a soak of thousands would measure that retention, not a leak. Keep them 1 s here.
 SOAK_CONFIG = "\n[generations]\noutcome_retention_s = 1.0\n"
+# Conversations per soak client, taken in turn: ≈12 turns each over 10 000 generations.
+# One conversation per client would measure its growing history (in every reply), not
+# the daemon's per-generation cost.
+ROTATE = 100
 
 
 def bare_interpreter_rss_mib() -> float:
@@ -62,7 +66,8 @@ def run(ctx) -> Result:
     projected = idle + per_conv_kib * 10_000 / 1024  # the 10 000 of the target, from a quick run's count
 
     with Daemon(ctx.dir("memory-soak"), daemon_config() + SOAK_CONFIG) as daemon:
-        closed_loop(genvisor_caller(daemon.endpoint, "soak"), 8, 1.0)  # warm: allocator, caches
+        closed_loop(genvisor_caller(daemon.endpoint, "soak", ROTATE), 8, 1.0)  # warm: allocator, caches
+        daemon.wait_idle()
         rss0, fds0, procs0 = daemon.rss_mib(), daemon.fds(), len(daemon.ps.children(recursive=True))
         kinds0 = fd_kinds(daemon.ps.pid)
         trace: list[tuple[float, int, float, int]] = []
@@ -80,10 +85,12 @@ def run(ctx) -> Result:
         done.set()
         sampler.join()
         time.sleep(1.5)  # measuring: let retained outcomes (1 s here) expire
+        daemon.wait_idle()
         rss1, fds1, procs1 = daemon.rss_mib(), daemon.fds(), len(daemon.ps.children(recursive=True))
         kinds1 = fd_kinds(daemon.ps.pid)
     fd_change = {k: kinds1.get(k, 0) - kinds0.get(k, 0) for k in {*kinds0, *kinds1} if kinds1.get(k, 0) != kinds0.get(k, 0)}
 
+    growth_kib = (rss1 - rss0) * 1024 / max(1, loop.completed)
     rows = [
         ["bare interpreter: import trio, zmq, msgspec (peer)", fmt(bare, 1), "1.00×"],
         ["daemon, idle (journal on, 4 spare workers)", fmt(idle, 1), fmt_ratio(ratio(idle, bare))],
@@ -97,6 +104,7 @@ def run(ctx) -> Result:
         ["daemon RSS, MiB", fmt(rss0, 1), fmt(rss1, 1), fmt_ratio(ratio(rss1, rss0))],
         ["daemon open fds", str(fds0), str(fds1), fmt_ratio(ratio(fds1, fds0))],
         ["daemon's descendant processes", str(procs0), str(procs1), fmt_ratio(ratio(procs1, procs0))],
+        ["RSS growth per generation, KiB", "–", fmt(growth_kib), fmt_ratio(ratio(growth_kib, per_conv_kib)) + " an idle conversation"],
     ]
     _plot(ctx.out / "memory.png", trace)
     return Result(
@@ -106,7 +114,9 @@ def run(ctx) -> Result:
                   note=f"{conversations:,} conversations added in {conv_seconds:.1f} s (each: a user message and a recorded reply, journaled)."),
             Table(f"Before and after {loop.completed:,} generations (8 clients, {loop.per_s:.0f}/s, {loop.errors} errors)",
                   ["", "before", "after", "after / before"], soak_rows,
-                  note=f"fds that changed, by kind: {fd_change or 'none'}."),
+                  note=f"Counted idle (no run active, spares back). fds that changed, by kind: {fd_change or 'none'}. "
+                       "The daemon keeps every conversation's journal in memory, so RSS grows by what a turn adds to it "
+                       "(a user message, a reply, two run notes): compare with an idle conversation's two messages."),
         ],
         metrics={
             "memory.idle_rss_mib": idle,
@@ -115,6 +125,8 @@ def run(ctx) -> Result:
             "memory.per_conversation_kib": per_conv_kib,
             "memory.worker_uss_mib": worker_uss.p50,
             "memory.rss_growth_after_generations": ratio(rss1, rss0),
+            "memory.rss_growth_per_generation_kib": growth_kib,
+            "memory.rss_growth_per_generation_vs_conversation": ratio(growth_kib, per_conv_kib),
             "memory.fd_growth_after_generations": float(fds1 - fds0),
             "memory.soak_errors": float(loop.errors),
         },
@@ -128,7 +140,7 @@ def _soak(daemon: Daemon, count: int, counter: dict[str, int]):
     from bench.loops import LoopResult
 
     done = []
-    caller = genvisor_caller(daemon.endpoint, "soak")
+    caller = genvisor_caller(daemon.endpoint, "soak", ROTATE)
     begin = time.perf_counter()
     errors = 0
     while counter["n"] < count and time.perf_counter() - begin < 600:
