@@ -211,6 +211,8 @@ def _plot(path: Path, levels: list[Level], capacity: float) -> None:
         axes[2].set_ylim(0, 1)
         for ax in axes:
             ax.set_xscale("log")
+            ax.set_xticks(LOADS, [f"{x:g}" for x in LOADS])
+            ax.minorticks_off()
             ax.set_xlabel("offered load × capacity")
             ax.axvline(1.0, color="red", alpha=0.3)
             ax.grid(True, alpha=0.3)
