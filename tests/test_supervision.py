@@ -111,3 +111,32 @@ async def test_runs_starting_at_once_wait_their_turn_to_ask_the_zygote_for_a_wor
             await handle.cleaned_up.wait()
         nursery.cancel_scope.cancel()
     assert all(isinstance(outcome, Completed) for outcome in outcomes), outcomes
+
+
+async def test_runs_waiting_for_a_worker_get_one_in_arrival_order():
+    """A new worker goes to the run waiting longest: with waiters woken to race for it,
+    newcomers kept winning and, under 32 clients, some runs waited seconds."""
+    import trio
+    import trio.testing
+
+    from genvisor.daemon.server import WORKER_TARGET
+    from genvisor.supervisor.pool import WorkerPool
+
+    pool = WorkerPool(target=WORKER_TARGET, spares=0)
+    served: list[int] = []
+    workers = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+
+        async def acquire(i: int) -> None:
+            workers.append(await pool.acquire())
+            served.append(i)
+
+        async with trio.open_nursery() as waiting:
+            for i in range(6):
+                waiting.start_soon(acquire, i)
+                await trio.testing.wait_all_tasks_blocked()  # i is queued before i + 1 arrives
+        for worker in workers:
+            await worker.channel.aclose()  # the worker exits: its run will never come
+        nursery.cancel_scope.cancel()
+    assert served == list(range(6))
