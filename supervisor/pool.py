@@ -261,10 +261,10 @@ class WorkerPool:
         try:
             return await self._start_worker(zygote, token, done, answer, ours, theirs)
         except BaseException:
-            # Failed, or cancelled (a run canceled while it waited for its worker):
-            # leave no socket and no worker behind. One the zygote has not reported yet
-            # is killed when it is, as its token is no longer pending; one it has is
-            # ours to kill while registered (unreaped, so its pid is still its own).
+            # Failed, or cancelled (the pool closing): leave no socket and no worker
+            # behind. One the zygote has not reported yet is killed when it is, as its
+            # token is no longer pending; one it has is ours to kill while registered
+            # (unreaped, so its pid is still its own).
             self._pending.pop(token, None)
             ours.close()
             if answer and isinstance(answer[0], Spawned) and answer[0].pid in self._workers:
