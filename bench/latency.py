@@ -99,7 +99,7 @@ def run(ctx) -> Result:
 HOPS = [
     ("client → daemon", "t0", "recv"),
     ("admit: journal the message, build the run spec", "recv", "admitted"),
-    ("spawn: hand the run to a spare worker", "admitted", "acquired"),
+    ("spawn: admission slot, then a spare worker for the run", "admitted", "acquired"),
     ("spawn: Start frame → worker runs", "acquired", "wstart"),
     ("run: mode + scripted backend, in the worker", "wstart", "wend"),
     ("result: worker → daemon", "wend", "settled"),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.harness import MIB, Daemon, daemon_config, fd_kinds, uss_mib
-from bench.loops import closed_loop, genvisor_caller
+from bench.loops import LoopResult, closed_loop, genvisor_caller
 from bench.report import Result, Table, figure
 from bench.stats import fmt, fmt_ratio, ratio, summarize
 
@@ -135,11 +135,9 @@ def run(ctx) -> Result:
     )
 
 
-def _soak(daemon: Daemon, count: int, counter: dict[str, int]):
-    """8 closed-loop clients until `count` generations are done (time-boxed at 10 min)."""
-    from bench.loops import LoopResult
-
-    done = []
+def _soak(daemon: Daemon, count: int, counter: dict[str, int]) -> LoopResult:
+    """8 closed-loop clients, in 2 s rounds (new clients each: connection churn too),
+    until `count` generations are done (time-boxed at 10 min)."""
     caller = genvisor_caller(daemon.endpoint, "soak", ROTATE)
     begin = time.perf_counter()
     errors = 0
@@ -147,7 +145,6 @@ def _soak(daemon: Daemon, count: int, counter: dict[str, int]):
         chunk = closed_loop(caller, 8, 2.0, warmup=0)
         counter["n"] += chunk.completed
         errors += chunk.errors
-        done.append(chunk.completed)
     return LoopResult(8, counter["n"], time.perf_counter() - begin, errors, [])
 
 

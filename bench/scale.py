@@ -17,7 +17,7 @@ from pathlib import Path
 
 from genvisor.types import GenerationResult
 
-from bench.harness import MIB, Daemon, daemon_config, uss_mib
+from bench.harness import Daemon, daemon_config, uss_mib
 from bench.report import Result, Table, figure
 from bench.stats import fmt
 
