@@ -30,7 +30,7 @@ $(BENCH_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@ $(STAMP)
 
-# The benchmarks, never part of `make test` (≈6 min; BENCH_ARGS=--quick for ≈1 min):
+# The benchmarks, never part of `make test` (≈5 min; BENCH_ARGS=--quick for ≈1.5 min):
 # results.json, results.md and plots in bench/results/<UTC time>/, and bench/results/latest.
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
