@@ -62,11 +62,11 @@ class Daemon:
 
     def __enter__(self) -> Daemon:
         env = {**os.environ, "GENVISOR_LOG_LEVEL": "WARNING"}
-        # The traced daemon (bench.trace) is the same daemon with timestamps taken at
+        # The traced daemon (bench.traced_daemon) is the same daemon with timestamps taken at
         # each hop of a generation. It runs in the repo so that it, and the zygote it
         # starts with `python -m`, import `bench`; others run elsewhere, so `python`
         # may be another venv's (an A/B run) without this tree shadowing its genvisor.
-        entry = ["-m", "bench.trace", str(self.traced)] if self.traced else ["-m", "genvisor"]
+        entry = ["-m", "bench.traced_daemon", str(self.traced)] if self.traced else ["-m", "genvisor"]
         argv = [self.python, *entry, "serve", "--endpoint", self.endpoint,
                 "--config", str(self.directory / "genvisor.toml"), "--state-dir", str(self.directory / "state")]
         log = open(self.directory / "daemon.log", "ab")

@@ -4,7 +4,7 @@ genvisor: `send_and_generate` on the zero-delay scripted backend, a fresh worker
 generation, journal on, one client, one call at a time. Peers: the same trivial job
 through pools whose every process runs one job (bench.peers). Rounds interleave the
 rows so drift on a shared machine hits them alike. A second, traced daemon
-(bench.trace) gives the breakdown of where a generation's time goes.
+(bench.traced_daemon) gives the breakdown of where a generation's time goes.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def run(ctx) -> Result:
         tables=[
             Table("Generation latency, ms (one call at a time)", ["path", "n", "p50", "p90", "p99", "max", "p50 × genvisor", "p99 × genvisor"], rows),
             Table("Where a generation's time goes (traced daemon, ms)", ["hop", "p50", "p90", "p99", "share of p50 sum"], hop_rows,
-                  note="A second daemon with timestamps at each hop (bench/trace.py); its p50s sum to a little more than the untraced p50."),
+                  note="A second daemon with timestamps at each hop (bench/traced_daemon.py); its p50s sum to a little more than the untraced p50."),
         ],
         metrics={
             "latency.p50_ms": base.p50,

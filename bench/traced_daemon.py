@@ -1,7 +1,7 @@
 """A traced daemon: the real `genvisor serve`, with a timestamp taken at each hop of a
 generation, to show where its time goes.
 
-    python -m bench.trace TRACE_DIR serve --endpoint … --config …
+    python -m bench.traced_daemon TRACE_DIR serve --endpoint … --config …
 
 Nothing is replaced: a few methods are wrapped to note `time.perf_counter()` (the
 system-wide CLOCK_MONOTONIC on Linux, so client, daemon and worker stamps compare).
@@ -64,7 +64,7 @@ def install() -> list[str]:
     from genvisor.ipc.trio_zmq import TrioSocket
     from genvisor.supervisor import pool, runs
 
-    server.WORKER_TARGET = "bench.trace:execute"
+    server.WORKER_TARGET = "bench.traced_daemon:execute"
     hooks = [
         (TrioSocket, "recv_multipart", "recv", "exit"),  # a client frame is in
         (runtime.Runtime, "generate", "admitted", "exit"),  # journaled, spec built, run handed over

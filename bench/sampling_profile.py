@@ -1,5 +1,5 @@
-"""`python -m bench.profile [--seconds 8] [--clients 8] [--out DIR]`: where the CPU of a
-generation goes, by process, sampled with py-spy (the `bench` extra installs it).
+"""`python -m bench.sampling_profile [--seconds 8] [--clients 8] [--out DIR]`: where the
+CPU of a generation goes, by process, sampled with py-spy (the `bench` extra installs it).
 
 A daemon under closed-loop load is recorded with `py-spy record --subprocesses`
 (the daemon, its zygote and every worker), and the samples are summed per process
@@ -54,7 +54,7 @@ def summarize_raw(raw: Path, top: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.sampling_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
