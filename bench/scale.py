@@ -26,7 +26,7 @@ def run(ctx) -> Result:
     n = ctx.n(full=1000, quick=200)
     delay_ms = ctx.n(full=20_000, quick=6_000)
     config = daemon_config(max_active=n, max_queued=64)
-    samples: list[tuple[float, int, int]] = []  # (t, live workers, active runs)
+    samples: list[tuple[float, int, int]] = []  # (t, workers running a generation, active runs)
     with Daemon(ctx.dir("scale"), config) as daemon:
         baseline = len(daemon.workers())
         done = threading.Event()
@@ -38,8 +38,9 @@ def run(ctx) -> Result:
                 while not done.is_set():
                     workers = daemon.workers()
                     status = client.status()
-                    samples.append((time.perf_counter() - start, len(workers), status.active_runs))
-                    if len(workers) >= n and "workers_uss_mib" not in peak_memory:
+                    running = len(workers) - status.spare_workers  # spares wait for a run: not running one
+                    samples.append((time.perf_counter() - start, running, status.active_runs))
+                    if running >= n and "workers_uss_mib" not in peak_memory:
                         peak_memory["daemon_rss_mib"] = daemon.rss_mib()
                         peak_memory["workers_uss_mib"] = sum(u for w in workers if (u := uss_mib(w)) is not None)
                     done.wait(0.1)
@@ -75,7 +76,7 @@ def run(ctx) -> Result:
     all_running_at = next((t for t, w, _ in samples if w >= n), float("nan"))
     rows = [
         ["generations submitted", str(n), f"in {submitted_s:.2f} s"],
-        ["peak live worker processes", str(peak_workers), f"all {n} running {all_running_at:.1f} s after the first submit" if peak_workers >= n else "never all at once"],
+        ["peak workers running a generation (spares not counted)", str(peak_workers), f"all {n} running {all_running_at:.1f} s after the first submit" if peak_workers >= n else "never all at once"],
         ["peak active runs (status)", str(peak_active), f"max_active {n}"],
         ["completed / failed / no result", f"{n - errors - missing} / {errors} / {missing}", f"last result {finished_s:.1f} s after the first submit (delay {delay_ms / 1000:.0f} s)"],
         ["daemon RSS at the peak, MiB", fmt(peak_memory.get("daemon_rss_mib"), 1), "–"],
@@ -100,7 +101,7 @@ def run(ctx) -> Result:
 
 def _plot(path: Path, samples: list[tuple[float, int, int]], n: int) -> None:
     with figure(path, width=7, height=3.5) as ax:
-        ax.plot([s[0] for s in samples], [s[1] for s in samples], label="live worker processes")
+        ax.plot([s[0] for s in samples], [s[1] for s in samples], label="workers running a generation")
         ax.plot([s[0] for s in samples], [s[2] for s in samples], label="active runs (status)", linestyle="--")
         ax.axhline(n, color="grey", linestyle=":", label=f"{n}")
         ax.set_xlabel("s since the first submit")
