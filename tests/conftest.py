@@ -202,6 +202,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def worker_of(tag: str, timeout_s: float = 10.0) -> int:
+    """The worker of the run that started the process tagged `tag`: the leader of its
+    process group (each worker is its own session and group)."""
+    deadline = time.monotonic() + timeout_s
+    while (proc := find_tagged(tag)) is None:
+        assert time.monotonic() < deadline, f"no process tagged {tag}"
+    return os.getpgid(proc.pid)
+
+
 def find_tagged(tag: str) -> psutil.Process | None:
     """The process whose command line carries `tag` (a `spawn` argv marks a run): as
     `sh -c "…; exec sleep TAG"` until the exec, as `sleep TAG` after — the same pid."""

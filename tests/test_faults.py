@@ -11,17 +11,8 @@ import time
 import psutil
 import pytest
 
-from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_exit, wait_for_group_gone, wait_for_marker
+from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_exit, wait_for_group_gone, wait_for_marker, worker_of
 from genvisor.errors import GenerationCanceled, LLMError, NotFound, Overloaded
-
-
-def _worker_of(tag: str) -> int:
-    """The worker running the run that started the process tagged `tag`: the leader of
-    its process group (each worker is its own session and group)."""
-    deadline = time.monotonic() + 10
-    while (proc := find_tagged(tag)) is None:
-        assert time.monotonic() < deadline, f"no process tagged {tag}"
-    return os.getpgid(proc.pid)
 
 
 def _wait_idle(daemon: Daemon, spares: int = 1) -> None:
@@ -87,7 +78,7 @@ def test_a_worker_killed_at_any_step_is_a_typed_failure_that_changes_nothing(sha
         before = client.conversation_messages(conv)
         ref = client.generate_assistant_reply(conv, **options)
         wait_for_marker(fifo)
-        worker = _worker_of(tag)
+        worker = worker_of(tag)
         os.kill(worker, signal.SIGKILL)
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker
+from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker, worker_of
 from genvisor.errors import DaemonUnavailable, LLMError
 from genvisor.types import GenerationCanceled as CanceledNote
 
@@ -59,10 +58,7 @@ def test_a_worker_killed_by_the_os_mid_run_is_a_crash_with_its_signal(daemon, co
         client.send_user_message(conv, "hi")
         ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
         wait_for_marker(fifo)
-        deadline = time.monotonic() + 10
-        while (marker := find_tagged(tag)) is None:
-            assert time.monotonic() < deadline, f"no process tagged {tag}"
-        worker = os.getpgid(marker.pid)  # each worker leads its run's process group
+        worker = worker_of(tag)
         os.kill(worker, signal.SIGKILL)
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
