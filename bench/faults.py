@@ -1,12 +1,12 @@
 """The long fault run: worker kills, daemon kills, cancels in a row — and what they cost.
 
-    python bench/faults.py                      # 1000 worker kills, 200 daemon kills, 10000 cancels
-    python bench/faults.py --worker-kills 50 --daemon-kills 10 --cancels 500   # a quick one
+    python -m bench.faults                      # 1000 worker kills, 200 daemon kills, 10000 cancels
+    python -m bench.faults --worker-kills 50 --daemon-kills 10 --cancels 500   # a quick one
 
 Each fault is checked, not just caused; the table counts what must stay zero:
 daemon crashes, processes left behind, acknowledged messages lost, messages
 duplicated, runs not resolved exactly once, cleanup failures. Frames are fuzzed by
-bench/fuzz_frames.py. Exits 1 if any count that must be zero is not.
+`python -m bench.fuzz_frames`. Exits 1 if any count that must be zero is not.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import argparse
 import collections
 import os
 import random
-import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,109 +23,26 @@ from pathlib import Path
 
 import psutil
 
-from genvisor.client import Client
-from genvisor.errors import DaemonUnavailable, GenerationCanceled, LLMError
-
-CONFIG = """
-[workers]
-spares = 2
-cancel_grace_ms = 300
-term_grace_ms = 300
-"""
-
-
-class Daemon:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.endpoint = f"ipc://{directory}/genvisor.sock"
-        (directory / "genvisor.toml").write_text(CONFIG)
-        self.process: subprocess.Popen | None = None
-        self.unexpected_exits = 0
-
-    def start(self) -> None:
-        log = open(self.directory / "daemon.log", "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint,
-             "--config", str(self.directory / "genvisor.toml"), "--state-dir", str(self.directory / "state")],
-            stdout=log, stderr=log,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            with Client(self.endpoint, timeout_ms=250) as client:
-                try:
-                    client.ping()
-                    return
-                except DaemonUnavailable:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"the daemon did not start; see {self.directory}/daemon.log")
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            self.unexpected_exits += 1
-            self.start()
-
-    def kill(self) -> list[psutil.Process]:
-        """SIGKILL the daemon; returns the processes that were its descendants."""
-        family = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        return family
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-    def client(self) -> Client:
-        return Client(self.endpoint, timeout_ms=30_000)
-
-    def descendants(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children(recursive=True)
-
-
-def wait_idle(client: Client, spares: int = 2, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (status := client.status()).active_runs or status.queued_runs or status.spare_workers < spares:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not idle after {timeout_s}s: {status}")
-
+from bench.harness import Daemon, daemon_config, readable, wait_for_exit
+from genvisor.errors import GenerationCanceled, LLMError
 
 def leftovers(daemon: Daemon) -> int:
     """Processes under the daemon beyond its zygote and the zygote's spare workers."""
-    family = daemon.descendants()
-    zygotes = [p for p in family if p.ppid() == daemon.process.pid]
-    spares = [p for p in family if zygotes and p.ppid() == zygotes[0].pid]
-    return len(family) - len(zygotes) - len(spares) + max(0, len(zygotes) - 1)
-
-
-def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
-    """Those of `pids` still alive at the deadline, waiting on pidfds (no polling)."""
-    deadline = time.monotonic() + timeout_s
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not _readable(fd, deadline - time.monotonic()):
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    return alive
-
-
-def _readable(fd: int, timeout_s: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout_s * 1000))))
+    return len(daemon.ps.children(recursive=True)) - len(daemon.workers()) - (daemon.zygote() is not None)
 
 
 def wait_marker(fifo: Path, timeout_s: float = 10) -> bool:
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        return _readable(fd, timeout_s)
+        return readable(fd, timeout_s)
     finally:
         os.close(fd)
+
+
+def restart_if_dead(daemon: Daemon, found: collections.Counter) -> None:
+    if daemon.process.poll() is not None:
+        found["unexpected_exits"] += 1
+        daemon.start()
 
 
 # ---- scenarios --------------------------------------------------------------------------
@@ -170,9 +85,9 @@ def worker_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]
             if client.conversation_messages("wk") != before:
                 found["history_changed"] += 1
             os.unlink(fifo)
-        wait_idle(client)
+        daemon.wait_idle()
         found["cleanup_failures"] = client.status().cleanup_failures
-    daemon.check_alive()
+    restart_if_dead(daemon, found)
     found["leftover_processes"] = leftovers(daemon) + sum(1 for i in range(n) if _tagged(str(200000 + i)))
     return {"kills": n, **found, "seconds": time.perf_counter() - started}
 
@@ -205,8 +120,7 @@ def daemon_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]
                     completed += 1
                 except Exception:  # noqa: BLE001 — still running: the kill finds it in flight
                     pass
-        family = daemon.kill()
-        found["leftover_processes"] += len(wait_for_exit([p.pid for p in family], timeout_s=10))
+        found["leftover_processes"] += len(wait_for_exit(daemon.kill(), timeout_s=10))
         daemon.start()
     with daemon.client() as client:
         messages = client.conversation_messages("dk")
@@ -236,14 +150,14 @@ def daemon_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]
 
 def cancels(daemon: Daemon, n: int) -> dict[str, float]:
     """Cancels in a row: each run's whole process group reaped; fds and RSS flat."""
-    process = psutil.Process(daemon.process.pid)
+    process = daemon.ps
     found = collections.Counter()
     started = time.perf_counter()
     with daemon.client() as client:
         warm = min(200, n // 10)
         for i in range(n + warm):
             if i == warm:
-                wait_idle(client)
+                daemon.wait_idle()
                 fds, rss = process.num_fds(), process.memory_info().rss
             client.send_user_message("cx", "m")
             ref = client.generate_assistant_reply("cx", backend_opts={"delay_ms": 60_000})
@@ -253,9 +167,9 @@ def cancels(daemon: Daemon, n: int) -> dict[str, float]:
                 found["not_canceled"] += 1
             except GenerationCanceled:
                 pass
-        wait_idle(client)
+        daemon.wait_idle()
         status = client.status()
-    daemon.check_alive()
+    restart_if_dead(daemon, found)
     return {
         "cancels": n, **found,
         "cleanup_failures": status.cleanup_failures,
@@ -285,15 +199,14 @@ def main() -> int:
     rng = random.Random(args.seed)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="genvisor-faults-") as tmp:
-        daemon = Daemon(Path(tmp))
-        daemon.start()
+        daemon = Daemon(Path(tmp), daemon_config(spares=2, cancel_grace_ms=300, term_grace_ms=300)).start()
         try:
             results["worker kills"] = worker_kills(daemon, args.worker_kills, rng)
             results["cancels"] = cancels(daemon, args.cancels)
             results["daemon kills"] = daemon_kills(daemon, args.daemon_kills, rng)
         finally:
             code = daemon.stop()
-        results["daemon"] = {"unexpected_exits": daemon.unexpected_exits, "final_exit_code": code}
+        results["daemon"] = {"final_exit_code": code}
     failed = False
     for scenario, figures in results.items():
         print(f"\n{scenario}")

@@ -1,6 +1,6 @@
 """A long fuzz run: many invalid frames at one real daemon, and what became of them.
 
-    python bench/fuzz_frames.py [--n 100000] [--seed 1]
+    python -m bench.fuzz_frames [--n 100000] [--seed 1]
 
 Starts its own daemon (scripted backend, ipc socket in a temp dir), seeds one
 conversation, then sends N generated frames over a raw DEALER socket, one at a time,
@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +30,9 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from bench.harness import Daemon, daemon_config
 from genvisor.client import Client
-from genvisor.errors import DaemonUnavailable, NotFound
+from genvisor.errors import NotFound
 from genvisor.ipc import codec, frames
 
 V = frames.PROTOCOL_VERSION
@@ -193,29 +191,6 @@ def is_invalid(parts: list[bytes]) -> bool:
 # ---- the daemon ------------------------------------------------------------------------
 
 
-def start_daemon(directory: Path) -> tuple[subprocess.Popen, str, Path]:
-    endpoint = f"ipc://{directory}/run/genvisor.sock"
-    config = directory / "genvisor.toml"
-    config.write_text("[workers]\nspares = 1\n")
-    log_path = directory / "daemon.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint, "--config", str(config), "--state-dir", str(directory / "state")],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "GENVISOR_LOG_LEVEL": "ERROR"},  # rejections log at WARNING; errors still show
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the daemon exited at start:\n{log_path.read_text()}")
-        with Client(endpoint, timeout_ms=250) as client:
-            try:
-                client.ping()
-                return process, endpoint, log_path
-            except DaemonUnavailable:
-                continue
-    raise SystemExit("the daemon did not answer within 30 s")
-
-
 def fingerprint(client: Client) -> tuple:
     """What a frame could have changed: the seed conversation's journal, the run
     counters, and whether any probe conversation exists."""
@@ -263,7 +238,9 @@ def run(n: int, seed: int, timeout_ms: int) -> int:
     categories = collections.Counter()
     generate = BadFrames(seed)
     with tempfile.TemporaryDirectory(prefix="genvisor-fuzz-") as tmp:
-        process, endpoint, log_path = start_daemon(Path(tmp))
+        # Rejections log at WARNING; errors still show.
+        daemon = Daemon(Path(tmp), daemon_config(spares=1), log_level="ERROR").start()
+        process, endpoint = daemon.process, daemon.endpoint
         try:
             with Client(endpoint, timeout_ms=30_000) as client:
                 client.send_and_generate("fz-seed", "before the fuzz")
@@ -297,11 +274,9 @@ def run(n: int, seed: int, timeout_ms: int) -> int:
                     client.ping()
                     counts["state_changes"] += fingerprint(client) != before
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            if process.wait(timeout=60) != 0:  # died during the run, or a stop that was not clean
+            if daemon.stop() != 0:  # died during the run, or a stop that was not clean
                 counts["crashes"] = 1
-        errors_logged = sum(" ERROR " in line for line in log_path.read_text(errors="replace").splitlines())
+        errors_logged = sum(" ERROR " in line for line in daemon.log().splitlines())
 
     rows = [
         ("frames sent", counts["sent"]),

@@ -4,6 +4,7 @@ the process measurements the scenarios take of it (RSS, fds, its workers)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -51,17 +52,24 @@ def daemon_config(
 class Daemon:
     """`with Daemon(directory, config) as d:` — started, answering, stopped with SIGTERM."""
 
-    def __init__(self, directory: Path, config: str, *, traced: Path | None = None, python: str = sys.executable) -> None:
+    def __init__(
+        self, directory: Path, config: str, *, traced: Path | None = None, python: str = sys.executable, log_level: str = "WARNING"
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.endpoint = f"ipc://{directory}/run/genvisor.sock"
         (directory / "genvisor.toml").write_text(config)
         self.traced = traced
         self.python = python
+        self.log_level = log_level
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Daemon:
-        env = {**os.environ, "GENVISOR_LOG_LEVEL": "WARNING"}
+        return self.start()
+
+    def start(self) -> Daemon:
+        """Start it (again, after `kill`: same state dir) and wait until it answers."""
+        env = {**os.environ, "GENVISOR_LOG_LEVEL": self.log_level}
         # The traced daemon (bench.traced_daemon) is the same daemon with timestamps taken at
         # each hop of a generation. It runs in the repo so that it, and the zygote it
         # starts with `python -m`, import `bench`; others run elsewhere, so `python`
@@ -89,6 +97,14 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def kill(self) -> list[int]:
+        """SIGKILL the daemon alone; returns the pids that were its descendants."""
+        assert self.process is not None
+        family = [p.pid for p in self.ps.children(recursive=True)]
+        self.process.kill()
+        self.process.wait()
+        return family
 
     def stop(self) -> int:
         assert self.process is not None
@@ -155,6 +171,30 @@ class Daemon:
     def status(self, client: Client) -> Any | None:
         """`Client.status()` where this genvisor has it (it lands with admission)."""
         return client.status() if hasattr(client, "status") else None
+
+
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still alive at the deadline, waiting on pidfds (psutil.wait_procs
+    polls, and takes seconds over processes that are not our children)."""
+    deadline = time.monotonic() + timeout_s
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not readable(fd, deadline - time.monotonic()):
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    return alive
+
+
+def readable(fd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))
 
 
 def _spares_in(config: Path) -> int:

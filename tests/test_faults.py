@@ -1,5 +1,5 @@
 """Faults, bounded: workers killed at each step of a run, long runs of cancels, overload.
-(Heavy counts of the same live in bench/faults.py; daemon kills in test_journal.py.)"""
+(Heavy counts of the same: `python -m bench.faults`; daemon kills in test_journal.py.)"""
 
 from __future__ import annotations
 
