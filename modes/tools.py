@@ -3,8 +3,10 @@
 Every path a model names is resolved (symlinks included) and must stay inside the
 workspace; anything else is refused with a `ToolError`, which becomes a tool result
 the model sees — a tool's failure is not the run's. `run_command` runs an argv (no
-shell) in the workspace with a timeout and capped output; in a worker it stays in the
-run's process group, so it dies with the run whatever ends it.
+shell) in the workspace, in a process group of its own that is killed when the command
+ends; its timeout bounds the whole call, reading the output included (see
+`Workspace.run_command`). It stays in the worker's session, so whatever ends a run, the
+daemon's sweep of that session ends the run's commands too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ SEARCH_LIMIT = 200
 SEARCH_FILE_LIMIT = 2 * 1024 * 1024  # larger files are not searched
 COMMAND_TIMEOUT_MS = 60_000
 COMMAND_TIMEOUT_MAX_MS = 600_000
+# After a command ends, how long we still read output a process it started keeps open.
+READ_GRACE_S = 0.5
 
 # The default skills profile: what a conversation may do until configure_skills says
 # otherwise. Running commands is opt-in: it reaches beyond the workspace's files.
@@ -83,7 +87,7 @@ def manifest(skills: list[str]) -> list[ToolSpec]:
 class Workspace:
     def __init__(self, root: str | Path, *, isolated: bool = True) -> None:
         self.root = Path(root).resolve()
-        self.isolated = isolated  # in a worker: commands stay in the run's process group
+        self.isolated = isolated  # in a worker (the tools behave the same either way)
 
     def resolve(self, path: Any) -> Path:
         if not isinstance(path, str) or not path.strip():
@@ -162,7 +166,7 @@ class Workspace:
     async def run_command(self, argv: list[str], timeout_ms: int = COMMAND_TIMEOUT_MS) -> str:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ToolError("argv must be a non-empty list of strings")
-        if not isinstance(timeout_ms, int) or not 0 < timeout_ms <= COMMAND_TIMEOUT_MAX_MS:
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 0 < timeout_ms <= COMMAND_TIMEOUT_MAX_MS:
             raise ToolError(f"timeout_ms must be within 1..{COMMAND_TIMEOUT_MAX_MS}")
         try:
             process = await trio.lowlevel.open_process(
@@ -171,55 +175,89 @@ class Workspace:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                # In a worker the command joins the run's process group (the run's end
-                # kills it); in-process it gets its own, which we kill ourselves.
-                start_new_session=not self.isolated,
+                # Its own process group, so that what it leaves running dies with it; not
+                # its own session, so that in a worker the daemon's sweep after the run,
+                # which kills by session, still finds whatever escaped us.
+                process_group=0,
             )
         except OSError as exc:
             raise ToolError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-        outputs: dict[str, bytes] = {}
-        timed_out = False
+        stdout, stderr = _Output(), _Output()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_capped, process.stdout, outputs, "stdout")
-                nursery.start_soon(_read_capped, process.stderr, outputs, "stderr")
-                with trio.move_on_after(timeout_ms / 1000) as scope:
-                    await process.wait()
-                timed_out = scope.cancelled_caught
-                if timed_out:
-                    _kill(process, whole_group=not self.isolated)
-                    await process.wait()
+                # Read while it runs, so that it never blocks on a full pipe.
+                nursery.start_soon(stdout.drain, process.stdout)
+                nursery.start_soon(stderr.drain, process.stderr)
+                try:
+                    exited = await _exits_within(process, timeout_ms / 1000)
+                finally:
+                    # Exited or not, kill what is left of its group (background children
+                    # holding our pipes) before reaping the leader: while it is unreaped
+                    # its pid, the group's id, cannot be anyone else's.
+                    _kill_group(process.pid)
+                    with trio.CancelScope(shield=True):
+                        await process.wait()
+                # Only a process that left the group (setsid) can still hold the pipes
+                # open; it may never close them, so it gets a short grace, not our deadline.
+                with trio.move_on_after(READ_GRACE_S):
+                    await stdout.ended.wait()
+                    await stderr.ended.wait()
+                nursery.cancel_scope.cancel()
         finally:
-            if process.returncode is None:  # the run was canceled: leave nothing behind
-                _kill(process, whole_group=not self.isolated)
-                with trio.CancelScope(shield=True):
-                    await process.wait()
-            elif not self.isolated:
-                _kill(process, whole_group=True)  # what the command left in its group
-        status = f"timed out after {timeout_ms} ms (killed)" if timed_out else f"exit code {process.returncode}"
-        return f"{status}\n--- stdout ---\n{_text(outputs.get('stdout', b''))}\n--- stderr ---\n{_text(outputs.get('stderr', b''))}"
+            await trio.aclose_forcefully(process.stdout)
+            await trio.aclose_forcefully(process.stderr)
+        status = f"exit code {process.returncode}" if exited else f"timed out after {timeout_ms} ms (killed)"
+        if not (stdout.ended.is_set() and stderr.ended.is_set()):
+            status += (
+                f"\n[output still held open by a process that left the command's process group;"
+                f" stopped reading {READ_GRACE_S:g} s after the command ended]"
+            )
+        return f"{status}\n--- stdout ---\n{stdout.text()}\n--- stderr ---\n{stderr.text()}"
 
 
-async def _read_capped(stream: trio.abc.ReceiveStream, outputs: dict[str, bytes], name: str) -> None:
-    buffer = bytearray()
-    while chunk := await stream.receive_some(65536):
-        if len(buffer) <= OUTPUT_LIMIT:
-            buffer += chunk  # keep draining past the cap so the command never blocks on a full pipe
-    outputs[name] = bytes(buffer[:OUTPUT_LIMIT]) + (b"\n[output truncated]" if len(buffer) > OUTPUT_LIMIT else b"")
+class _Output:
+    """One output stream of a command: drained to the end, the first OUTPUT_LIMIT bytes kept."""
+
+    def __init__(self) -> None:
+        self._kept = bytearray()
+        self._total = 0
+        self.ended = trio.Event()
+
+    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some(65536):
+            self._total += len(chunk)
+            self._kept += chunk[: OUTPUT_LIMIT - len(self._kept)]
+        self.ended.set()
+
+    def text(self) -> str:
+        text = _text(bytes(self._kept))
+        return text + "\n[output truncated]" if self._total > OUTPUT_LIMIT else text
+
+
+async def _exits_within(process: trio.Process, timeout_s: float) -> bool:
+    """Wait for the process to exit, without reaping it (see `run_command`)."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:  # already reaped: it has exited
+        return True
+    try:
+        with trio.move_on_after(timeout_s):
+            await trio.lowlevel.wait_readable(pidfd)
+            return True
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _kill(process: trio.Process, *, whole_group: bool) -> None:
+def _kill_group(pgid: int) -> None:
     try:
-        if whole_group:
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        pass  # nothing left in it
 
 
 async def call_tool(workspace: Workspace, call: ToolCall, enabled: list[str]) -> ToolResult:
