@@ -57,7 +57,7 @@ WRONG_TYPES = [
     ("configure_skills", "enabled", "str int none map"),
     ("configure_mode", "force", "int str none float"),
     ("generate_assistant_reply", "options", "str int list int_keys"),
-    ("await_generation", "timeout_ms", "str bool none float list"),
+    ("await_generation", "timeout_ms", "str bool float list"),
 ]
 REQUIRED = [("start_conversation", "id"), ("send_user_message", "content"), ("configure_mode", "mode"), ("await_generation", "ref")]
 # Category → weight. Big strings cost a copy of up to 2 MiB each: keep them rarer.

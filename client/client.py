@@ -308,7 +308,10 @@ class Client:
         on_event: Callable[[GenerationEvent], None] | None = None,
     ) -> T:
         request_id = next(self._ids)
-        data = codec.encode_request(request_id, request)
+        try:
+            data = codec.encode_request(request_id, request)
+        except (TypeError, ValueError, OverflowError) as exc:  # a value msgpack cannot carry
+            raise BadRequest(f"the request cannot be encoded: {exc}") from None
         if len(data) > MAX_FRAME_BYTES:
             raise BadRequest(f"request of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
         sock = self._connected()

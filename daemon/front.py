@@ -75,24 +75,23 @@ class Front:
     # ---- in --------------------------------------------------------------------------
 
     def receive(self, nursery: trio.Nursery, owner: Owner, data: bytes) -> None:
-        """Handle one client frame. Synchronous calls are answered before this returns,
-        so calls to one conversation take effect in arrival order."""
+        """Handle one client frame. Every handler's synchronous part runs before this
+        returns, so calls to one conversation take effect in arrival order; a call that
+        then waits (an await) answers later, from a task of `nursery`."""
         try:
             frame = codec.decode_request(data)
         except codec.BadRequestFrame as exc:
             self.reject(owner, exc.request_id, exc)
             return
-        request = frame.req
-        handler = self._async_handlers.get(type(request))
-        if handler is not None:
-            nursery.start_soon(self._answer_async, owner, frame.id, handler, request)
-            return
         try:
-            body = self._sync_handlers[type(request)](self, owner, request)
+            answer = self._handlers[type(frame.req)](self, owner, frame.req)
         except Exception as exc:  # noqa: BLE001 — every request is answered
             self._fail(owner, frame.id, exc)
             return
-        self._put(owner, codec.encode_reply(frame.id, body))
+        if isinstance(answer, Later):
+            nursery.start_soon(self._answer_later, owner, frame.id, answer)
+        else:
+            self._reply(owner, frame.id, answer)
 
     def reject(self, owner: Owner, request_id: int, exc: BadRequest) -> None:
         self._runtime.telemetry.frames_rejected.inc()
@@ -128,13 +127,21 @@ class Front:
 
     # ---- handlers ----------------------------------------------------------------------
 
-    async def _answer_async(self, owner: Owner, request_id: int, handler, request: Any) -> None:
+    async def _answer_later(self, owner: Owner, request_id: int, later: Later) -> None:
         try:
-            body = await handler(self, owner, request)
+            body = await later.wait()
         except Exception as exc:  # noqa: BLE001 — every request is answered
             self._fail(owner, request_id, exc)
             return
-        self._put(owner, codec.encode_reply(request_id, body))
+        self._reply(owner, request_id, body)
+
+    def _reply(self, owner: Owner, request_id: int, body: Any) -> None:
+        try:
+            data = codec.encode_reply(request_id, body)
+        except Exception as exc:  # noqa: BLE001 — a body that cannot be encoded is still answered
+            self._fail(owner, request_id, exc)
+            return
+        self._put(owner, data)
 
     def _fail(self, owner: Owner, request_id: int, exc: Exception) -> None:
         if not isinstance(exc, GenvisorError):
@@ -160,16 +167,21 @@ class Front:
         self._runtime.stop_conversation(r.loc)
         return f.Empty()
 
-    async def _await(self, owner: Owner, r: f.AwaitGeneration):
-        return await self._runtime.await_generation(r.loc, r.ref, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason)
+    def _await(self, owner: Owner, r: f.AwaitGeneration) -> Later:
+        record = self._runtime.find_generation(r.loc, r.ref, r.timeout_ms)
+        return Later(lambda: self._runtime.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason))
 
-    async def _send_and_generate(self, owner: Owner, r: f.SendAndGenerate) -> f.ConversationAndResult:
-        conversation, result = await self._runtime.send_and_generate(
-            r.loc, r.content, r.message_metadata, r.options, owner, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason
-        )
-        return f.ConversationAndResult(conversation, result)
+    def _send_and_generate(self, owner: Owner, r: f.SendAndGenerate) -> Later:
+        record = self._runtime.send_and_generate(r.loc, r.content, r.message_metadata, r.options, owner, r.timeout_ms)
 
-    _sync_handlers: dict[type, Callable[[Front, Owner, Any], Any]] = {
+        async def wait() -> f.ConversationAndResult:
+            result = await self._runtime.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason)
+            return f.ConversationAndResult(self._runtime.conversation(r.loc), result)
+
+        return Later(wait)
+
+    # Each returns the reply's body, or a `Later` for a call that waits.
+    _handlers: dict[type, Callable[[Front, Owner, Any], Any]] = {
         f.Ping: _ping,
         f.StartConversation: lambda self, o, r: self._runtime.start_conversation(r.id, r.project_id, r.metadata),
         f.EnsureConversation: _ensure,
@@ -193,8 +205,14 @@ class Front:
         f.GetStatus: _status,
         f.GenerateAssistantReply: lambda self, o, r: f.GenerationRef(self._runtime.generate(r.loc, r.options, o)),
         f.CancelGeneration: _cancel,
-    }
-    _async_handlers: dict[type, Callable[[Front, Owner, Any], Awaitable[Any]]] = {
         f.AwaitGeneration: _await,
         f.SendAndGenerate: _send_and_generate,
     }
+
+
+class Later:
+    """The answer of a call whose synchronous part is done but whose reply must wait
+    (for a run's outcome): `wait()` gives the body."""
+
+    def __init__(self, wait: Callable[[], Awaitable[Any]]) -> None:
+        self.wait = wait

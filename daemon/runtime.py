@@ -14,6 +14,8 @@ given. Nothing here knows about sockets.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import re
 import secrets
@@ -26,6 +28,7 @@ import trio
 
 from genvisor.errors import (
     Diagnostic,
+    LLMErrorCategory,
     AlreadyStarted,
     AwaitTimeout,
     EmptyMessage,
@@ -43,13 +46,14 @@ from genvisor.errors import (
     RunInProgress,
     UnsupportedMode,
 )
+from genvisor.ipc.channel import MAX_CHANNEL_FRAME
 from genvisor.ipc.frames import Locator
 from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
 from genvisor.modes.registry import registry
 from genvisor.supervisor.admission import Admission, Slot
-from genvisor.supervisor.runs import Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
+from genvisor.supervisor.runs import Broken, Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
 from genvisor.types import (
     ROLES,
     ContextMessage,
@@ -75,12 +79,19 @@ from genvisor.daemon.store import (
     GenerationStarted,
     Snapshot,
     StoredOutcome,
+    StoreFailed,
 )
 from genvisor.daemon.telemetry import Telemetry
 
 Owner = Hashable
 Notify = Callable[[Owner, Notification], None]
 ConversationKey = tuple[str | None, str]
+
+log = logging.getLogger("genvisor.daemon")
+
+# A run's spec travels to its worker as one channel frame; the Start frame around it
+# takes a few bytes, kept well clear of.
+MAX_SPEC_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
 _outcome_decoder = msgspec.msgpack.Decoder(RunOutcome)
@@ -118,10 +129,11 @@ class GenerationRecord:
 
 
 class ActiveGeneration:
-    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec, slot: Slot) -> None:
+    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec, slot: Slot, encoded_spec: bytes) -> None:
         self.record = record
         self.owner = owner
         self.spec = spec
+        self.encoded_spec = encoded_spec
         self.slot = slot
         self.queue_scope = trio.CancelScope()  # cancelled when the run ends while still queued
         self.handle: RunHandle | None = None
@@ -368,9 +380,15 @@ class Runtime:
             ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, raw_options=options,
             defaults=self._defaults, workspace=self._workspace(conversation),
         )
+        encoded = _encoder.encode(spec)
+        if spec.request is not None and len(encoded) > MAX_SPEC_BYTES:
+            error = LLMError("config", f"the run's context is {len(encoded)} bytes, over the {MAX_SPEC_BYTES}-byte limit of a run: "
+                                       "lower max_messages or start a new conversation",
+                             details={"reason": "context_too_large", "bytes": len(encoded), "limit": MAX_SPEC_BYTES})
+            spec = msgspec.structs.replace(spec, request=None, error=error.info())
         record = GenerationRecord(ref, key, run_id)
         self._generations[ref] = record
-        active = ActiveGeneration(record, owner, spec, slot)
+        active = ActiveGeneration(record, owner, spec, slot, encoded)
         conversation.active = active
         self.journal.submit(GenerationStarted(ref, key, run_id))
         self._append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
@@ -384,21 +402,29 @@ class Runtime:
         self._nursery.start_soon(self._drive, conversation, active)
         return ref
 
-    async def await_generation(self, loc: Locator, ref: str, timeout_ms: int, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
+    def find_generation(self, loc: Locator, ref: str, timeout_ms: int | None) -> GenerationRecord:
+        """The synchronous half of an await: the generation `ref` names, checked."""
         key = _key(loc)
         record = self._generations.get(ref)
         if record is None or record.key != key:
             raise NotFound(f"no generation {ref!r} for this conversation (unknown or expired)")
         _check_limit("timeout_ms", timeout_ms)
-        with trio.move_on_after(timeout_ms / 1000):
+        return record
+
+    async def await_outcome(self, record: GenerationRecord, timeout_ms: int | None, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
+        """Wait for `record`'s outcome; `timeout_ms` None waits as long as the run takes."""
+        with trio.move_on_after(math.inf if timeout_ms is None else timeout_ms / 1000):
             await record.done.wait()
         if not record.done.is_set():
-            conversation = self._conversations[key]
+            conversation = self._conversations[record.key]
             # Ref-checked: a timeout never cancels a newer generation of the conversation.
             if cancel_on_timeout and conversation.active is not None and conversation.active.record is record:
                 self._cancel(conversation, cancel_reason)
-            raise AwaitTimeout(f"generation {ref} did not finish within {timeout_ms} ms")
+            raise AwaitTimeout(f"generation {record.ref} did not finish within {timeout_ms} ms")
         return record.outcome()
+
+    async def await_generation(self, loc: Locator, ref: str, timeout_ms: int | None, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
+        return await self.await_outcome(self.find_generation(loc, ref, timeout_ms), timeout_ms, cancel_on_timeout, cancel_reason)
 
     def cancel_generation(self, loc: Locator, reason: str) -> None:
         conversation = self._fetch(loc)
@@ -406,15 +432,15 @@ class Runtime:
             raise NoGenerationInProgress(f"conversation {conversation.key[1]!r} has no active generation")
         self._cancel(conversation, reason)
 
-    async def send_and_generate(
-        self, loc: Locator, content: str, message_metadata: Any, options: dict[str, Any], owner: Owner,
-        timeout_ms: int, cancel_on_timeout: bool, cancel_reason: str,
-    ) -> tuple[Conversation, LLMResult]:
+    def send_and_generate(
+        self, loc: Locator, content: str, message_metadata: Any, options: dict[str, Any], owner: Owner, timeout_ms: int | None
+    ) -> GenerationRecord:
+        """The synchronous half of send → generate → await: the message is recorded and
+        the run started (or nothing is done) before the next command is looked at."""
+        _check_limit("timeout_ms", timeout_ms)
         self._admit().release()  # full: refused before the user message is recorded
         self.send_user_message(loc, content, message_metadata)
-        ref = self.generate(loc, options, owner)
-        result = await self.await_generation(loc, ref, timeout_ms, cancel_on_timeout, cancel_reason)
-        return self.conversation(loc), result
+        return self._generations[self.generate(loc, options, owner)]
 
     # ---- run lifecycle -----------------------------------------------------------------
 
@@ -425,11 +451,34 @@ class Runtime:
             self.telemetry.admissions_rejected.inc()
             raise  # nothing has been recorded
 
-    def _on_progress(self, active: ActiveGeneration, raw: msgspec.Raw) -> None:
-        if active.spec.events and not active.record.done.is_set():
-            self._notify(active.owner, _event_decoder.decode(raw))
+    def _on_progress(self, conversation: ConversationRecord, active: ActiveGeneration, raw: msgspec.Raw) -> None:
+        if active.record.done.is_set():
+            return
+        try:
+            event = _event_decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
+            self._fail_run(conversation, active, "unknown", f"the worker sent a malformed progress event: {exc}", "protocol_error")
+            return
+        if active.spec.events:
+            self._notify(active.owner, event)
 
     async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Run one generation to its end. Whatever goes wrong in here is this run's
+        failure, never the daemon's: the run ends with a typed error and its worker is
+        torn down; only a journal failure (the crash-only stop) goes further."""
+        try:
+            await self._run_generation(conversation, active)
+        except StoreFailed:
+            raise
+        except Exception:  # noqa: BLE001 — contained to the run it belongs to
+            incident = secrets.token_hex(4)
+            log.exception("run %s failed inside the daemon (incident %s)", active.record.run_id, incident)
+            self._fail_run(conversation, active, "unknown", f"internal error (incident {incident}; see the daemon log)", "internal_error")
+            if active.handle is not None:
+                with trio.CancelScope(shield=True):
+                    await active.handle.cleaned_up.wait()
+
+    async def _run_generation(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Wait for admission, run, settle; the slot is held until the worker is gone,
         so `max_active` bounds processes, not just runs."""
         with active.slot:
@@ -442,7 +491,7 @@ class Runtime:
             assert active.spec.request is not None
             deadline = trio.current_time() + active.spec.request.timeout_ms / 1000 + self._deadline_grace_s
             active.handle = self._executor.start_run(
-                _encoder.encode(active.spec), on_progress=lambda raw: self._on_progress(active, raw), deadline=deadline
+                active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
             )
             await self._settle_when_done(conversation, active)
             await active.handle.cleaned_up.wait()
@@ -454,13 +503,19 @@ class Runtime:
         if active.record.done.is_set():
             return  # canceled first: the run's result, if any, is dropped
         if isinstance(outcome, Completed):
-            run_outcome = _outcome_decoder.decode(outcome.outcome)
+            try:
+                run_outcome = _outcome_decoder.decode(outcome.outcome)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
+                self._fail_run(conversation, active, "unknown", f"the worker sent a malformed result: {exc}", "protocol_error")
+                return
             if isinstance(run_outcome, RunSucceeded):
                 self._finish(conversation, active, success=run_outcome)
             else:
                 self._finish(conversation, active, error=run_outcome.error)
         elif isinstance(outcome, Crashed):
             self._finish(conversation, active, error=LLMError("unknown", "generation worker crashed", details=outcome.details).info())
+        elif isinstance(outcome, Broken):
+            self._fail_run(conversation, active, "unknown", f"the worker broke the run protocol: {outcome.message}", "protocol_error")
         elif isinstance(outcome, DeadlineExceeded):
             assert active.spec.request is not None
             message = f"generation deadline passed ({active.spec.request.timeout_ms} ms + {self._deadline_grace_s * 1000:.0f} ms grace)"
@@ -470,6 +525,14 @@ class Runtime:
         else:
             assert isinstance(outcome, Canceled)
             self._cancel(conversation, outcome.reason)
+
+    def _fail_run(self, conversation: ConversationRecord, active: ActiveGeneration, category: LLMErrorCategory, message: str, reason: str) -> None:
+        """End the run with an error the daemon found (not one the run reported), then
+        tear its worker down: it may still be running."""
+        if not active.record.done.is_set():
+            self._finish(conversation, active, error=LLMError(category, message, retryable=False, details={"reason": reason}).info())
+        if active.handle is not None:
+            active.handle.cancel(reason)
 
     def _finish(self, conversation: ConversationRecord, active: ActiveGeneration, *, success: RunSucceeded | None = None, error: ErrorInfo | None = None) -> None:
         record = active.record

@@ -26,8 +26,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 HARD_MAX_FRAME_BYTES = 4 * MAX_FRAME_BYTES
 
 
-class Locator(msgspec.Struct, frozen=True, array_like=True):
-    """A conversation address: `id` alone, or `id` under `project_id`."""
+class Locator(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A conversation address: `id` alone, or `id` under `project_id` (exactly two
+    parts: a third is refused, not ignored)."""
 
     project_id: str | None
     id: str
@@ -150,10 +151,14 @@ class GenerateAssistantReply(Request, tag="generate_assistant_reply"):
     options: GenerationOptions = {}
 
 
+# An await's `timeout_ms`: None waits for the outcome however long the run takes (its
+# own deadline, `timeout_ms` + the deadline grace, bounds it).
+
+
 class AwaitGeneration(Request, tag="await_generation"):
     loc: Locator
     ref: str
-    timeout_ms: int = 30_000
+    timeout_ms: int | None = 30_000
     cancel_on_timeout: bool = True
     cancel_reason: str = "await_timeout"
 
@@ -170,7 +175,7 @@ class SendAndGenerate(Request, tag="send_and_generate"):
     content: str
     message_metadata: Any = None
     options: GenerationOptions = {}
-    timeout_ms: int = 30_000
+    timeout_ms: int | None = 30_000
     cancel_on_timeout: bool = True
     cancel_reason: str = "await_timeout"
 

@@ -7,6 +7,7 @@ with `LLMError("config")`, because the baseline returned a ref in those cases to
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -70,9 +71,30 @@ def parse_options(raw: dict[str, Any]) -> GenerationOptions:
                                  "(where and how a request travels is the daemon config's)")
     if options.max_messages < 0:
         raise LLMError("config", "invalid generation options: max_messages must be >= 0")
-    if options.timeout_ms is not None and options.timeout_ms <= 0:
-        raise LLMError("config", "invalid generation options: timeout_ms must be > 0")
+    if options.timeout_ms is not None:
+        _check_timeout(options.timeout_ms, "timeout_ms")
+    if options.temperature is not None and not math.isfinite(options.temperature):
+        raise LLMError("config", "invalid generation options: temperature must be a finite number")
+    if options.max_tokens is not None and options.max_tokens <= 0:
+        raise LLMError("config", "invalid generation options: max_tokens must be > 0")
     return options
+
+
+# A generation's timeout: up to a day. Beyond that it is a mistake (or an attempt to
+# hold a worker and an admission slot forever), not a plan.
+MAX_TIMEOUT_MS = 86_400_000
+
+
+def _check_timeout(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_TIMEOUT_MS:
+        raise LLMError("config", f"invalid {where}: {value!r} is not a whole number of milliseconds in 1..{MAX_TIMEOUT_MS}")
+    return value
+
+
+def _check_stream(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise LLMError("config", f"invalid {where}: {value!r} is not true or false")
+    return value
 
 
 def context_window(messages: list[Message], max_messages: int, include_system: bool, include_tool: bool) -> list[ContextMessage]:
@@ -116,13 +138,25 @@ def build_run_spec(
         messages = [ContextMessage("system", system_prompt), *messages]
     base["max_steps"] = state.mode_state.get("max_steps", DEFAULT_MAX_STEPS)
     base["max_tool_calls"] = state.mode_state.get("max_tool_calls", DEFAULT_MAX_TOOL_CALLS)
+    # The conversation's options were journaled as a client sent them (configure_llm
+    # merges any mapping): they are checked here, where they take effect, so a bad one
+    # fails this run with a config error, and keeps failing runs until it is replaced.
+    try:
+        stream = _check_stream(_first(options.stream, llm.options.get("stream"), backend.settings.get("stream"), defaults.stream),
+                               "stream (from the call, the conversation's llm options or the backend)")
+        timeout_ms = _check_timeout(
+            _first(options.timeout_ms, llm.options.get("timeout_ms"), backend.settings.get("timeout_ms"), defaults.timeout_ms),
+            "timeout_ms (from the call, the conversation's llm options or the backend)",
+        )
+    except LLMError as error:
+        return RunSpec(**base, request=None, error=error.info())
     request = LLMRequest(
         messages=messages,
         backend=backend,
         model=options.model or llm.model or backend.model,
         provider=options.provider or llm.provider or backend.provider,
-        stream=_first(options.stream, llm.options.get("stream"), backend.settings.get("stream"), defaults.stream),
-        timeout_ms=_first(options.timeout_ms, llm.options.get("timeout_ms"), backend.settings.get("timeout_ms"), defaults.timeout_ms),
+        stream=stream,
+        timeout_ms=timeout_ms,
         max_tokens=options.max_tokens,
         temperature=options.temperature,
         request_options=options.request_options,

@@ -60,6 +60,11 @@ async def complete(request: LLMRequest, on_delta: OnDelta) -> LLMReply:
         raise LLMError("transport", f"connection failed: {exc.__cause__ or exc}", details={"base_url": base_url}) from None
     except (openai.APIError, json.JSONDecodeError, ValueError) as exc:
         raise LLMError("transport", f"malformed response: {exc}") from None
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        # The SDK builds its response objects without checking them: a body of the
+        # wrong shape surfaces here, as we read it.
+        raise LLMError("provider", f"the model server sent a malformed reply: {type(exc).__name__}: {exc}", retryable=False,
+                       details={"reason": "malformed_reply"}) from None
 
 
 def _arguments(request: LLMRequest) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import msgspec
 import trio
 
 from genvisor.errors import LLMError
+from genvisor.ipc.channel import MAX_CHANNEL_FRAME
 from genvisor.modes import scripted
 from genvisor.modes.coding import CallLLM, Commit, Fail, RunTools
 from genvisor.modes.registry import registry
@@ -25,9 +26,26 @@ Emit = Callable[[GenerationEvent], Awaitable[None]]
 _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
 
 
+# A run's outcome travels back to the daemon as one channel frame (the turn's tool
+# messages included); headroom for the frame around it.
+MAX_RESULT_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
+
+
 async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]], *, isolated: bool = True) -> RunOutcome:
     """The run target of both executors; `isolated` is False in-process."""
-    return await drive(_spec_decoder.decode(spec), emit, isolated=isolated)
+    return within_result_limit(await drive(_spec_decoder.decode(spec), emit, isolated=isolated))
+
+
+def within_result_limit(outcome: RunOutcome) -> RunOutcome:
+    """`outcome`, or the run's failure if it is too large to hand back whole."""
+    size = len(_encoder.encode(outcome))
+    if size <= MAX_RESULT_BYTES:
+        return outcome
+    return RunFailed(LLMError(
+        "unknown", f"the turn's result is {size} bytes, over the {MAX_RESULT_BYTES}-byte limit of a run's result "
+                   "(its tool output is too large: ask for fewer or smaller tool calls)",
+        retryable=False, details={"reason": "result_too_large", "bytes": size, "limit": MAX_RESULT_BYTES},
+    ).info())
 
 
 async def _warm() -> None:
@@ -65,6 +83,16 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 async def drive(spec: RunSpec, emit: Emit, *, isolated: bool = True) -> RunOutcome:
+    """Run `spec` to its outcome. A bug or an unexpected value anywhere in the run is
+    the run's failure, reported as such (cancellation still propagates)."""
+    try:
+        return await _drive(spec, emit, isolated)
+    except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
+        return RunFailed(LLMError("unknown", f"the run failed: {type(exc).__name__}: {exc}", retryable=False,
+                                  details={"reason": "run_error", "exception": type(exc).__name__}).info())
+
+
+async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
     events = _Events(spec.ref, emit if spec.events else None)
     mode = registry().get(spec.mode)
     if mode is None:
@@ -115,13 +143,26 @@ async def _call_backend(request: LLMRequest, call_index: int, events: _Events, i
         await events.send("delta", text=text)
 
     if request.backend.kind == "scripted":
-        return await scripted.complete(request, call_index, on_delta, isolated=isolated)
-    if request.backend.kind == "openai":
+        reply = await scripted.complete(request, call_index, on_delta, isolated=isolated)
+    elif request.backend.kind == "openai":
         # Imported on first use (≈1 s); the zygote preloads it when such a backend is configured.
         from genvisor.modes import openai_backend
 
-        return await openai_backend.complete(request, on_delta)
-    raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
+        reply = await openai_backend.complete(request, on_delta)
+    else:
+        raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
+    return checked_reply(reply, request.backend.name)
+
+
+def checked_reply(reply: LLMReply, backend: str) -> LLMReply:
+    """`reply` with every field of the type the run's types promise. A backend builds
+    its reply from what a model server sent, and Struct construction does not check
+    types: a `"model": 123` would otherwise travel on and fail far from its cause."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(reply), LLMReply)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise LLMError("provider", f"backend {backend!r} sent a malformed reply: {exc}", retryable=False,
+                       details={"reason": "malformed_reply"}) from None
 
 
 class _Events:

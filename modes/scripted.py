@@ -39,6 +39,18 @@ class ScriptedError(msgspec.Struct, frozen=True):
     details: dict[str, Any] | None = None
 
 
+class ScriptedCall(msgspec.Struct, frozen=True):
+    name: str = ""
+    arguments: Any = {}  # JSON text as a model sends it, or a value to send as JSON
+
+
+class ScriptedTurn(msgspec.Struct, frozen=True):
+    """One LLM call's answer: text, or tool calls (with optional text)."""
+
+    text: str = ""
+    tool_calls: list[ScriptedCall] | None = None
+
+
 class ScriptedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reply: str | None = None
     delay_ms: int = 0
@@ -46,7 +58,7 @@ class ScriptedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk_delay_ms: int = 0
     error: ScriptedError | None = None
     crash: str | None = None
-    script: list[dict[str, Any]] | None = None
+    script: list[ScriptedTurn] | None = None
     spawn: list[str] | None = None
 
 
@@ -120,20 +132,19 @@ async def _scripted_turn(options: ScriptedOptions, call_index: int, on_delta: On
     if call_index >= len(script):
         raise LLMError("config", f"scripted script has {len(script)} turns; call {call_index + 1} has none")
     turn = script[call_index]
-    if "tool_calls" in turn:
+    if turn.tool_calls is not None:
         calls = [
             ToolCall(
                 id=f"call_{call_index}_{n}",
-                name=str(call.get("name", "")),
-                arguments=call["arguments"] if isinstance(call.get("arguments"), str) else json.dumps(call.get("arguments", {})),
+                name=call.name,
+                arguments=call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments),
             )
-            for n, call in enumerate(turn["tool_calls"])
+            for n, call in enumerate(turn.tool_calls)
         ]
-        return LLMReply(text=str(turn.get("text", "")), tool_calls=calls, finish_reason="tool_calls", model="scripted")
-    text = str(turn.get("text", ""))
-    if text:
-        await on_delta(text)
-    return LLMReply(text=text, finish_reason="stop", model="scripted", usage=_usage(text))
+        return LLMReply(text=turn.text, tool_calls=calls, finish_reason="tool_calls", model="scripted")
+    if turn.text:
+        await on_delta(turn.text)
+    return LLMReply(text=turn.text, finish_reason="stop", model="scripted", usage=_usage(turn.text))
 
 
 def _reply(text: str, request: LLMRequest) -> LLMReply:

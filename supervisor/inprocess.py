@@ -58,6 +58,8 @@ class InProcessExecutor:
                     outcome = await self._target(msgspec.Raw(spec), emit, isolated=False)
                 except SystemExit as exit_:
                     handle._settle(Crashed(_exit_details(exit_.code)))
+                except Exception as exc:  # noqa: BLE001 — what would kill a worker must not kill this process
+                    handle._settle(Crashed({"pid": os.getpid(), "exception": repr(exc)}))
                 else:
                     handle._settle(Completed(msgspec.Raw(_encoder.encode(outcome))))
             if deadline_scope.cancelled_caught:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import msgspec
 import trio
 
-from genvisor.ipc.channel import FramedChannel
+from genvisor.ipc.channel import FramedChannel, FrameTooLarge
 from genvisor.ipc.supervision import (
     Exited,
     FromWorker,
@@ -297,7 +297,10 @@ class WorkerPool:
         worker.spawned_at = started
         ready = None
         with trio.move_on_after(WORKER_READY_TIMEOUT_S):
-            ready = await worker.channel.receive()
+            try:
+                ready = await worker.channel.receive()
+            except (FrameTooLarge, msgspec.DecodeError, UnicodeDecodeError):
+                pass  # not a Ready: refused below like a worker that died
         if not isinstance(ready, Ready):
             worker.signal_group(signal.SIGKILL)
             raise WorkersUnavailable(f"worker {pid} died before it was ready: {worker.exit_details()}")
@@ -377,7 +380,14 @@ class WorkerPool:
                 data = b""
             if not data:
                 return  # its exit is seen by _reap_children
-            self._on_zygote_frame(zygote, _zygote_decoder.decode(data))
+            try:
+                frame = _zygote_decoder.decode(data)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                # Not the zygote we started any more: replace it (its exit is seen as usual).
+                log.error("zygote %d sent a malformed frame (%s); killing it", zygote.pid, exc)
+                _kill(zygote.pid)
+                return
+            self._on_zygote_frame(zygote, frame)
 
     def _on_zygote_frame(self, zygote: _Zygote, frame: FromZygote) -> None:
         if isinstance(frame, ZygoteHello):

@@ -24,6 +24,7 @@ import msgspec
 import psutil
 import trio
 
+from genvisor.ipc.channel import FrameTooLarge
 from genvisor.ipc.supervision import Finished, Progress, Start, Stop
 from genvisor.supervisor.pool import Worker, WorkerPool, WorkersUnavailable, wait_for_exit
 
@@ -50,7 +51,14 @@ class Unavailable(msgspec.Struct, frozen=True):
     message: str
 
 
-RunOutcome = Completed | Crashed | DeadlineExceeded | Canceled | Unavailable
+class Broken(msgspec.Struct, frozen=True):
+    """The worker sent what the run protocol does not allow (a frame that does not
+    decode, or one over the channel's size limit): it is not trusted further."""
+
+    message: str
+
+
+RunOutcome = Completed | Crashed | DeadlineExceeded | Canceled | Unavailable | Broken
 
 
 class CleanupReport(msgspec.Struct, frozen=True):
@@ -150,6 +158,9 @@ class Supervisor:
                     await self._converse(handle, worker, spec, on_progress)
                 if deadline_scope.cancelled_caught:
                     handle._settle(DeadlineExceeded())
+        except Exception as exc:  # noqa: BLE001 — a run's failure is never the daemon's
+            log.exception("run %d: supervision failed", handle.run_id)
+            handle._settle(Broken(f"supervision failed: {exc!r}"))
         finally:
             with trio.CancelScope(shield=True):
                 if worker is not None:
@@ -163,7 +174,11 @@ class Supervisor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # it died between Ready and Start; the channel's end says so below
         while True:
-            frame = await worker.channel.receive()
+            try:
+                frame = await worker.channel.receive()
+            except (FrameTooLarge, msgspec.DecodeError, UnicodeDecodeError) as exc:
+                handle._settle(Broken(str(exc)))
+                return
             if frame is None:
                 await worker.exited.wait()  # the status is on its way from a reaper
                 handle._settle(Crashed(worker.exit_details()))

@@ -36,6 +36,7 @@ __all__ = [
     "error",
     "drop_mid_stream",
     "hang",
+    "raw",
 ]
 
 DEFAULT_USAGE = (10, 5)
@@ -48,7 +49,7 @@ class Response:
     """One queued answer. Build it with text(), tool_calls(), error(), drop_mid_stream()
     or hang() rather than by hand."""
 
-    kind: str  # "text" | "tool_calls" | "error" | "drop" | "hang"
+    kind: str  # "text" | "tool_calls" | "error" | "drop" | "hang" | "raw"
     content: str = ""
     chunks: tuple[str, ...] = ()
     calls: tuple[tuple[str, str], ...] = ()
@@ -57,6 +58,7 @@ class Response:
     status: int = 200
     error_body: dict[str, Any] | None = None
     extra_headers: tuple[tuple[str, str], ...] = ()
+    payload: Any = None  # raw(): the body as given (a list of events when streamed)
 
 
 def _words(content: str) -> tuple[str, ...]:
@@ -136,6 +138,13 @@ def drop_mid_stream(chunks_before_drop: Sequence[str] | int = ("Hello ", "wor"))
     else:
         pieces = tuple(chunks_before_drop)
     return Response("drop", content="".join(pieces), chunks=pieces)
+
+
+def raw(payload: Any) -> Response:
+    """A 200 answer with exactly `payload` as its JSON body — when the request streams,
+    `payload` is the list of event bodies (then `data: [DONE]`). For a server that
+    speaks the format wrongly: wrong types, missing fields, odd shapes."""
+    return Response(kind="raw", payload=payload)
 
 
 def hang(chunks_before_hang: Sequence[str] | None = None) -> Response:
@@ -294,6 +303,15 @@ class _Exchange:
                 h.end_headers()
                 h.wfile.write(whole[: len(whole) // 2])
             self._abort()
+        elif kind == "raw":
+            if self.stream:
+                self._start_stream()
+                for event in self.response.payload:
+                    self._send_event(event)
+                self._send_raw(b"data: [DONE]\n\n")
+                self._write(b"0\r\n\r\n")
+            else:
+                self.handler._send_json(200, self.response.payload, request_id=self.request_id)
         elif self.stream:
             self._serve_stream()
         else:

@@ -60,7 +60,7 @@ WRONG_TYPES = [
     ("configure_skills", "enabled", not_list),
     ("configure_mode", "force", not_bool),
     ("generate_assistant_reply", "options", not_options),
-    ("await_generation", "timeout_ms", st.one_of(not_int, st.none())),
+    ("await_generation", "timeout_ms", not_int),
     ("await_generation", "cancel_on_timeout", not_bool),
     ("conversation_messages", "max_messages", not_int),
     ("conversation_llm_context", "include_system", not_bool),
