@@ -1,8 +1,11 @@
 """The coding tools: files and commands, confined to the conversation's workspace.
 
-Every path a model names is resolved (symlinks included) and must stay inside the
-workspace; anything else is refused with a `ToolError`, which becomes a tool result
-the model sees — a tool's failure is not the run's. `run_command` runs an argv (no
+Every path a model names is opened beneath the workspace's directory fd in one step
+(`workspace_fs.open_beneath`: symlinks are followed only while they stay inside), and
+every access goes through the fd so obtained: nothing is checked by name and then
+opened by name, which a swap in between could redirect. A path that leads out is
+refused with a `ToolError`, which becomes a tool result the model sees — a tool's
+failure is not the run's. `run_command` runs an argv (no
 shell) in the workspace, in a process group of its own that is killed when the command
 ends; its timeout bounds the whole call, reading the output included (see
 `Workspace.run_command`). It stays in the worker's session, so whatever ends a run, the
@@ -11,16 +14,21 @@ daemon's sweep of that session ends the run's commands too.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import trio
 
+from genvisor.modes.workspace_fs import Opener, open_beneath
 from genvisor.types import ToolCall, ToolResult
 
 READ_LIMIT = 256 * 1024  # bytes of a file returned to the model
@@ -28,6 +36,7 @@ OUTPUT_LIMIT = 64 * 1024  # bytes of a command's stdout and of its stderr
 LIST_LIMIT = 1_000
 SEARCH_LIMIT = 200
 SEARCH_FILE_LIMIT = 2 * 1024 * 1024  # larger files are not searched
+SEARCH_DEPTH_LIMIT = 64  # directories nested deeper are not searched
 COMMAND_TIMEOUT_MS = 60_000
 COMMAND_TIMEOUT_MAX_MS = 600_000
 # After a command ends, how long we still read output a process it started keeps open.
@@ -58,7 +67,9 @@ SPECS: dict[str, ToolSpec] = {
     spec.name: spec
     for spec in (
         ToolSpec("read_file", "Read a text file of the workspace.", _schema(["path"], path=_STR)),
-        ToolSpec("list_dir", "List a directory of the workspace (directories end with /).", _schema([], path=_STR)),
+        ToolSpec(
+            "list_dir", "List a directory of the workspace (directories end with /, symlinks with @).", _schema([], path=_STR)
+        ),
         ToolSpec(
             "search_text",
             "Find lines containing a literal text in the workspace's files; answers path:line: text.",
@@ -85,83 +96,169 @@ def manifest(skills: list[str]) -> list[ToolSpec]:
 
 
 class Workspace:
-    def __init__(self, root: str | Path, *, isolated: bool = True) -> None:
+    """The tools of one run, confined to `root`.
+
+    Every file access is through an fd that `opener` (see `workspace_fs`) got beneath
+    the root's fd — never a path opened by name after a check, which a symlink swapped
+    in between could redirect outside."""
+
+    def __init__(self, root: str | Path, *, isolated: bool = True, opener: Opener = open_beneath) -> None:
         self.root = Path(root).resolve()
         self.isolated = isolated  # in a worker (the tools behave the same either way)
+        self._opener = opener
 
-    def resolve(self, path: Any) -> Path:
-        if not isinstance(path, str) or not path.strip():
-            raise ToolError("path must be a non-empty string")
-        if os.path.isabs(path):
-            raise ToolError(f"{path!r} is absolute; paths are relative to the workspace")
-        resolved = (self.root / path).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise ToolError(f"{path!r} resolves outside the workspace")
-        return resolved
+    # ---- opening beneath the root ------------------------------------------------------
 
-    def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.root)) or "."
+    @contextmanager
+    def _root_fd(self) -> Iterator[int]:
+        fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_in(self, root: int, path: str, flags: int, mode: int = 0o666, *, named: str | None = None) -> int:
+        """An fd for `path` beneath `root`, or a ToolError (about `named`, the path the
+        model gave) saying why not."""
+        if not flags & os.O_PATH:  # which takes no other flags; a tty must not become ours
+            flags |= os.O_NOCTTY
+        try:
+            return self._opener(root, path, flags, mode)
+        except OSError as exc:
+            raise _refusal(named if named is not None else path, exc) from None
+
+    @contextmanager
+    def _open(self, path: Any, flags: int) -> Iterator[int]:
+        relative = _relative_path(path)
+        with self._root_fd() as root:
+            fd = self._open_in(root, relative, flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     # ---- the tools ---------------------------------------------------------------------
 
     def read_file(self, path: str) -> str:
-        target = self.resolve(path)
-        if not target.is_file():
-            raise ToolError(f"{path!r} is not a file")
-        data = target.read_bytes()
+        with self._open(path, os.O_RDONLY | os.O_NONBLOCK) as fd:  # a FIFO must not block us
+            size = _regular_size(fd, path)
+            data = _read_all(fd)
         text = data[:READ_LIMIT].decode("utf-8", errors="replace")
-        return text if len(data) <= READ_LIMIT else f"{text}\n[truncated: {len(data)} bytes, first {READ_LIMIT} shown]"
+        return text if len(data) <= READ_LIMIT else f"{text}\n[truncated: {size} bytes, first {READ_LIMIT} shown]"
 
     def list_dir(self, path: str = ".") -> str:
-        target = self.resolve(path)
-        if not target.is_dir():
-            raise ToolError(f"{path!r} is not a directory")
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+        with self._open(path, os.O_RDONLY | os.O_DIRECTORY) as fd, os.scandir(fd) as entries:
+            names = sorted(_listed_name(entry) for entry in entries)
         shown = names[:LIST_LIMIT]
         return "\n".join(shown) + (f"\n[{len(names) - LIST_LIMIT} more]" if len(names) > LIST_LIMIT else "")
 
     def search_text(self, text: str, path: str = ".") -> str:
         if not isinstance(text, str) or not text:
             raise ToolError("text must be a non-empty string")
-        start = self.resolve(path)
+        relative = _relative_path(path)
+        where = relative.rstrip("/") or "."
         hits: list[str] = []
-        files = [start] if start.is_file() else sorted(p for p in start.rglob("*") if p.is_file())
-        for file in files:
-            if self.root not in file.resolve().parents or file.stat().st_size > SEARCH_FILE_LIMIT:
-                continue  # a symlink out of the workspace, or too big to search
+        with self._root_fd() as root:
+            start = self._open_in(root, relative, os.O_RDONLY | os.O_NONBLOCK)
             try:
-                lines = file.read_text("utf-8").splitlines()
-            except (UnicodeDecodeError, OSError):
-                continue
-            hits += [f"{self.relative(file)}:{n}: {line}" for n, line in enumerate(lines, 1) if text in line]
-            if len(hits) >= SEARCH_LIMIT:
-                return "\n".join(hits[:SEARCH_LIMIT]) + "\n[more matches not shown]"
+                if stat.S_ISDIR(os.fstat(start).st_mode):
+                    self._search_tree(root, start, where, text, hits, depth=0)
+                else:
+                    _search_file(start, where, text, hits)
+            finally:
+                os.close(start)
+        if len(hits) >= SEARCH_LIMIT:
+            return "\n".join(hits[:SEARCH_LIMIT]) + "\n[more matches not shown]"
         return "\n".join(hits) or "no matches"
+
+    def _search_tree(self, root: int, directory: int, where: str, text: str, hits: list[str], depth: int) -> None:
+        """Search the files beneath `directory` (named `where`), in name order. Directories
+        are entered by fd, never through a symlink (so no cycle); a symlink to a file is
+        opened beneath the root by its path, so one that leads out is skipped."""
+        with os.scandir(directory) as scan:
+            entries = sorted((entry.name, _kind(entry)) for entry in scan)
+        for name, kind in entries:
+            if len(hits) >= SEARCH_LIMIT:
+                return
+            named = name if where == "." else f"{where}/{name}"
+            try:
+                if kind == "dir":
+                    if depth >= SEARCH_DEPTH_LIMIT:
+                        continue
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+                elif kind == "symlink":
+                    fd = self._opener(root, named, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY, 0)
+                else:
+                    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW, dir_fd=directory)
+            except OSError:
+                continue  # gone, unreadable, or a symlink out of the workspace
+            try:
+                if kind == "dir":
+                    self._search_tree(root, fd, named, text, hits, depth + 1)
+                else:
+                    _search_file(fd, named, text, hits)
+            finally:
+                os.close(fd)
 
     def write_file(self, path: str, content: str) -> str:
         if not isinstance(content, str):
             raise ToolError("content must be a string")
-        target = self.resolve(path)
-        if target.is_dir():
-            raise ToolError(f"{path!r} is a directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content, "utf-8")
-        return f"wrote {len(content.encode())} bytes to {self.relative(target)}"
+        data = content.encode("utf-8")
+        relative = _relative_path(path)
+        with self._root_fd() as root:
+            self._make_parents(root, relative, named=path)
+            # Not O_TRUNC: what the name is (a FIFO, a device) is checked on the fd first.
+            fd = self._open_in(root, relative, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        try:
+            _regular_size(fd, path)
+            os.ftruncate(fd, 0)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        return f"wrote {len(data)} bytes to {os.path.normpath(relative)}"
+
+    def _make_parents(self, root: int, relative: str, *, named: str) -> None:
+        """mkdir -p for the directories of `relative`, each made by mkdirat in the fd of
+        its parent (which mkdirat never follows out of)."""
+        parent = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=root)
+        prefix = ""
+        try:
+            for part in relative.split("/")[:-1]:
+                if part in ("", "."):
+                    continue
+                prefix += part + "/"
+                try:
+                    here = self._opener(root, prefix, os.O_PATH | os.O_DIRECTORY, 0)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(part, dir_fd=parent)
+                    except FileExistsError:
+                        pass  # made meanwhile, or a dangling symlink: the open below says
+                    here = self._open_in(root, prefix, os.O_PATH | os.O_DIRECTORY, named=named)
+                except OSError as exc:
+                    raise _refusal(named, exc) from None
+                os.close(parent)
+                parent = here
+        finally:
+            os.close(parent)
 
     def edit_file(self, path: str, old: str, new: str) -> str:
         if not isinstance(old, str) or not old or not isinstance(new, str):
             raise ToolError("old must be a non-empty string and new a string")
-        target = self.resolve(path)
-        if not target.is_file():
-            raise ToolError(f"{path!r} is not a file")
-        text = target.read_text("utf-8")
-        count = text.count(old)
-        if count == 0:
-            raise ToolError(f"the text to replace was not found in {path!r}")
-        if count > 1:
-            raise ToolError(f"the text to replace occurs {count} times in {path!r}; include more context to make it unique")
-        target.write_text(text.replace(old, new, 1), "utf-8")
-        return f"edited {self.relative(target)}"
+        with self._open(path, os.O_RDWR | os.O_NONBLOCK) as fd:
+            _regular_size(fd, path)
+            text = _read_all(fd).decode("utf-8")
+            count = text.count(old)
+            if count == 0:
+                raise ToolError(f"the text to replace was not found in {path!r}")
+            if count > 1:
+                raise ToolError(f"the text to replace occurs {count} times in {path!r}; include more context to make it unique")
+            data = text.replace(old, new, 1).encode("utf-8")
+            # The same fd: the file edited is the file read.
+            os.lseek(fd, 0, os.SEEK_SET)
+            _write_all(fd, data)
+            os.ftruncate(fd, len(data))
+        return f"edited {os.path.normpath(path)}"
 
     async def run_command(self, argv: list[str], timeout_ms: int = COMMAND_TIMEOUT_MS) -> str:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -258,6 +355,64 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # nothing left in it
+
+
+def _relative_path(path: Any) -> str:
+    if not isinstance(path, str) or not path.strip():
+        raise ToolError("path must be a non-empty string")
+    if os.path.isabs(path):
+        raise ToolError(f"{path!r} is absolute; paths are relative to the workspace")
+    return path
+
+
+def _refusal(path: str, exc: OSError) -> ToolError:
+    if exc.errno == errno.EXDEV:  # what RESOLVE_BENEATH (and our walk) answer to a way out
+        return ToolError(f"{path!r} resolves outside the workspace (absolute symlinks count as outside)")
+    if exc.errno == errno.ENOENT:
+        return ToolError(f"{path!r} does not exist")
+    return ToolError(f"{path!r}: {exc.strerror or exc}")
+
+
+def _regular_size(fd: int, path: str) -> int:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ToolError(f"{path!r} is not a file")
+    return info.st_size
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _kind(entry: os.DirEntry) -> str:
+    if entry.is_symlink():
+        return "symlink"
+    return "dir" if entry.is_dir(follow_symlinks=False) else "file"
+
+
+def _listed_name(entry: os.DirEntry) -> str:
+    """`name/` for a directory, `name@` for a symlink (not followed: it may lead out)."""
+    return entry.name + {"dir": "/", "symlink": "@", "file": ""}[_kind(entry)]
+
+
+def _search_file(fd: int, named: str, text: str, hits: list[str]) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > SEARCH_FILE_LIMIT:
+        return  # a FIFO, a device, a directory a symlink leads to; or too big to search
+    try:
+        lines = _read_all(fd).decode("utf-8").splitlines()
+    except (UnicodeDecodeError, OSError):
+        return
+    hits += [f"{named}:{n}: {line}" for n, line in enumerate(lines, 1) if text in line]
 
 
 async def call_tool(workspace: Workspace, call: ToolCall, enabled: list[str]) -> ToolResult:

@@ -5,27 +5,34 @@ run whose model must see a tool result (never a crashed or hung run)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import json
 import os
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from genvisor.modes.tools import SPECS, Workspace, call_tool
+from genvisor.modes import workspace_fs
+from genvisor.modes.tools import SPECS, ToolError, Workspace, call_tool
 from genvisor.types import ToolCall, ToolResult
 
 ALL_TOOLS = list(SPECS)
 _tags = itertools.count(1)
 
 
-def _workspace(tmp_path: Path, *, isolated: bool = False) -> Workspace:
+def _workspace(tmp_path: Path, *, isolated: bool = False, opener: workspace_fs.Opener = workspace_fs.open_beneath) -> Workspace:
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
-    return Workspace(root, isolated=isolated)
+    return Workspace(root, isolated=isolated, opener=opener)
 
 
 async def _call(workspace: Workspace, name: str, arguments: dict | str) -> ToolResult:
@@ -133,3 +140,206 @@ def test_a_run_whose_command_leaves_a_child_completes(connect, conv, tmp_path):
     assert result.text == "done"
     assert tools[0].content.startswith("exit code 0") and "started" in tools[0].content
     _wait_gone(tag)
+
+
+
+
+# ---- 9: the workspace check cannot be raced ------------------------------------------
+
+HAS_OPENAT2 = workspace_fs._probe_openat2()
+# Both ways of opening beneath the root, on this kernel: the tools must hold with either.
+OPENERS = [
+    pytest.param(workspace_fs.openat2_beneath, id="openat2", marks=pytest.mark.skipif(not HAS_OPENAT2, reason="no openat2")),
+    pytest.param(workspace_fs.walk_beneath, id="walk"),
+]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two names atomically (renameat2 RENAME_EXCHANGE): both always exist."""
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
+def _files_under(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A directory next to the workspace, holding a secret no tool may read or change."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "secret").write_text("TOPSECRET\n")
+    return directory
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+async def test_a_directory_that_is_a_symlink_out_is_refused_by_every_tool(tmp_path, outside, opener):
+    workspace = _workspace(tmp_path, opener=opener)
+    (workspace.root / "sub").symlink_to(outside)
+    (workspace.root / "rel").symlink_to(os.path.relpath(outside, workspace.root))  # ../outside
+    for sub in ("sub", "rel"):
+        for name, arguments in [
+            ("write_file", {"path": f"{sub}/x", "content": "x"}),
+            ("write_file", {"path": f"{sub}/new/x", "content": "x"}),
+            ("read_file", {"path": f"{sub}/secret"}),
+            ("edit_file", {"path": f"{sub}/secret", "old": "TOP", "new": "NOT"}),
+            ("list_dir", {"path": sub}),
+            ("search_text", {"text": "SECRET", "path": sub}),
+        ]:
+            result = await _call(workspace, name, arguments)
+            assert result.is_error and "outside the workspace" in result.content, (name, arguments, result)
+    listing = await _call(workspace, "list_dir", {})
+    assert sorted(listing.content.split("\n")) == ["rel@", "sub@"]  # listed, not followed
+    assert (await _call(workspace, "search_text", {"text": "SECRET"})).content == "no matches"
+    assert _files_under(outside) == ["secret"] and (outside / "secret").read_text() == "TOPSECRET\n"
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+@pytest.mark.parametrize("path", ["..", "../outside/secret", "a/../../outside/secret", "./../outside", "a/b/../../.."])
+async def test_dot_dot_above_the_root_is_refused(tmp_path, outside, opener, path):
+    workspace = _workspace(tmp_path, opener=opener)
+    (workspace.root / "a" / "b").mkdir(parents=True)
+    for name, arguments in [("read_file", {"path": path}), ("list_dir", {"path": path}), ("write_file", {"path": path + "/x", "content": "x"})]:
+        result = await _call(workspace, name, arguments)
+        assert result.is_error and "outside the workspace" in result.content, (name, result)
+    assert _files_under(outside) == ["secret"]
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+async def test_symlinks_that_stay_inside_keep_working(tmp_path, opener):
+    workspace = _workspace(tmp_path, opener=opener)
+    root = workspace.root
+    (root / "real" / "deep").mkdir(parents=True)
+    (root / "real" / "deep" / "f.txt").write_text("hello\n")
+    (root / "link").symlink_to("real/deep")
+    (root / "real" / "up").symlink_to("../real")  # climbs, but stays inside
+    (root / "chain").symlink_to("link")
+    (root / "dangling").symlink_to("real/made.txt")
+    assert (await _call(workspace, "read_file", {"path": "chain/f.txt"})).content == "hello\n"
+    assert (await _call(workspace, "read_file", {"path": "real/up/up/deep/../deep/f.txt"})).content == "hello\n"
+    assert (await _call(workspace, "list_dir", {"path": "link"})).content == "f.txt"
+    assert (await _call(workspace, "edit_file", {"path": "link/f.txt", "old": "hello", "new": "bye"})).is_error is False
+    assert not (await _call(workspace, "write_file", {"path": "link/new/g.txt", "content": "g"})).is_error
+    assert not (await _call(workspace, "write_file", {"path": "dangling", "content": "made"})).is_error
+    assert (root / "real" / "deep" / "f.txt").read_text() == "bye\n"
+    assert (root / "real" / "deep" / "new" / "g.txt").read_text() == "g"
+    assert (root / "real" / "made.txt").read_text() == "made" and (root / "dangling").is_symlink()
+    found = await _call(workspace, "search_text", {"text": "bye"})
+    assert found.content == "real/deep/f.txt:1: bye"  # symlinked directories are not entered (no cycles)
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+async def test_absolute_paths_and_absolute_symlinks_are_refused(tmp_path, outside, opener):
+    """As RESOLVE_BENEATH does: an absolute symlink is refused even when it points
+    inside the workspace (make links relative to keep them usable)."""
+    workspace = _workspace(tmp_path, opener=opener)
+    (workspace.root / "f.txt").write_text("inside")
+    (workspace.root / "abs-in").symlink_to(workspace.root / "f.txt")
+    (workspace.root / "abs-out").symlink_to(outside / "secret")
+    absolute = await _call(workspace, "read_file", {"path": str(outside / "secret")})
+    assert absolute.is_error and "absolute" in absolute.content
+    for path in ("abs-in", "abs-out"):
+        result = await _call(workspace, "read_file", {"path": path})
+        assert result.is_error and "outside the workspace" in result.content
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+def test_tools_racing_a_directory_swapped_for_a_symlink_never_reach_outside(tmp_path, outside, opener):
+    """`sub` is swapped, as fast as a thread can, between a directory of the workspace and
+    a symlink out of it, while the tools write and read through it: no write may land
+    outside and no read may see the secret, whatever the interleaving."""
+    workspace = _workspace(tmp_path, opener=opener)
+    (workspace.root / "sub").mkdir()
+    (workspace.root / "sub" / "secret").write_text("public\n")
+    (workspace.root / "alt").symlink_to(outside)
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            _exchange(workspace.root / "sub", workspace.root / "alt")
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    outcomes = {"written": 0, "read": 0, "refused": 0}
+    try:
+        for n in range(2000):
+            try:
+                workspace.write_file(f"sub/f{n}", "x")
+                outcomes["written"] += 1
+            except ToolError:
+                outcomes["refused"] += 1
+            try:
+                assert "TOPSECRET" not in workspace.read_file("sub/secret")
+                outcomes["read"] += 1
+            except ToolError:
+                outcomes["refused"] += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert _files_under(outside) == ["secret"]
+    assert all(outcomes.values()), outcomes  # both sides of the race were seen
+
+
+_NAMES = ["d", "e", "f", "..", ".", "l0", "l1", "l2", "new", ""]
+_paths = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=4).map("/".join).flatmap(
+    lambda p: st.sampled_from([p, "/" + p, p + "/"])
+)
+_FLAGS = [
+    os.O_RDONLY, os.O_RDONLY | os.O_DIRECTORY, os.O_PATH, os.O_PATH | os.O_DIRECTORY,
+    os.O_WRONLY | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_RDWR,
+]
+
+
+def _tree_with_links(top: str, links: list[str]) -> int:
+    """top/outside, and top/root: dirs d and d/e, files f and d/f, symlinks l0, l1, d/l2."""
+    os.makedirs(f"{top}/root/d/e")
+    for name in ("outside", "root/f", "root/d/f"):
+        open(f"{top}/{name}", "w").close()
+    for name, target in zip(["l0", "l1", "d/l2"], links):
+        os.symlink(target or ".", f"{top}/root/{name}")
+    return os.open(f"{top}/root", os.O_PATH | os.O_DIRECTORY)
+
+
+def _outcome(opener: workspace_fs.Opener, links: list[str], path: str, flags: int) -> tuple:
+    """What opening `path` does: the errno, or the inode opened and the tree after."""
+    with tempfile.TemporaryDirectory() as top:
+        root = _tree_with_links(top, links)
+        try:
+            fd = opener(root, path, flags, 0o644)
+        except OSError as exc:
+            return ("error", errno.errorcode[exc.errno])
+        finally:
+            os.close(root)
+        info = os.fstat(fd)
+        os.close(fd)
+        inodes = {os.lstat(p).st_ino: str(p.relative_to(top)) for p in Path(top).rglob("*")}
+        return ("opened", inodes.get(info.st_ino, "root"), _files_under(Path(top)))
+
+
+@pytest.mark.skipif(not HAS_OPENAT2, reason="no openat2 to compare with")
+@settings(max_examples=100, deadline=None)
+@given(links=st.lists(_paths, min_size=3, max_size=3), path=_paths, flags=st.sampled_from(_FLAGS))
+def test_the_walk_opens_what_openat2_opens(links, path, flags):
+    """The fallback is the kernel's semantics: same file, same errno, same tree after,
+    for paths and symlinks made of `..`, `.`, slashes, loops and names that are missing."""
+    assert _outcome(workspace_fs.walk_beneath, links, path, flags) == _outcome(workspace_fs.openat2_beneath, links, path, flags)
+
+
+def test_a_run_writing_through_a_symlink_out_sees_a_tool_error(connect, conv, tmp_path, outside):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "sub").symlink_to(outside)
+    calls = [
+        {"name": "write_file", "arguments": {"path": "sub/x", "content": "x"}},
+        {"name": "read_file", "arguments": {"path": "sub/secret"}},
+    ]
+    with connect() as client:
+        result, tools = _run_tools(client, conv, workspace, calls)
+    assert result.text == "done"
+    assert [t.metadata["is_error"] for t in tools] == [True, True]
+    assert all("outside the workspace" in t.content for t in tools)
+    assert _files_under(outside) == ["secret"]
