@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 import msgspec
 import trio
 
-from genvisor.errors import LLMError
+from genvisor.errors import LLMError, LLMErrorCategory
 from genvisor.modes.llm import LLMReply, LLMRequest
 from genvisor.types import ToolCall, Usage
 
@@ -33,7 +33,7 @@ OnDelta = Callable[[str], Awaitable[None]]
 
 
 class ScriptedError(msgspec.Struct, frozen=True):
-    category: str
+    category: LLMErrorCategory
     message: str
     retryable: bool | None = None
     details: dict[str, Any] | None = None
@@ -114,7 +114,7 @@ async def _answer(request: LLMRequest, call_index: int, on_delta: OnDelta, optio
         await trio.sleep(options.delay_ms / 1000)
     if options.error is not None:
         e = options.error
-        raise LLMError(e.category, e.message, e.retryable, e.details)  # type: ignore[arg-type]
+        raise LLMError(e.category, e.message, e.retryable, e.details)
     if options.script is not None:
         return await _scripted_turn(options, call_index, on_delta)
     text = options.reply if options.reply is not None else _last_user_message(request)

@@ -121,3 +121,13 @@ def test_commands_to_one_conversation_take_effect_in_arrival_order(shared_daemon
         assert isinstance(second, Failure) and second.error.code == GenerationInProgress.code, second
     with shared_daemon.client() as client:
         assert [m.content for m in client.conversation_messages(f"{conv}_0")] == ["first", "first"]
+
+
+def test_a_scripted_error_of_an_unknown_category_is_a_config_error(connect, conv):
+    with connect() as client:
+        client.send_user_message(conv, "hi")
+        ref = client.generate_assistant_reply(conv, backend_opts={"error": {"category": "bogus", "message": "m"}})
+        with pytest.raises(LLMError) as raised:
+            client.await_generation(conv, ref)
+        assert raised.value.category == "config"
+        assert "category" in raised.value.message
