@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import stat
@@ -32,6 +33,7 @@ from genvisor.modes.workspace_fs import Opener, open_beneath
 from genvisor.types import ToolCall, ToolResult
 
 READ_LIMIT = 256 * 1024  # bytes of a file returned to the model
+EDIT_LIMIT = 8 * 1024 * 1024  # bytes of a file edit_file edits (it reads it whole)
 OUTPUT_LIMIT = 64 * 1024  # bytes of a command's stdout and of its stderr
 LIST_LIMIT = 1_000
 SEARCH_LIMIT = 200
@@ -45,6 +47,8 @@ READ_GRACE_S = 0.5
 # The default skills profile: what a conversation may do until configure_skills says
 # otherwise. Running commands is opt-in: it reaches beyond the workspace's files.
 DEFAULT_SKILLS = ["read_file", "list_dir", "search_text", "write_file", "edit_file"]
+
+log = logging.getLogger(__name__)
 
 
 class ToolError(Exception):
@@ -142,9 +146,11 @@ class Workspace:
     def read_file(self, path: str) -> str:
         with self._open(path, os.O_RDONLY | os.O_NONBLOCK) as fd:  # a FIFO must not block us
             size = _regular_size(fd, path)
-            data = _read_all(fd)
+            data = _read_at_most(fd, READ_LIMIT + 1)  # one more: was there more?
         text = data[:READ_LIMIT].decode("utf-8", errors="replace")
-        return text if len(data) <= READ_LIMIT else f"{text}\n[truncated: {size} bytes, first {READ_LIMIT} shown]"
+        if len(data) <= READ_LIMIT:
+            return text
+        return f"{text}\n[truncated: {max(size, len(data))} bytes, first {READ_LIMIT} shown]"
 
     def list_dir(self, path: str = ".") -> str:
         with self._open(path, os.O_RDONLY | os.O_DIRECTORY) as fd, os.scandir(fd) as entries:
@@ -203,7 +209,7 @@ class Workspace:
     def write_file(self, path: str, content: str) -> str:
         if not isinstance(content, str):
             raise ToolError("content must be a string")
-        data = content.encode("utf-8")
+        data = _utf8(content, "content")
         relative = _relative_path(path)
         with self._root_fd() as root:
             self._make_parents(root, relative, named=path)
@@ -246,14 +252,13 @@ class Workspace:
         if not isinstance(old, str) or not old or not isinstance(new, str):
             raise ToolError("old must be a non-empty string and new a string")
         with self._open(path, os.O_RDWR | os.O_NONBLOCK) as fd:
-            _regular_size(fd, path)
-            text = _read_all(fd).decode("utf-8")
+            text = _text_to_edit(fd, path)
             count = text.count(old)
             if count == 0:
                 raise ToolError(f"the text to replace was not found in {path!r}")
             if count > 1:
                 raise ToolError(f"the text to replace occurs {count} times in {path!r}; include more context to make it unique")
-            data = text.replace(old, new, 1).encode("utf-8")
+            data = _utf8(text.replace(old, new, 1), "new")
             # The same fd: the file edited is the file read.
             os.lseek(fd, 0, os.SEEK_SET)
             _write_all(fd, data)
@@ -263,6 +268,8 @@ class Workspace:
     async def run_command(self, argv: list[str], timeout_ms: int = COMMAND_TIMEOUT_MS) -> str:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ToolError("argv must be a non-empty list of strings")
+        for argument in argv:
+            _check_argument(argument)
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 0 < timeout_ms <= COMMAND_TIMEOUT_MAX_MS:
             raise ToolError(f"timeout_ms must be within 1..{COMMAND_TIMEOUT_MAX_MS}")
         try:
@@ -360,9 +367,52 @@ def _kill_group(pgid: int) -> None:
 def _relative_path(path: Any) -> str:
     if not isinstance(path, str) or not path.strip():
         raise ToolError("path must be a non-empty string")
+    if "\0" in path:
+        raise ToolError(f"{path!r} contains a NUL byte, which no file name can")
+    try:
+        os.fsencode(path)  # a file name is bytes: surrogate escapes are, lone surrogates not
+    except UnicodeEncodeError:
+        raise ToolError(f"{path!r} is not a valid file name (a lone surrogate)") from None
     if os.path.isabs(path):
         raise ToolError(f"{path!r} is absolute; paths are relative to the workspace")
     return path
+
+
+def _check_argument(argument: str) -> None:
+    """What exec would refuse (a NUL) or could not even encode (a lone surrogate)."""
+    if "\0" in argument:
+        raise ToolError(f"argv is not valid: {argument!r} contains a NUL byte, which no argument can")
+    try:
+        os.fsencode(argument)
+    except UnicodeEncodeError:
+        raise ToolError(f"argv is not valid: {argument!r} holds a lone surrogate") from None
+
+
+def _text_to_edit(fd: int, path: str) -> str:
+    """The file's text, if it is small enough to hold whole and is UTF-8."""
+    too_big = f"{path!r} is too big to edit: edit_file edits files of at most {EDIT_LIMIT} bytes"
+    if _regular_size(fd, path) > EDIT_LIMIT:
+        raise ToolError(too_big)
+    data = _read_at_most(fd, EDIT_LIMIT + 1)
+    if len(data) > EDIT_LIMIT:  # it grew since the fstat
+        raise ToolError(too_big)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolError(f"{path!r} is not UTF-8 text (byte {exc.start}); edit_file edits text files only") from None
+
+
+def _utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ToolError(f"{name} is not valid Unicode text: a lone surrogate at index {exc.start}") from None
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8: names that are not (a byte \\xff, decoded as the surrogate
+    escape \\udcff) shown escaped, or the run could not send the result on."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _refusal(path: str, exc: OSError) -> ToolError:
@@ -370,6 +420,8 @@ def _refusal(path: str, exc: OSError) -> ToolError:
         return ToolError(f"{path!r} resolves outside the workspace (absolute symlinks count as outside)")
     if exc.errno == errno.ENOENT:
         return ToolError(f"{path!r} does not exist")
+    if exc.errno == errno.ENXIO:  # a FIFO nobody reads, a socket
+        return ToolError(f"{path!r} is not a file")
     return ToolError(f"{path!r}: {exc.strerror or exc}")
 
 
@@ -380,11 +432,12 @@ def _regular_size(fd: int, path: str) -> int:
     return info.st_size
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`: never more than that in memory, however big the file."""
+    data = bytearray()
+    while len(data) < limit and (chunk := os.read(fd, min(limit - len(data), 1 << 20))):
+        data += chunk
+    return bytes(data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -409,31 +462,33 @@ def _search_file(fd: int, named: str, text: str, hits: list[str]) -> None:
     if not stat.S_ISREG(info.st_mode) or info.st_size > SEARCH_FILE_LIMIT:
         return  # a FIFO, a device, a directory a symlink leads to; or too big to search
     try:
-        lines = _read_all(fd).decode("utf-8").splitlines()
+        data = _read_at_most(fd, SEARCH_FILE_LIMIT + 1)
+        lines = data.decode("utf-8").splitlines() if len(data) <= SEARCH_FILE_LIMIT else []
     except (UnicodeDecodeError, OSError):
-        return
+        return  # not text, or unreadable
     hits += [f"{named}:{n}: {line}" for n, line in enumerate(lines, 1) if text in line]
 
 
 async def call_tool(workspace: Workspace, call: ToolCall, enabled: list[str]) -> ToolResult:
-    """Run one tool call; every failure becomes an error result for the model."""
+    """Run one tool call; every failure becomes an error result for the model. Nothing a
+    model sends makes it raise."""
 
-    def error(message: str) -> ToolResult:
-        return ToolResult(call.id, call.name, message, is_error=True)
+    def result(content: str, is_error: bool = False) -> ToolResult:
+        return ToolResult(call.id, call.name, _printable(content), is_error=is_error)
 
     if call.name not in SPECS:
-        return error(f"unknown tool {call.name!r}")
+        return result(f"unknown tool {call.name!r}", True)
     if call.name not in enabled:
-        return error(f"tool {call.name!r} is not enabled for this conversation")
+        return result(f"tool {call.name!r} is not enabled for this conversation", True)
     try:
         arguments = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError as exc:
-        return error(f"arguments are not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # not JSON; an int of 5000 digits; [[[[…
+        return result(f"arguments are not valid JSON: {exc}", True)
     if not isinstance(arguments, dict):
-        return error("arguments must be a JSON object")
+        return result("arguments must be a JSON object", True)
     allowed = set(SPECS[call.name].parameters["properties"])
     if unknown := set(arguments) - allowed:
-        return error(f"unknown arguments: {', '.join(sorted(unknown))}")
+        return result(f"unknown arguments: {', '.join(sorted(unknown))}", True)
     try:
         if call.name == "run_command":
             content = await workspace.run_command(**arguments)
@@ -441,10 +496,12 @@ async def call_tool(workspace: Workspace, call: ToolCall, enabled: list[str]) ->
             function: Callable[..., str] = getattr(workspace, call.name)
             content = await trio.to_thread.run_sync(lambda: function(**arguments))
     except ToolError as exc:
-        return error(str(exc))
+        return result(str(exc), True)
     except TypeError as exc:  # a missing required argument
-        return error(f"bad arguments: {exc}")
+        return result(f"bad arguments: {exc}", True)
     except OSError as exc:
-        return error(f"{call.name} failed: {exc.strerror or exc}")
-    return ToolResult(call.id, call.name, content)
-
+        return result(f"{call.name} failed: {exc.strerror or exc}", True)
+    except Exception as exc:  # a bug of ours: still the tool's failure, not the run's
+        log.exception("tool %s failed on %r", call.name, call.arguments[:200])
+        return result(f"internal error in {call.name}: {type(exc).__name__}", True)
+    return result(content)

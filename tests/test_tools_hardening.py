@@ -10,6 +10,7 @@ import errno
 import itertools
 import json
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -22,7 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genvisor.modes import workspace_fs
-from genvisor.modes.tools import SPECS, ToolError, Workspace, call_tool
+from genvisor.modes.tools import (
+    EDIT_LIMIT,
+    READ_LIMIT,
+    SPECS,
+    ToolError,
+    Workspace,
+    call_tool,
+)
 from genvisor.types import ToolCall, ToolResult
 
 ALL_TOOLS = list(SPECS)
@@ -343,3 +351,170 @@ def test_a_run_writing_through_a_symlink_out_sees_a_tool_error(connect, conv, tm
     assert [t.metadata["is_error"] for t in tools] == [True, True]
     assert all("outside the workspace" in t.content for t in tools)
     assert _files_under(outside) == ["secret"]
+
+
+# ---- 8: no argument a model can send crashes a run -----------------------------------
+
+GIB = 1 << 30
+
+
+def _hostile_tree(root: Path) -> None:
+    """What a workspace may hold that a tool must survive: a symlink loop, a dangling
+    symlink, a FIFO (opening it blocks), a file that is not UTF-8, a name that is not
+    UTF-8, a sparse 2 GiB file and one just over the edit limit."""
+    (root / "dir").mkdir(exist_ok=True)
+    (root / "dir" / "ok.txt").write_text("needle in a file\n")
+    for name, target in [("loop", "loop"), ("loop2", "dir/../loop2"), ("dangling", "nowhere")]:
+        if not (root / name).is_symlink():
+            (root / name).symlink_to(target)
+    if not (root / "fifo").exists():
+        os.mkfifo(root / "fifo")
+    (root / "latin1.txt").write_bytes("café needle\n".encode("latin-1"))
+    (root / os.fsdecode(b"name-\xff")).write_text("needle under a bad name\n")
+    with open(root / "huge.bin", "wb") as f:
+        f.truncate(2 * GIB)
+    with open(root / "big.txt", "wb") as f:
+        f.write(b"needle\n")
+        f.truncate(EDIT_LIMIT + 1)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    workspace = _workspace(tmp_path)
+    _hostile_tree(workspace.root)
+    return workspace
+
+
+@pytest.mark.parametrize(("name", "arguments", "needle"), [
+    ("read_file", {"path": "a\0b"}, "NUL"),
+    ("list_dir", {"path": "\0"}, "NUL"),
+    ("search_text", {"text": "x", "path": "dir\0"}, "NUL"),
+    ("write_file", {"path": "x\0", "content": "x"}, "NUL"),
+    ("edit_file", {"path": "dir/ok.txt\0", "old": "a", "new": "b"}, "NUL"),
+    ("read_file", {"path": "\ud800"}, "not a valid file name"),
+    ("write_file", {"path": "a/\udfff/b", "content": "x"}, "not a valid file name"),
+    ("read_file", {"path": "loop"}, "symbolic links"),
+    ("write_file", {"path": "loop2", "content": "x"}, "symbolic links"),
+    ("list_dir", {"path": "loop/x"}, "symbolic links"),
+    ("read_file", {"path": "fifo"}, "is not a file"),
+    ("write_file", {"path": "fifo", "content": "x"}, "is not a file"),
+    ("edit_file", {"path": "latin1.txt", "old": "caf", "new": "x"}, "not UTF-8"),
+    ("edit_file", {"path": "big.txt", "old": "needle", "new": "x"}, "at most 8388608 bytes"),
+    ("edit_file", {"path": "dir/ok.txt", "old": "needle", "new": "\ud800"}, "lone surrogate"),
+    ("write_file", {"path": "s.txt", "content": "a\ud800"}, "lone surrogate"),
+    ("run_command", {"argv": ["echo", "a\0b"]}, "NUL"),
+    ("run_command", {"argv": ["echo", "\ud800"]}, "not valid"),
+    ("run_command", {"argv": ["true"], "timeout_ms": True}, "timeout_ms"),
+], ids=lambda v: v if isinstance(v, str) and v.isidentifier() else None)
+async def test_a_hostile_argument_is_a_tool_error(hostile, name, arguments, needle):
+    result = await _call(hostile, name, arguments)
+    assert result.is_error and needle in result.content, result
+    result.content.encode("utf-8")  # what the run sends on must be encodable
+
+
+async def test_a_2_gib_file_is_read_up_to_the_limit_only(hostile):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    result = await _call(hostile, "read_file", {"path": "huge.bin"})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert not result.is_error
+    assert result.content.endswith(f"[truncated: {2 * GIB} bytes, first {READ_LIMIT} shown]")
+    assert grown_mib < 64, f"reading it grew the peak RSS by {grown_mib:.0f} MiB"
+
+
+async def test_search_survives_loops_fifos_bad_names_and_big_files(hostile):
+    with trio.fail_after(10):  # a FIFO opened for reading would block forever
+        result = await _call(hostile, "search_text", {"text": "needle"})
+    assert not result.is_error
+    # The bad name is shown escaped; the latin-1 file is not text, the 8 MiB one too big.
+    assert result.content.splitlines() == ["dir/ok.txt:1: needle in a file", "name-\\udcff:1: needle under a bad name"]
+    for text in ("\0", "\ud800", "needle\0"):
+        assert (await _call(hostile, "search_text", {"text": text})).content == "no matches"
+
+
+async def test_names_that_are_not_utf8_come_back_encodable(hostile):
+    listing = await _call(hostile, "list_dir", {})
+    assert "name-\\udcff" in listing.content.splitlines()
+    written = await _call(hostile, "write_file", {"path": "new-\udcfe", "content": "x"})
+    assert not written.is_error and written.content == "wrote 1 bytes to new-\\udcfe"
+    assert (hostile.root / os.fsdecode(b"new-\xfe")).read_text() == "x"
+
+
+@pytest.mark.parametrize("raw", ["{", "[]", "null", "[" * 100_000, '{"path": ' + "1" * 5000 + "}", '{"path": NaN}'])
+async def test_arguments_that_are_not_a_json_object_are_a_tool_error(hostile, raw):
+    result = await _call(hostile, "read_file", raw)
+    assert result.is_error and ("arguments" in result.content or "path" in result.content), result
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(exclude_categories=())),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=8,
+)
+# Strings a model might aim at the tree above, hostile or not.
+_aimed = st.sampled_from(["", ".", "..", "/", "/etc/passwd", "dir", "dir/ok.txt", "loop", "loop2/x", "fifo", "dangling",
+                          "huge.bin", "big.txt", "latin1.txt", "a\0b", "\ud800", "name-\udcff", "new/deep/file", "dir/"])
+
+
+def _arguments(tool: str) -> st.SearchStrategy[dict]:
+    keys = list(SPECS[tool].parameters["properties"])
+    value = st.one_of(_aimed, _json, st.lists(_aimed | _json, max_size=3))
+    return st.dictionaries(st.sampled_from(keys + ["extra"]), value, max_size=len(keys) + 1).map(_harmless)
+
+
+def _harmless(arguments: dict) -> dict:
+    """Whatever argv a model sends, run `true` (which ignores its arguments), not
+    something generated; a timeout that is valid stays short."""
+    argv = arguments.get("argv")
+    if isinstance(argv, list) and argv and isinstance(argv[0], str):
+        arguments["argv"] = ["true", *argv[1:]]
+    if isinstance(arguments.get("timeout_ms"), int):
+        arguments["timeout_ms"] = min(arguments["timeout_ms"], 5000)
+    return arguments
+
+
+@pytest.fixture(scope="module")
+def hostile_module(tmp_path_factory):
+    workspace = _workspace(tmp_path_factory.mktemp("hostile"))
+    _hostile_tree(workspace.root)
+    return workspace
+
+
+@pytest.mark.parametrize("tool", ALL_TOOLS)
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_call_tool_answers_any_json_arguments_with_a_result(hostile_module, tool, data):
+    arguments = data.draw(_arguments(tool) | _json)
+    # Escaped or not: in-process, the JSON text may hold the lone surrogates themselves.
+    raw = json.dumps(arguments, ensure_ascii=data.draw(st.booleans()))
+    result = trio.run(_call, hostile_module, tool, raw)
+    assert isinstance(result, ToolResult)
+    assert "internal error" not in result.content, result
+    result.content.encode("utf-8")
+
+
+def test_a_run_fed_hostile_calls_completes_and_the_model_sees_each_error(connect, conv, tmp_path):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    _hostile_tree(workspace)
+    # Raw JSON text: a lone surrogate cannot travel in a client's request, only as the
+    # \\ud800 escape a model would write.
+    calls = [
+        {"name": "read_file", "arguments": {"path": "a\0b"}},
+        {"name": "read_file", "arguments": {"path": "loop"}},
+        {"name": "edit_file", "arguments": {"path": "latin1.txt", "old": "caf", "new": "x"}},
+        {"name": "write_file", "arguments": '{"path": "s.txt", "content": "\\ud800"}'},
+        {"name": "edit_file", "arguments": {"path": "big.txt", "old": "needle", "new": "x"}},
+        {"name": "read_file", "arguments": "[" * 100_000},
+        {"name": "read_file", "arguments": {"path": "huge.bin"}},
+        {"name": "list_dir", "arguments": {}},
+        {"name": "search_text", "arguments": {"text": "needle"}},
+    ]
+    with connect() as client:
+        result, tools = _run_tools(client, conv, workspace, calls, skills=ALL_TOOLS)
+    assert result.text == "done"
+    assert [t.metadata["is_error"] for t in tools] == [True] * 6 + [False] * 3
+    for tool, needle in zip(tools, ["NUL", "symbolic links", "not UTF-8", "lone surrogate", "at most", "not valid JSON"]):
+        assert needle in tool.content, (needle, tool.content)
+    assert tools[6].content.endswith(f"[truncated: {2 * GIB} bytes, first {READ_LIMIT} shown]")
+    assert "name-\\udcff" in tools[7].content.splitlines() and "loop@" in tools[7].content.splitlines()
+    assert "dir/ok.txt:1: needle in a file" in tools[8].content
