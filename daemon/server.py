@@ -26,13 +26,22 @@ from genvisor import __version__
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
 from genvisor.daemon.metrics import MetricsServer
+from genvisor.daemon.pidlock import LockHeld, lock_exclusively
 from genvisor.daemon.store import StoreFailed
 from genvisor.daemon.sd_notify import Notifier
 from genvisor.daemon.service_dirs import runtime_directory
 from genvisor.errors import BadRequest
 from genvisor.ipc import codec
 from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
-from genvisor.ipc.endpoint import Endpoint, EndpointError, default_endpoint, parse_endpoint, prepare_private_dir, secure_ipc_socket
+from genvisor.ipc.endpoint import (
+    Endpoint,
+    EndpointError,
+    default_endpoint,
+    parse_endpoint,
+    prepare_private_dir,
+    secure_ipc_socket,
+    socket_answers,
+)
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.supervisor.pool import WorkerPool
@@ -69,23 +78,8 @@ async def serve(config: Config) -> int:
     notifier = Notifier.from_environ(os.environ, os.getpid())  # before the zygote inherits the environment
     endpoint = resolve_endpoint(config)
     curve = server_curve(endpoint, config.security.server_secret_key_file, config.security.authorized_clients_dir)
-    try:
-        store = await trio.to_thread.run_sync(config.open_store)  # first: it holds the state dir's lock
-    except StoreFailed as exc:
-        raise SystemExit(f"genvisor: {exc}") from None
-    if endpoint.scheme == "ipc":
-        prepare_private_dir(endpoint.path.parent, config.ipc_group_access)
-        if endpoint.path.exists():
-            endpoint.path.unlink()  # a stale socket of a previous daemon (we own the dir)
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
-    router.setsockopt(zmq.LINGER, 0)
-    authenticator = secure_server_socket(ctx, router, curve) if curve else None
-    router.bind(str(endpoint))
-    if endpoint.scheme == "ipc":
-        secure_ipc_socket(endpoint, config.ipc_group_access)
-
+    store = await trio.to_thread.run_sync(config.open_store)  # first: it holds the state dir's lock
+    endpoint_lock: int | None = None
     pool = WorkerPool(
         target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload(),
         instance=str(config.state_path().resolve()),  # one daemon per state dir: the journal's lock
@@ -96,9 +90,24 @@ async def serve(config: Config) -> int:
         term_grace_s=config.workers.term_grace_ms / 1000,
     )
     metrics: MetricsServer | None = None
+    ctx = zmq.Context()
+    authenticator = None
     try:
+        front = await open_front(config, supervisor, str(endpoint), store)
+        if endpoint.scheme == "ipc":
+            endpoint_lock = claim_ipc_endpoint(endpoint, config.ipc_group_access)
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
+        router.setsockopt(zmq.LINGER, 0)
+        authenticator = secure_server_socket(ctx, router, curve) if curve else None
+        try:
+            router.bind(str(endpoint))
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
+        if endpoint.scheme == "ipc":
+            secure_ipc_socket(endpoint, config.ipc_group_access)
         async with TrioSocket.open(router) as sock:
-            front = await open_front(config, supervisor, str(endpoint), store)
             runtime = front.runtime
             pool.on_spawn = runtime.telemetry.worker_spawn_seconds.observe
             if config.metrics:
@@ -124,17 +133,39 @@ async def serve(config: Config) -> int:
         if authenticator is not None:
             authenticator.stop()  # its sockets must close before ctx.term() can return
         ctx.term()
-        if endpoint.scheme == "ipc":
-            try:
-                endpoint.path.unlink()
-            except FileNotFoundError:
-                pass
+        if endpoint_lock is not None:
+            release_ipc_endpoint(endpoint, endpoint_lock)
         with trio.CancelScope(shield=True):
             if metrics is not None:
                 await trio.to_thread.run_sync(metrics.close)
             await trio.to_thread.run_sync(store.close)
     log.info("genvisor stopped")
     return 0
+
+
+def claim_ipc_endpoint(endpoint: Endpoint, group_access: bool) -> int:
+    """Make the socket path ours for as long as the returned fd is open: a lock next to
+    it says a daemon serves there. A second daemon is refused, naming the first, instead
+    of removing a live daemon's socket (ZeroMQ's bind would replace it silently); a
+    socket a killed daemon left behind is removed."""
+    prepare_private_dir(endpoint.path.parent, group_access)
+    try:
+        fd = lock_exclusively(endpoint.path.with_name(endpoint.path.name + ".lock"))
+    except LockHeld as held:
+        raise EndpointError(f"another genvisor daemon (pid {held.holder}) is serving on {endpoint}; "
+                            "stop it, or give this one another --endpoint") from None
+    except OSError as exc:
+        raise EndpointError(f"cannot use {endpoint.path.parent} for the socket: {exc.strerror or exc}") from None
+    if socket_answers(endpoint.path):  # a daemon that takes no lock (an older genvisor), or another program
+        os.close(fd)
+        raise EndpointError(f"something is already listening on {endpoint}; stop it, or give this daemon another --endpoint")
+    endpoint.path.unlink(missing_ok=True)  # a stale socket of a previous daemon (we own the dir)
+    return fd
+
+
+def release_ipc_endpoint(endpoint: Endpoint, lock: int) -> None:
+    endpoint.path.unlink(missing_ok=True)  # before the lock: a successor may bind once it has it
+    os.close(lock)
 
 
 async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -166,7 +197,7 @@ def main(config: Config) -> int:
     )
     try:
         return trio.run(serve, config)
-    except (CurveError, EndpointError) as exc:  # refused at start-up, before serving
+    except (CurveError, EndpointError, StoreFailed) as exc:  # refused at start-up, before serving
         print(f"genvisor serve: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:

@@ -13,13 +13,13 @@ case that matters here; `FULL` adds an fsync per batch, for power loss too.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 from pathlib import Path
 
 import msgspec
 
+from genvisor.daemon.pidlock import LockHeld, lock_exclusively
 from genvisor.daemon.store import (
     AppendEntry,
     ConversationKey,
@@ -71,8 +71,14 @@ class SqliteStore:
     blocking = True
 
     def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = _lock_exclusively(path.with_name(path.name + ".lock"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # One daemon per journal: two writers would each believe their memory is the truth.
+            self._lock = lock_exclusively(path.with_name(path.name + ".lock"))
+        except LockHeld as held:
+            raise StoreFailed(f"the journal is in use by another genvisor daemon (pid {held.holder}): {path}") from None
+        except OSError as exc:
+            raise StoreFailed(f"cannot use the state dir {path.parent}: {exc.strerror or exc}") from None
         old_umask = os.umask(0o077)  # the journal holds conversations: owner only
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -96,6 +102,13 @@ class SqliteStore:
             raise StoreFailed(f"cannot open the journal {path}: {exc}") from exc
 
     def load(self, *, retained_since: float) -> Snapshot:
+        try:
+            return self._load(retained_since)
+        except (sqlite3.Error, msgspec.DecodeError) as exc:
+            raise StoreFailed(f"cannot read the journal {self.path}: {exc} (it is damaged; restore it from a backup, "
+                              "or move it aside to start with an empty journal)") from exc
+
+    def _load(self, retained_since: float) -> Snapshot:
         keys: dict[int, ConversationKey] = {}
         conversations: dict[int, StoredConversation] = {}
         for rowid, project, id_, metadata in self._db.execute("SELECT rowid, project, id, metadata FROM conversations"):
@@ -158,17 +171,3 @@ class SqliteStore:
         else:
             assert isinstance(write, ForgetGenerations)
             db.executemany("DELETE FROM generations WHERE ref = ?", [(ref,) for ref in write.refs])
-
-
-def _lock_exclusively(path: Path) -> int:
-    """One daemon per journal: two writers would each believe their memory is the truth."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreFailed(f"the journal is in use by another genvisor daemon (pid {holder}): {path}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

@@ -42,9 +42,15 @@ class _Head(msgspec.Struct):
 
 _head_decoder = msgspec.msgpack.Decoder(_Head)
 
-# msgspec reports a string that is not valid UTF-8 as UnicodeDecodeError, not as a
-# DecodeError: without it here, such a frame would escape unanswered.
-_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
+# msgspec reports a string that is not valid UTF-8 as UnicodeDecodeError, and nesting
+# deeper than the interpreter's stack as RecursionError, not as a DecodeError: without
+# them here, such a frame would escape unanswered.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+# How deep a free-form value (metadata, options, mode_state) may nest. Real ones nest a
+# few levels; one that decodes near the interpreter's recursion limit would be accepted,
+# journaled, and then fail every reply that carries it (a reply nests it deeper still).
+MAX_VALUE_DEPTH = 64
 
 
 def encode(value: Any) -> bytes:
@@ -68,7 +74,24 @@ def decode_request(data: bytes) -> ClientFrame:
         raise BadRequestFrame(head.id if head else _leading_id(data), f"malformed frame: {exc}") from None
     if frame.v != PROTOCOL_VERSION:
         raise BadRequestFrame(frame.id, f"unsupported protocol version {frame.v} (this daemon speaks {PROTOCOL_VERSION})")
+    for field, value in zip(frame.req.__struct_fields__, msgspec.structs.astuple(frame.req)):
+        if isinstance(value, (dict, list)) and _nesting(value) > MAX_VALUE_DEPTH:
+            raise BadRequestFrame(frame.id, f"{field} nests deeper than {MAX_VALUE_DEPTH} levels")
     return frame
+
+
+def _nesting(value: dict | list) -> int:
+    """How many containers deep `value` goes (iteratively: it may be deep)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_VALUE_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 class BadRequestFrame(BadRequest):

@@ -9,6 +9,7 @@ daemon's group in too.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -73,8 +74,11 @@ def prepare_private_dir(directory: Path, group_access: bool = False) -> None:
     """Create `directory` 0700 (0750 with group access), or check an existing one is
     ours and give it that mode."""
     mode = 0o750 if group_access else 0o700
-    directory.mkdir(mode=mode, parents=True, exist_ok=True)
-    info = directory.lstat()
+    try:
+        directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        info = directory.lstat()
+    except OSError as exc:
+        raise EndpointError(f"cannot make the socket's directory {directory}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise EndpointError(f"{directory} is not a directory")
     if info.st_uid != os.getuid():
@@ -86,3 +90,14 @@ def prepare_private_dir(directory: Path, group_access: bool = False) -> None:
 def secure_ipc_socket(endpoint: Endpoint, group_access: bool = False) -> None:
     """After bind: the socket file is for its owner only (and its group, with group access)."""
     os.chmod(endpoint.path, 0o660 if group_access else 0o600)
+
+
+def socket_answers(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket at `path` (False for
+    no file, a stale socket nobody listens on, or a file that is no socket)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
