@@ -52,6 +52,12 @@ class Admission(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_queued: int = 256  # admitted runs waiting for one of those; beyond: Overloaded
 
 
+class Clients(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Bytes of answers one connection may leave unread before its progress events are
+    # shed and its requests refused (Overloaded); replies are never dropped.
+    max_unread_bytes: int = 64 * 1024 * 1024
+
+
 class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
     synchronous: Literal["normal", "full"] = "normal"  # full: an fsync per commit batch
@@ -74,6 +80,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: Workers = Workers()
     generations: Generations = Generations()
     admission: Admission = Admission()
+    clients: Clients = Clients()
     journal: Journal = Journal()
     security: Security = Security()
 
@@ -150,6 +157,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             parse_metrics_address(config.metrics)
         except MetricsAddressError as exc:
             raise ConfigError(str(exc)) from None
+    if config.clients.max_unread_bytes < 1024 * 1024:
+        raise ConfigError("clients.max_unread_bytes must be at least 1 MiB (1048576)")
     if config.admission.max_active < 1 or config.admission.max_queued < 0:
         raise ConfigError("admission.max_active must be >= 1 and admission.max_queued >= 0")
     return config

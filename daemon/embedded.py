@@ -93,10 +93,12 @@ class EmbeddedRuntime:
             await front.flush()
             nursery.cancel_scope.cancel()
 
-    async def _deliver(self, owner: int, data: bytes) -> None:
+    def _deliver(self, owner: int, data: bytes) -> None:
         inbox = self._inboxes.get(owner)
         if inbox is not None:  # a closed client's notifications go nowhere, as over ZeroMQ
             inbox.put(data)
+        assert self._front is not None
+        self._front.delivered(owner, len(data))
 
     # ---- the client side ---------------------------------------------------------------
 

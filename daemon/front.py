@@ -23,12 +23,12 @@ from genvisor.daemon.config import Config
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.runtime import Executor, Runtime
 from genvisor.daemon.store import Store
-from genvisor.errors import BadRequest, GenvisorError, InternalError
+from genvisor.errors import BadRequest, GenvisorError, InternalError, Overloaded
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
 from genvisor.modes.registry import supported_modes
 from genvisor.supervisor.admission import Admission
-from genvisor.types import DaemonInfo, DaemonStatus, Notification
+from genvisor.types import DaemonInfo, DaemonStatus, GenerationEvent, Notification
 
 log = logging.getLogger("genvisor.daemon")
 
@@ -58,12 +58,18 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
     if snapshot.conversations:
         log.info("journal %s: %d conversations restored, %d interrupted generations resolved as daemon_restarted",
                  store.describe(), len(snapshot.conversations), resolved)
-    front = Front(runtime, endpoint)
+    front = Front(runtime, endpoint, max_unread_bytes=config.clients.max_unread_bytes)
     return front
 
 
+# What a connection that reads nothing may cost beyond its budget: the refusals of its
+# further requests (≈100 bytes each). Past it, its requests go unanswered until it
+# reads — it has stopped reading answers anyway, and nothing it asked for is applied.
+REFUSALS_BYTES = 1024 * 1024
+
+
 class Front:
-    def __init__(self, runtime: Runtime, endpoint: str) -> None:
+    def __init__(self, runtime: Runtime, endpoint: str, max_unread_bytes: int = 64 * 1024 * 1024) -> None:
         self.runtime = runtime
         self._runtime = runtime
         self._endpoint = endpoint
@@ -71,6 +77,12 @@ class Front:
         self._started = time.monotonic()
         self._outbox_send, self.outbox = trio.open_memory_channel[Outgoing | trio.Event](math.inf)
         self._journal = runtime.journal
+        # Bytes queued for each connection and not yet handed to its transport. A reply
+        # or a terminal notification is never dropped; so that a client that does not
+        # read cannot grow this without bound, past the budget its progress events are
+        # shed and its new requests refused (Overloaded) until it reads.
+        self._max_unread = max_unread_bytes
+        self._unread: dict[Owner, int] = {}
 
     # ---- in --------------------------------------------------------------------------
 
@@ -78,10 +90,14 @@ class Front:
         """Handle one client frame. Every handler's synchronous part runs before this
         returns, so calls to one conversation take effect in arrival order; a call that
         then waits (an await) answers later, from a task of `nursery`."""
+        self._runtime.telemetry.requests_received.inc()
         try:
             frame = codec.decode_request(data)
         except codec.BadRequestFrame as exc:
             self.reject(owner, exc.request_id, exc)
+            return
+        if (unread := self._unread.get(owner, 0)) > self._max_unread:
+            self._refuse_unread(owner, frame.id, unread)
             return
         try:
             answer = self._handlers[type(frame.req)](self, owner, frame.req)
@@ -98,15 +114,39 @@ class Front:
         log.warning("rejected a frame: %s", exc)
         self._put(owner, codec.encode_failure(request_id, exc.info()))
 
+    def _refuse_unread(self, owner: Owner, request_id: int, unread: int) -> None:
+        telemetry = self._runtime.telemetry
+        if unread > self._max_unread + REFUSALS_BYTES:
+            telemetry.requests_unanswered.inc()
+            return
+        telemetry.requests_refused_unread.inc()
+        refusal = Overloaded(f"this connection has {unread} bytes of answers it has not read (limit {self._max_unread}); "
+                             "read them, then retry")
+        self._put(owner, codec.encode_failure(request_id, refusal.info()))
+
     # ---- out -------------------------------------------------------------------------
 
     def notify(self, owner: Owner, note: Notification) -> None:
-        self._put(owner, codec.encode_notification(note))
+        data = codec.encode_notification(note)
+        if isinstance(note, GenerationEvent) and self._unread.get(owner, 0) + len(data) > self._max_unread:
+            self._runtime.telemetry.events_shed.inc()  # progress only: the terminal notification is never shed
+            return
+        self._put(owner, data)
 
     def _put(self, owner: Owner, data: bytes) -> None:
+        self._unread[owner] = self._unread.get(owner, 0) + len(data)
         # Everything the runtime wrote before this frame was queued must be durable
         # before the frame leaves (group commit: one wait covers many frames).
         self._outbox_send.send_nowait((owner, data, self._journal.submitted))
+
+    def delivered(self, owner: Owner, nbytes: int) -> None:
+        """The transport has handed `nbytes` of `owner`'s frames on (or dropped them: the
+        connection is gone)."""
+        left = self._unread.get(owner, 0) - nbytes
+        if left > 0:
+            self._unread[owner] = left
+        else:
+            self._unread.pop(owner, None)
 
     async def flush(self) -> None:
         """Return once everything queued so far has been handed to the transport."""
@@ -114,8 +154,9 @@ class Front:
         self._outbox_send.send_nowait(marker)
         await marker.wait()
 
-    async def pump(self, send: Callable[[Owner, bytes], Awaitable[None]]) -> None:
-        """Drain the outbox into `send` until cancelled."""
+    async def pump(self, deliver: Callable[[Owner, bytes], None]) -> None:
+        """Drain the outbox into the transport's `deliver` until cancelled; the transport
+        calls `delivered` as the bytes leave."""
         async for item in self.outbox:
             if isinstance(item, trio.Event):
                 item.set()
@@ -123,7 +164,7 @@ class Front:
             owner, data, ticket = item
             if ticket > self._journal.durable:
                 await self._journal.wait_durable(ticket)
-            await send(owner, data)
+            deliver(owner, data)
 
     # ---- handlers ----------------------------------------------------------------------
 

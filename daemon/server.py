@@ -43,6 +43,7 @@ from genvisor.ipc.endpoint import (
     socket_answers,
 )
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
+from genvisor.ipc.router import RouterOutbox, configure_router
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.supervisor.pool import WorkerPool
 from genvisor.supervisor.runs import Supervisor
@@ -52,12 +53,10 @@ log = logging.getLogger("genvisor.daemon")
 WORKER_TARGET = "genvisor.modes.runtime:execute"
 
 
-async def _serve_socket(sock: TrioSocket, front: Front) -> None:
-    async def send(owner: bytes, data: bytes) -> None:
-        await sock.send_multipart([owner, data])
-
+async def _serve_socket(sock: TrioSocket, front: Front, outbox: RouterOutbox) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(front.pump, send)
+        nursery.start_soon(outbox.run)
+        nursery.start_soon(front.pump, outbox.put)
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
@@ -99,6 +98,7 @@ async def serve(config: Config) -> int:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
         router.setsockopt(zmq.LINGER, 0)
+        configure_router(router)
         authenticator = secure_server_socket(ctx, router, curve) if curve else None
         try:
             router.bind(str(endpoint))
@@ -108,6 +108,7 @@ async def serve(config: Config) -> int:
         if endpoint.scheme == "ipc":
             secure_ipc_socket(endpoint, config.ipc_group_access)
         async with TrioSocket.open(router) as sock:
+            outbox = RouterOutbox(sock, on_done=front.delivered)
             runtime = front.runtime
             pool.on_spawn = runtime.telemetry.worker_spawn_seconds.observe
             if config.metrics:
@@ -119,7 +120,7 @@ async def serve(config: Config) -> int:
                 await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
                 await nursery.start(supervisor.run)
                 await nursery.start(runtime.run)
-                nursery.start_soon(_serve_socket, sock, front)
+                nursery.start_soon(_serve_socket, sock, front, outbox)
                 serving.set()
                 log.info("genvisor %s serving on %s (pid %d), journal %s", __version__, endpoint, os.getpid(), store.describe())
                 print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
@@ -128,7 +129,7 @@ async def serve(config: Config) -> int:
                 await stop.wait()
                 notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
                 runtime.shutdown()
-                await _drain_and_stop(nursery, supervisor, front)
+                await _drain_and_stop(nursery, supervisor, front, outbox)
     finally:
         if authenticator is not None:
             authenticator.stop()  # its sockets must close before ctx.term() can return
@@ -179,13 +180,14 @@ async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.Canc
                 scope.cancel()
 
 
-async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: Front) -> None:
+async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: Front, outbox: RouterOutbox) -> None:
     # Runs are canceled; their teardown (grace + kill) is bounded by the worker config.
     while supervisor.active:
         handle = next(iter(supervisor.active.values()))
         await handle.cleaned_up.wait()
-    with trio.move_on_after(5):
+    with trio.move_on_after(5):  # a client that reads nothing does not hold the stop up longer
         await front.flush()  # owners get their GenerationCanceled before we go
+        await outbox.drained()
     nursery.cancel_scope.cancel()
 
 

@@ -59,7 +59,17 @@ class Telemetry:
         self.admissions_rejected = Counter(
             "genvisor_admissions_rejected", "Generations refused with Overloaded", registry=registry
         )
+        self.requests_received = Counter("genvisor_requests_received", "Client frames received", registry=registry)
         self.frames_rejected = Counter("genvisor_frames_rejected", "Client frames answered BadRequest", registry=registry)
+        self.events_shed = Counter(
+            "genvisor_events_shed", "Progress events not sent: their connection had too much unread", registry=registry
+        )
+        self.requests_refused_unread = Counter(
+            "genvisor_requests_refused_unread", "Requests answered Overloaded: their connection had too much unread", registry=registry
+        )
+        self.requests_unanswered = Counter(
+            "genvisor_requests_unanswered", "Requests of a connection that reads nothing, past its refusals", registry=registry
+        )
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read from its owner at scrape time."""

@@ -222,7 +222,10 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     runs_started: int
     runs_finished: dict[str, int]  # outcome -> count
     admissions_rejected: int
+    requests_received: int
     frames_rejected: int
+    requests_refused_unread: int  # Overloaded: their connection left too much unread
+    events_shed: int  # progress events not sent, for the same reason
     cleanup_failures: int
     zygote_restarts: int
     run_latency: LatencySummary

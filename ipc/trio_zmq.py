@@ -63,6 +63,25 @@ class TrioSocket:
         # Yield so a sender in a tight loop cannot starve the rest of the program.
         await trio.lowlevel.checkpoint()
 
+    def try_send_multipart(self, frames: Sequence[bytes]) -> bool:
+        """Send without waiting: False if the socket cannot take the frames now (EAGAIN).
+        Other errors (EHOSTUNREACH from a ROUTER_MANDATORY socket) are raised."""
+        self._check_open()
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+        finally:
+            self._wake_by_events()
+
+    async def wait_writable(self) -> None:
+        """Until the socket next reports it can send (POLLOUT after a send, a receive or
+        a signal on its fd). For a ROUTER_MANDATORY socket that is "some peer's pipe has
+        room", which says nothing of any one peer."""
+        self._check_open()
+        await self._writable.park()
+
     async def recv_multipart(self) -> list[bytes]:
         while True:
             self._check_open()

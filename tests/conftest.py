@@ -204,11 +204,12 @@ def group_members(pgid: int) -> list[int]:
 
 def worker_of(tag: str, timeout_s: float = 10.0) -> int:
     """The worker of the run that started the process tagged `tag`: the leader of its
-    process group (each worker is its own session and group)."""
+    session (each worker is its own session; a tool's command has a group of its own
+    in it)."""
     deadline = time.monotonic() + timeout_s
     while (proc := find_tagged(tag)) is None:
         assert time.monotonic() < deadline, f"no process tagged {tag}"
-    return os.getpgid(proc.pid)
+    return os.getsid(proc.pid)
 
 
 def find_tagged(tag: str) -> psutil.Process | None:

@@ -139,4 +139,8 @@ async def test_runs_waiting_for_a_worker_get_one_in_arrival_order():
         for worker in workers:
             await worker.channel.aclose()  # the worker exits: its run will never come
         nursery.cancel_scope.cancel()
-    assert served == list(range(6))
+    # Two spawns run at once, so two waiters can be handed their workers in one tick;
+    # Trio then wakes them in an order it randomizes on purpose. FIFO hand-off means
+    # no waiter is ever overtaken by more than that.
+    assert sorted(served) == list(range(6))
+    assert all(abs(position - i) <= 1 for position, i in enumerate(served)), served
