@@ -110,11 +110,15 @@ async def test_a_command_past_its_timeout_is_killed_with_its_group_and_says_so(t
 async def test_a_process_that_left_the_group_cannot_hold_the_call_past_the_read_grace(tmp_path):
     workspace = _workspace(tmp_path)
     tag = _sleep_tag()
+    fifo = tmp_path / "escaped.fifo"
+    os.mkfifo(fifo)
+    # setsid -f: the sleep escapes into a session of its own, keeping our pipes open. It
+    # says so on the FIFO once out, and only then does the command end.
+    escape = f"setsid -f sh -c 'echo out > {fifo}; exec sleep {tag}'; cat {fifo} > /dev/null; echo started"
     started = time.monotonic()
     try:
         with trio.fail_after(10):
-            # setsid(1): the sleep escapes into a new session, keeping our pipes open.
-            output = await workspace.run_command(["sh", "-c", f"echo started; setsid -f sleep {tag}"], timeout_ms=5000)
+            output = await workspace.run_command(["sh", "-c", escape], timeout_ms=5000)
         assert time.monotonic() - started < 3  # the read grace, not the timeout
         assert output.startswith("exit code 0") and "started" in output
         assert "still held open" in output
