@@ -24,9 +24,10 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def die_with_parent(expected_parent: int) -> None:
-    """SIGKILL us when our parent dies (checked once, as the parent may already be gone)."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(expected_parent: int, signum: int = signal.SIGKILL) -> None:
+    """Send us `signum` when our parent dies (checked once, as the parent may already be
+    gone: then we exit at once)."""
+    _prctl(_PR_SET_PDEATHSIG, signum)
     if os.getppid() != expected_parent:
         os._exit(1)
 
@@ -55,11 +56,10 @@ def describe_wait_status(status: int) -> dict[str, int | str]:
     return {"exit_code": os.waitstatus_to_exitcode(status)}
 
 
-# Environment markers, inherited by everything a run execs (commands keep the
-# environment they are given): they name what a stray process belonged to after it
-# left its run's process group or outlived its daemon.
-WORKER_ENV = "GENVISOR_WORKER"  # in a run's processes: the pid of the worker that ran it
-INSTANCE_ENV = "GENVISOR_INSTANCE"  # in every process of a daemon: its state dir
+# An environment marker, inherited by every process of a daemon that keeps the
+# environment it is given: the last resort for what nothing else can find — processes
+# of a daemon whose zygote was killed together with it (see supervisor.zygote).
+INSTANCE_ENV = "GENVISOR_INSTANCE"  # the daemon's state dir
 
 
 def children(pid: int) -> list[int]:
@@ -98,4 +98,18 @@ def kill_marked(name: str, value: str) -> list[int]:
                 killed.append(int(entry))
             except ProcessLookupError:
                 pass
+    return killed
+
+
+def kill_children(pid: int, keep: frozenset[int] = frozenset()) -> list[int]:
+    """SIGKILL every child of `pid` but those in `keep`; returns the pids signalled."""
+    killed = []
+    for child in children(pid):
+        if child in keep:
+            continue
+        try:
+            os.kill(child, signal.SIGKILL)
+            killed.append(child)
+        except ProcessLookupError:
+            pass
     return killed

@@ -106,8 +106,15 @@ class _Zygote:
 
 
 class WorkerPool:
-    def __init__(self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None) -> None:  # noqa: B006
+    def __init__(
+        self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None,  # noqa: B006
+        sole_parent: bool = True,
+    ) -> None:
         self._target = target
+        # The daemon starts no process but the zygote, so any other child it has was
+        # re-parented to it (a subreaper) from a dead zygote's tree: a stray, killed.
+        # False where this process has children of its own (a test driving a pool).
+        self._sole_parent = sole_parent
         # Marks every process of this daemon (zygote, workers, what runs exec), so a
         # successor can find what a killed daemon left running.
         self._instance = instance
@@ -421,6 +428,17 @@ class WorkerPool:
     def _reap_own_children(self) -> None:
         for pid, status in linux.reap_exited():
             self._child_exited(pid, status)
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        """Kill what a dead zygote's tree left to us. A killed stray's children come to
+        us in turn, and its exit brings a SIGCHLD and another pass."""
+        if not self._sole_parent:
+            return
+        zygote = self._zygote
+        keep = frozenset([zygote.pid]) if zygote is not None and not zygote.gone.is_set() else frozenset()
+        if killed := linux.kill_children(os.getpid(), keep):
+            log.warning("killed %d processes a dead zygote left behind: %s", len(killed), killed)
 
     def _child_exited(self, pid: int, status: int) -> None:
         zygote = self._zygote
@@ -434,6 +452,7 @@ class WorkerPool:
                 spare.channel.close()
             self._spares.clear()
             self._refill.set()
+            self._kill_strays()  # its orphans are ours now (the kernel re-parented them first)
             return
         worker = self._workers.pop(pid, None)
         if worker is None:

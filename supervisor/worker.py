@@ -1,8 +1,8 @@
 """The worker side of a run: what a freshly forked child of the zygote does.
 
 A worker runs exactly one run, then exits. It lives in its own session and process
-group (so the daemon can signal the whole group, tools included) and dies with the
-zygote (PDEATHSIG). It announces itself (`Ready`), waits for `Start`, runs the target
+group (so the daemon can signal the whole group, tools included), is the subreaper of
+what its run starts, and dies with the zygote (PDEATHSIG). It announces itself (`Ready`), waits for `Start`, runs the target
 under a cancel scope that a `Stop` frame cancels, sends `Finished`, and exits with
 os._exit — a run has nothing worth a slow interpreter shutdown.
 
@@ -39,7 +39,11 @@ _encoder = msgspec.msgpack.Encoder()
 def child_main(channel_fd: int, zygote_pid: int, target: RunTarget) -> int:
     os.setsid()
     linux.die_with_parent(zygote_pid)
-    os.environ[linux.WORKER_ENV] = str(os.getpid())  # what the run execs carries it
+    # Whatever the run starts and then orphans (a double fork, a daemonizing command)
+    # is re-parented to this worker, whatever session or group it moved to and whatever
+    # it did to its environment: so when the worker is gone, its run's strays pass to
+    # the zygote, which knows them for strays and kills them.
+    linux.become_subreaper()
     sock = socket.socket(fileno=channel_fd)
     return trio.run(_serve, sock, target)
 

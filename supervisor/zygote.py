@@ -5,9 +5,12 @@ request, so a worker does not pay the ≈130 ms import of trio and friends. It i
 blocking Python — no Trio loop, no threads — because fork() of a process with threads
 or a running event loop is unsafe.
 
-It is a child subreaper: a worker's orphaned descendants come back to it, and it reaps
-every child on SIGCHLD (waitpid, no polling), reporting each exit to the daemon. It
-dies with the daemon (PDEATHSIG), and its workers die with it.
+It is a child subreaper, as is every worker: what a run orphans goes to its worker,
+and to the zygote once that worker is gone, whatever session, group or environment it
+took on — so any child of the zygote that is not a worker is a stray of a finished
+run, and is killed. It reaps every child on SIGCHLD (waitpid, no polling), reporting
+each exit to the daemon. When the daemon goes (its control channel closes, or
+PDEATHSIG says it died), it kills everything below it before it exits.
 
 Run as: python -m genvisor.supervisor.zygote CONTROL_FD DAEMON_PID TARGET [PRELOAD ...]
 (TARGET is `module:function`, the worker's run entry; see supervisor.worker.)
@@ -22,6 +25,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 
 import msgspec
 
@@ -34,7 +38,9 @@ _decoder = msgspec.msgpack.Decoder(ToZygote)
 
 def main(argv: list[str]) -> int:
     control_fd, daemon_pid, target, preload = int(argv[0]), int(argv[1]), argv[2], argv[3:]
-    linux.die_with_parent(daemon_pid)
+    # Told when the daemon dies, not killed with it: its runs' processes must go first.
+    signal.signal(signal.SIGTERM, _daemon_gone)
+    linux.die_with_parent(daemon_pid, signal.SIGTERM)
     linux.become_subreaper()
     run_target = _load_target(target)
     for module in preload:  # what workers would otherwise import on first use
@@ -59,12 +65,46 @@ def main(argv: list[str]) -> int:
         _serve(control, selector, (wake_r, wake_w), run_target)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone or closing: nobody is left to tell
+    _kill_everything_below(selector)
     return 0
+
+
+_daemon_died = False
+
+
+def _daemon_gone(signum: int, frame: object) -> None:
+    global _daemon_died
+    _daemon_died = True  # the wakeup fd wakes the loop, which then stops
+
+
+# Waiting for what was killed to be reaped, at most: a process stuck in the kernel
+# (uninterruptible I/O) cannot be waited out forever by a zygote whose daemon is gone.
+KILL_EVERYTHING_DEADLINE_S = 10.0
+
+
+def _kill_everything_below(selector: selectors.BaseSelector) -> None:
+    """Kill every process below the zygote and reap it, however it got there: workers
+    and their groups, and whatever was re-parented to us (a subreaper) as its parents
+    died. Killing one re-parents its children to us in turn, so repeat until no child
+    is left. This is how a run's processes end when the daemon goes — stopped, or
+    killed with SIGKILL — whatever they did to their session, group or environment."""
+    deadline = time.monotonic() + KILL_EVERYTHING_DEADLINE_S
+    while time.monotonic() < deadline:
+        for pid in _workers:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not linux.kill_children(os.getpid()) and not linux.children(os.getpid()):
+            return
+        selector.select(timeout=0.05)  # a SIGCHLD wakes it sooner
+        for pid, _ in linux.reap_exited():
+            _workers.discard(pid)
 
 
 def _serve(control: socket.socket, selector: selectors.BaseSelector, wake: tuple[int, int], run_target) -> None:
     wake_r = wake[0]
-    while True:
+    while not _daemon_died:
         for key, _ in selector.select():
             if key.data == "sigchld":
                 _drain(wake_r)
@@ -100,6 +140,7 @@ def _spawn(control: socket.socket, request: Spawn, fds: list[int], wake: tuple[i
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.close(wake[0])
             os.close(wake[1])
             control.close()
@@ -111,8 +152,9 @@ def _spawn(control: socket.socket, request: Spawn, fds: list[int], wake: tuple[i
     _send(control, Spawned(token=request.token, pid=pid))
 
 
-# The workers this zygote forked and has not reaped. Any other child is a process that
-# left its run's group (setsid) and lost its parent, re-parented to us as subreaper.
+# The workers this zygote forked and has not reaped. Any other child is a stray: a
+# process a run orphaned, re-parented to its worker (a subreaper) and, once that worker
+# was gone, to us — so its run is over.
 _workers: set[int] = set()
 
 
@@ -120,22 +162,10 @@ def _reap_all(control: socket.socket) -> None:
     for pid, status in linux.reap_exited():
         _workers.discard(pid)
         _send(control, Exited(pid=pid, status=status))
-    _kill_escapees()
-
-
-def _kill_escapees() -> None:
-    """Kill the re-parented strays whose run is over. Each exit here brings a SIGCHLD and
-    another pass, so a stray's own children, re-parented in turn, go the same way."""
-    for pid in linux.children(os.getpid()):
-        if pid in _workers:
-            continue
-        owner = linux.environ_value(pid, linux.WORKER_ENV)
-        if owner is not None and owner.isdigit() and int(owner) in _workers:
-            continue  # its run is still going; it goes when its worker does
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # A worker's strays are ours the moment it has exited (the kernel re-parents them
+    # before we are told); each of their exits brings another pass, so their own
+    # children, re-parented in turn, go the same way.
+    linux.kill_children(os.getpid(), keep=frozenset(_workers))
 
 
 def _send(control: socket.socket, frame: FromZygote) -> None:

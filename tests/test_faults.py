@@ -85,8 +85,10 @@ def test_a_worker_killed_at_any_step_is_a_typed_failure_that_changes_nothing(sha
         assert raised.value.category == "unknown" and raised.value.message == "generation worker crashed"
         assert raised.value.details["signal"] == signal.SIGKILL
         assert client.conversation_messages(conv) == before  # no tool message, no reply
-        wait_for_group_gone(worker, timeout_s=10)  # the tool's processes went with it
-        assert find_tagged(tag) is None
+        wait_for_group_gone(worker, timeout_s=10)
+        deadline = time.monotonic() + 10
+        while find_tagged(tag) is not None:  # the tool's processes (a group of their own) go too
+            assert time.monotonic() < deadline, "a tool's process outlived its killed worker"
         _, result = client.send_and_generate(conv, "again")  # the conversation goes on
         assert result.text == "again"
 
@@ -185,24 +187,33 @@ def test_under_overload_the_queue_keeps_its_bound_and_admitted_runs_finish(tmp_p
         assert daemon.stop() == 0, daemon.log()
 
 
-def _escaping(tmp_path, name: str) -> tuple[list[str], object, str]:
-    """A `spawn` argv whose process leaves the run's process group (setsid) and loses
-    its parent, so the group sweep cannot see it."""
+def _escaping(tmp_path, name: str, *, env_stripped: bool = False) -> tuple[list[str], object, str]:
+    """A `spawn` argv whose process leaves the run's process group and session (setsid),
+    loses its parent, and — with `env_stripped` — every environment variable, so that
+    neither the group sweep nor an environment marker can find it."""
     _, fifo, tag = spawn_marker(tmp_path, name)
     inner = f"echo up > {fifo}; exec sleep {tag}"
-    return ["sh", "-c", f"setsid sh -c '{inner}' >/dev/null 2>&1 &"], fifo, tag
+    env = "env -i " if env_stripped else ""
+    return ["sh", "-c", f"setsid {env}sh -c '{inner}' >/dev/null 2>&1 &"], fifo, tag
 
 
-def test_a_process_that_escapes_its_group_dies_with_its_run(shared_daemon, conv, tmp_path):
-    argv, fifo, tag = _escaping(tmp_path, conv)
+def _stray_of_a_run(client, conv, tmp_path, *, env_stripped: bool = True) -> tuple[str, psutil.Process]:
+    """Start a run that leaves such a process running; returns (ref, that process)."""
+    argv, fifo, tag = _escaping(tmp_path, conv, env_stripped=env_stripped)
+    client.send_user_message(conv, "go")
+    ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+    wait_for_marker(fifo)
+    deadline = time.monotonic() + 10
+    while (stray := find_tagged(tag)) is None:
+        assert time.monotonic() < deadline
+    assert os.getsid(stray.pid) == stray.pid  # out of the run's session and group
+    return ref, stray
+
+
+@pytest.mark.parametrize("env_stripped", [False, True], ids=["marked", "env_stripped"])
+def test_a_process_that_escapes_its_group_dies_with_its_run(shared_daemon, conv, tmp_path, env_stripped):
     with shared_daemon.client() as client:
-        client.send_user_message(conv, "go")
-        ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
-        wait_for_marker(fifo)
-        deadline = time.monotonic() + 10
-        while (escapee := find_tagged(tag)) is None:
-            assert time.monotonic() < deadline
-        assert os.getsid(escapee.pid) == escapee.pid  # out of the run's session and group
+        ref, escapee = _stray_of_a_run(client, conv, tmp_path, env_stripped=env_stripped)
         assert escapee.is_running()  # while its run goes on, it may run too
         client.cancel_generation(conv, "done")
         with pytest.raises(GenerationCanceled):
@@ -210,18 +221,69 @@ def test_a_process_that_escapes_its_group_dies_with_its_run(shared_daemon, conv,
     assert not wait_for_exit([escapee.pid], timeout_s=10), "the escaped process outlived its run"
 
 
-def test_what_a_killed_daemon_left_running_is_killed_by_its_successor(daemon, conv, tmp_path):
-    argv, fifo, tag = _escaping(tmp_path, conv)
+def test_an_escaped_process_dies_when_the_zygote_is_killed(daemon, conv, tmp_path):
     with daemon.client() as client:
-        client.send_user_message(conv, "go")
-        client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
-        wait_for_marker(fifo)
-    deadline = time.monotonic() + 10
-    while (stray := find_tagged(tag)) is None:
-        assert time.monotonic() < deadline
+        ref, stray = _stray_of_a_run(client, conv, tmp_path)
+        zygote = next(p for p in daemon.descendants() if p.ppid() == daemon.pid and "zygote" in " ".join(p.cmdline()))
+        zygote.kill()
+        with pytest.raises(LLMError):
+            client.await_generation(conv, ref)  # its worker died with the zygote
+        # The stray, re-parented to the daemon, is killed there (not just reaped later).
+        assert not wait_for_exit([stray.pid], timeout_s=10), "the stray outlived the zygote"
+        _, result = client.send_and_generate(conv, "again")  # a new zygote serves on
+        assert result.text == "again"
+
+
+def test_an_escaped_process_dies_with_a_killed_daemon(daemon, conv, tmp_path):
+    with daemon.client() as client:
+        _, stray = _stray_of_a_run(client, conv, tmp_path)
+    family = daemon.descendants()
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(timeout=30)
-    # Zygote and worker die with the daemon (PDEATHSIG); the stray, out of their reach, does not.
-    assert stray.is_running()
+    # The zygote outlives its daemon just long enough to kill everything below it.
+    assert not wait_for_exit([stray.pid] + [p.pid for p in family], timeout_s=15), "processes outlived a killed daemon"
+    daemon.start()
+
+
+def test_an_escaped_process_dies_when_the_daemon_stops(tmp_path, conv):
+    daemon = Daemon(tmp_path).start()
+    with daemon.client() as client:
+        _, stray = _stray_of_a_run(client, conv, tmp_path)
+    assert daemon.stop() == 0
+    assert not wait_for_exit([stray.pid], timeout_s=10), "the stray outlived a graceful stop"
+
+
+def test_what_a_daemon_killed_with_its_zygote_left_running_is_killed_by_its_successor(daemon, conv, tmp_path):
+    """The last resort, when no process of the daemon survived to clean up: the
+    successor kills what carries the daemon's marker."""
+    with daemon.client() as client:
+        _, stray = _stray_of_a_run(client, conv, tmp_path, env_stripped=False)
+    zygote = next(p for p in daemon.descendants() if p.ppid() == daemon.pid)
+    daemon.process.send_signal(signal.SIGKILL)
+    zygote.kill()
+    daemon.process.wait(timeout=30)
     daemon.start()
     assert not wait_for_exit([stray.pid], timeout_s=10), "the new daemon left the old one's stray running"
+
+
+def test_a_daemonized_child_of_a_command_dies_when_its_run_completes(shared_daemon, conv, tmp_path):
+    """A tool's command that starts a process with a new session, a stripped environment
+    and no parent (a double fork): the run completes, and that process does not outlive it."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    tag = f"{300000 + os.getpid() % 1000}{len(conv)}"
+    # The command returns once the daemonized process is up (it made `ready`).
+    command = ["sh", "-c", f"(setsid env -i sh -c 'touch ready; exec sleep {tag}' >/dev/null 2>&1 &); "
+                           "while [ ! -e ready ]; do :; done; echo started"]
+    script = [{"tool_calls": [{"name": "run_command", "arguments": {"argv": command, "timeout_ms": 10_000}}]}, {"text": "done"}]
+    with shared_daemon.client() as client:
+        client.start_conversation(conv, metadata={"workspace": str(workspace)})
+        client.configure_skills(conv, ["run_command"])
+        client.send_user_message(conv, "daemonize something")
+        ref = client.generate_assistant_reply(conv, backend_opts={"script": script})
+        assert client.await_generation(conv, ref).text == "done"
+        assert "started" in client.conversation_messages(conv, roles=["tool"])[0].content
+    assert (workspace / "ready").exists()
+    deadline = time.monotonic() + 10
+    while (stray := find_tagged(tag)) is not None:
+        assert time.monotonic() < deadline, f"the daemonized process {stray.pid} outlived its run"

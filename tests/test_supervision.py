@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import psutil
@@ -30,7 +31,9 @@ def test_sigterm_with_active_runs_cancels_them_and_exits_zero(daemon, conv, tmp_
         hung_ref = owner.generate_assistant_reply(conv + "_hung", backend_opts={"crash": "hang"})
         wait_for_marker(fifo)
         family = daemon.descendants()
-        assert find_tagged(tag) is not None
+        deadline = time.monotonic() + 10
+        while find_tagged(tag) is None:  # its command line is briefly empty while it execs
+            assert time.monotonic() < deadline
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=60) == 0
         notes = {owner.next_notification(timeout_ms=5_000), owner.next_notification(timeout_ms=5_000)}
@@ -100,7 +103,7 @@ async def test_runs_starting_at_once_wait_their_turn_to_ask_the_zygote_for_a_wor
         ref="gen_t", run_id="run_t", conversation_id="c", mode="coding", request_id="q",
         request=LLMRequest([ContextMessage("user", "x")], BackendConfig("scripted", "scripted")),
     ))
-    pool = WorkerPool(target=WORKER_TARGET, spares=0)
+    pool = WorkerPool(target=WORKER_TARGET, spares=0, sole_parent=False)  # pytest has children of its own
     supervisor = Supervisor(pool, cancel_grace_s=2.0, term_grace_s=1.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
@@ -122,7 +125,7 @@ async def test_runs_waiting_for_a_worker_get_one_in_arrival_order():
     from genvisor.daemon.server import WORKER_TARGET
     from genvisor.supervisor.pool import WorkerPool
 
-    pool = WorkerPool(target=WORKER_TARGET, spares=0)
+    pool = WorkerPool(target=WORKER_TARGET, spares=0, sole_parent=False)  # pytest has children of its own
     served: list[int] = []
     workers = []
     async with trio.open_nursery() as nursery:
