@@ -76,7 +76,7 @@ def worker_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]
             if victim is None:
                 found["marker_missing"] += 1
                 continue
-            os.kill(os.getpgid(victim.pid), signal.SIGKILL)  # the worker leads its run's group
+            os.kill(os.getsid(victim.pid), signal.SIGKILL)  # the worker leads its run's session
             try:
                 client.await_generation("wk", ref)
                 found["not_failed"] += 1

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from genvisor.daemon.logs import LogFormat
 from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import MemoryStore, Store
@@ -74,6 +75,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state_dir: str | None = None  # default: $STATE_DIRECTORY, $XDG_STATE_HOME/genvisor or ~/.local/state/genvisor
     ipc_group_access: bool = False  # the daemon's group may connect too (socket 0660 in a 0750 directory)
     metrics: str | None = None  # HOST:PORT on loopback for Prometheus; off when unset
+    log_format: LogFormat = "auto"  # text | json | journal; auto: journal under systemd, else text
     scripted_backend: bool = True  # offer the offline `scripted` backend
     defaults: Defaults = Defaults()
     backends: dict[str, Backend] = {}

@@ -23,6 +23,7 @@ from genvisor.daemon.config import Config
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.runtime import Executor, Runtime
 from genvisor.daemon.store import Store
+from genvisor.logevent import RateLimit, event
 from genvisor.errors import BadRequest, GenvisorError, InternalError, Overloaded
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
@@ -83,6 +84,8 @@ class Front:
         # shed and its new requests refused (Overloaded) until it reads.
         self._max_unread = max_unread_bytes
         self._unread: dict[Owner, int] = {}
+        self._reject_log = RateLimit()
+        self._backlog_log = RateLimit()
 
     # ---- in --------------------------------------------------------------------------
 
@@ -111,7 +114,8 @@ class Front:
 
     def reject(self, owner: Owner, request_id: int, exc: BadRequest) -> None:
         self._runtime.telemetry.frames_rejected.inc()
-        log.warning("rejected a frame: %s", exc)
+        if (held := self._reject_log.allow()) is not None:  # a fuzzing client must not flood the log
+            event(log, "frame.rejected", logging.WARNING, request_id=request_id, detail=str(exc)[:200], suppressed=held)
         self._put(owner, codec.encode_failure(request_id, exc.info()))
 
     def _refuse_unread(self, owner: Owner, request_id: int, unread: int) -> None:
@@ -120,6 +124,8 @@ class Front:
             telemetry.requests_unanswered.inc()
             return
         telemetry.requests_refused_unread.inc()
+        if (held := self._backlog_log.allow()) is not None:
+            event(log, "connection.backlogged", logging.WARNING, unread_bytes=unread, limit=self._max_unread, suppressed=held)
         refusal = Overloaded(f"this connection has {unread} bytes of answers it has not read (limit {self._max_unread}); "
                              "read them, then retry")
         self._put(owner, codec.encode_failure(request_id, refusal.info()))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Hashable, Protocol
 import msgspec
 import trio
 
+from genvisor.logevent import RateLimit, event
 from genvisor.errors import (
     Diagnostic,
     LLMErrorCategory,
@@ -137,6 +138,7 @@ class ActiveGeneration:
         self.slot = slot
         self.queue_scope = trio.CancelScope()  # cancelled when the run ends while still queued
         self.handle: RunHandle | None = None
+        self.created_at = time.perf_counter()
         self.started_at: float | None = None  # perf_counter, once admitted to a worker
 
     def run_seconds(self) -> float | None:
@@ -172,6 +174,7 @@ class Runtime:
         self._generations: dict[str, GenerationRecord] = {}
         self._nursery: trio.Nursery | None = None
         self._admitting = True
+        self._admission_log = RateLimit()
         self.telemetry = telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
         telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
         telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
@@ -396,10 +399,12 @@ class Runtime:
         self.journal.submit(GenerationStarted(ref, key, run_id))
         self._append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
         self.telemetry.run_started(spec.mode, _backend_label(spec))
+        event(log, "run.started", **_run_fields(conversation, active))
         if spec.request is None:
             assert spec.error is not None
             slot.release()
             self._finish(conversation, active, error=spec.error)
+            self._log_run_end(conversation, active)
             return ref
         assert self._nursery is not None
         self._nursery.start_soon(self._drive, conversation, active)
@@ -452,6 +457,9 @@ class Runtime:
             return self.admission.admit()
         except Overloaded:
             self.telemetry.admissions_rejected.inc()
+            if (held := self._admission_log.allow()) is not None:
+                event(log, "admission.rejected", logging.WARNING, active=self.admission.active, queued=self.admission.queued,
+                      suppressed=held)
             raise  # nothing has been recorded
 
     def _on_progress(self, conversation: ConversationRecord, active: ActiveGeneration, raw: msgspec.Raw) -> None:
@@ -480,6 +488,34 @@ class Runtime:
             if active.handle is not None:
                 with trio.CancelScope(shield=True):
                     await active.handle.cleaned_up.wait()
+        self._log_run_end(conversation, active)
+
+    def _log_run_end(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """One line per run, once its processes are gone: how it ended and how it was cleaned up."""
+        record, handle = active.record, active.handle
+        fields: dict[str, Any] = _run_fields(conversation, active)
+        level = logging.INFO
+        if record.canceled is not None:
+            fields.update(outcome="canceled", reason=record.canceled)
+        elif record.error is not None:
+            fields.update(outcome="failed", category=record.error.category, error=record.error.message[:200])
+            reason = (record.error.details or {}).get("reason")
+            if isinstance(reason, str):
+                fields["reason"] = reason
+        else:
+            fields["outcome"] = "completed"
+        fields["duration_ms"] = round((time.perf_counter() - active.created_at) * 1000, 1)
+        if active.started_at is not None:
+            fields["queue_ms"] = round(active.slot.waited_s * 1000, 1)
+        report = handle.cleanup if handle is not None else None
+        if report is not None:
+            fields.update(pid=report.pid, ended_by=report.ended_by, cleanup="verified" if report.verified else "survivors",
+                          leftovers_killed=len(report.leftovers_killed))
+            if not report.verified:
+                level = logging.ERROR
+        else:
+            fields["cleanup"] = "none"  # no process ran (in-process, or it never started)
+        event(log, "run.finished", level, **fields)
 
     async def _run_generation(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Wait for admission, run, settle; the slot is held until the worker is gone,
@@ -516,6 +552,7 @@ class Runtime:
             else:
                 self._finish(conversation, active, error=run_outcome.error)
         elif isinstance(outcome, Crashed):
+            event(log, "worker.crashed", logging.WARNING, ref=active.record.ref, run_id=active.record.run_id, **outcome.details)
             self._finish(conversation, active, error=LLMError("unknown", "generation worker crashed", details=outcome.details).info())
         elif isinstance(outcome, Broken):
             self._fail_run(conversation, active, "unknown", f"the worker broke the run protocol: {outcome.message}", "protocol_error")
@@ -673,3 +710,12 @@ def _safe(name: str) -> str:
 
 def _backend_label(spec: RunSpec) -> str:
     return spec.request.backend.name if spec.request is not None else "unknown"
+
+
+def _run_fields(conversation: ConversationRecord, active: ActiveGeneration) -> dict[str, Any]:
+    project, id_ = conversation.key
+    fields: dict[str, Any] = {"ref": active.record.ref, "run_id": active.record.run_id, "conversation": id_}
+    if project is not None:
+        fields["project"] = project
+    fields.update(mode=active.spec.mode, backend=_backend_label(active.spec))
+    return fields

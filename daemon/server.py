@@ -25,12 +25,14 @@ import zmq
 from genvisor import __version__
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
+from genvisor.daemon import logs
 from genvisor.daemon.metrics import MetricsServer
 from genvisor.daemon.pidlock import LockHeld, lock_exclusively
 from genvisor.daemon.store import StoreFailed
 from genvisor.daemon.sd_notify import Notifier
 from genvisor.daemon.service_dirs import runtime_directory
 from genvisor.errors import BadRequest
+from genvisor.logevent import event
 from genvisor.ipc import codec
 from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
 from genvisor.ipc.endpoint import (
@@ -114,7 +116,7 @@ async def serve(config: Config) -> int:
             if config.metrics:
                 metrics = MetricsServer(config.metrics, runtime.telemetry.registry)
                 front.metrics_address = metrics.address
-                log.info("metrics on http://%s/metrics", metrics.address)
+                event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
             async with trio.open_nursery() as nursery:
                 stop, serving = trio.Event(), trio.Event()
                 await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
@@ -122,7 +124,7 @@ async def serve(config: Config) -> int:
                 await nursery.start(runtime.run)
                 nursery.start_soon(_serve_socket, sock, front, outbox)
                 serving.set()
-                log.info("genvisor %s serving on %s (pid %d), journal %s", __version__, endpoint, os.getpid(), store.describe())
+                event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
                 print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
                 notifier.ready(f"serving on {endpoint}")
                 nursery.start_soon(notifier.keep_watchdog)
@@ -140,7 +142,7 @@ async def serve(config: Config) -> int:
             if metrics is not None:
                 await trio.to_thread.run_sync(metrics.close)
             await trio.to_thread.run_sync(store.close)
-    log.info("genvisor stopped")
+    event(log, "daemon.stopped")
     return 0
 
 
@@ -174,7 +176,7 @@ async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.Canc
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
+            event(log, "daemon.stopping", signal=signal.Signals(signum).name)
             stop.set()
             if not serving.is_set():
                 scope.cancel()
@@ -192,11 +194,7 @@ async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: 
 
 
 def main(config: Config) -> int:
-    logging.basicConfig(
-        level=os.environ.get("GENVISOR_LOG_LEVEL", "INFO").upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(config.log_format)
     try:
         return trio.run(serve, config)
     except (CurveError, EndpointError, StoreFailed) as exc:  # refused at start-up, before serving

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import msgspec
 import trio
 
+from genvisor.logevent import event
 from genvisor.ipc.channel import FramedChannel, FrameTooLarge
 from genvisor.ipc.supervision import (
     Exited,
@@ -146,7 +147,7 @@ class WorkerPool:
         if self._instance is not None:
             stale = await trio.to_thread.run_sync(linux.kill_marked, linux.INSTANCE_ENV, self._instance)
             if stale:
-                log.warning("killed %d processes a previous daemon left running: %s", len(stale), stale)
+                event(log, "strays.killed", logging.WARNING, source="previous_daemon", pids=stale)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._reap_children)
             await nursery.start(self._supervise_zygote)
@@ -238,7 +239,7 @@ class WorkerPool:
         except WorkersUnavailable as exc:
             self._spawn_failures += 1
             self._last_spawn_error = exc
-            log.warning("worker not started: %s", exc)
+            event(log, "worker.spawn_failed", logging.WARNING, error=str(exc), consecutive=self._spawn_failures)
             self._wake_acquirers()
             await trio.sleep(RESTART_BACKOFF_S[min(self._spawn_failures, len(RESTART_BACKOFF_S)) - 1])
         finally:
@@ -343,7 +344,7 @@ class WorkerPool:
                         task_status.started()
                         first = False
                 else:
-                    log.error("zygote %d did not start in time; killing it", zygote.pid)
+                    event(log, "zygote.start_timeout", logging.ERROR, pid=zygote.pid, timeout_s=ZYGOTE_START_TIMEOUT_S)
                     os.kill(zygote.pid, signal.SIGKILL)
                 await zygote.gone.wait()
                 nursery.cancel_scope.cancel()
@@ -355,7 +356,8 @@ class WorkerPool:
             failures = 0 if lived > 30 else failures + 1
             self.zygote_restarts += 1
             delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
-            log.warning("zygote %d died after %.1fs; restarting in %.2fs", zygote.pid, lived, delay)
+            event(log, "zygote.restarting", logging.WARNING, pid=zygote.pid, lived_s=round(lived, 1), restart_in_s=delay,
+                  restarts=self.zygote_restarts)
             await trio.sleep(delay)
 
     def _start_zygote(self) -> _Zygote:
@@ -374,7 +376,7 @@ class WorkerPool:
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
         )
         theirs.close()
-        log.info("zygote started pid=%d", pid)
+        event(log, "zygote.started", pid=pid)
         zygote = _Zygote(pid, trio.socket.from_stdlib_socket(ours))
         self._zygote = zygote
         return zygote
@@ -391,7 +393,7 @@ class WorkerPool:
                 frame = _zygote_decoder.decode(data)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 # Not the zygote we started any more: replace it (its exit is seen as usual).
-                log.error("zygote %d sent a malformed frame (%s); killing it", zygote.pid, exc)
+                event(log, "zygote.protocol_error", logging.ERROR, pid=zygote.pid, error=str(exc))
                 _kill(zygote.pid)
                 return
             self._on_zygote_frame(zygote, frame)
@@ -438,12 +440,12 @@ class WorkerPool:
         zygote = self._zygote
         keep = frozenset([zygote.pid]) if zygote is not None and not zygote.gone.is_set() else frozenset()
         if killed := linux.kill_children(os.getpid(), keep):
-            log.warning("killed %d processes a dead zygote left behind: %s", len(killed), killed)
+            event(log, "strays.killed", logging.WARNING, source="dead_zygote", pids=killed)
 
     def _child_exited(self, pid: int, status: int) -> None:
         zygote = self._zygote
         if zygote is not None and pid == zygote.pid:
-            log.log(logging.INFO if self._closing else logging.ERROR, "zygote %d exited: %s", pid, linux.describe_wait_status(status))
+            event(log, "zygote.exited", logging.INFO if self._closing else logging.ERROR, pid=pid, **linux.describe_wait_status(status))
             zygote.gone.set()
             # Its spares die with it (PDEATHSIG), but may not have yet: off the shelf
             # now, so no run is handed a worker that is about to die.

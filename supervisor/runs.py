@@ -25,6 +25,7 @@ import psutil
 import trio
 
 from genvisor.ipc.channel import FrameTooLarge
+from genvisor.logevent import event
 from genvisor.ipc.supervision import Finished, Progress, Start, Stop
 from genvisor.supervisor.pool import Worker, WorkerPool, WorkersUnavailable, wait_for_exit
 
@@ -204,7 +205,7 @@ class Supervisor:
         )
         if not leftovers.verified:
             self.cleanup_failures += 1
-            log.error("run %d: processes of worker %d survived cleanup: %s", handle.run_id, worker.pid, leftovers.survivors)
+            event(log, "cleanup.failed", logging.ERROR, pid=worker.pid, survivors=leftovers.survivors)
 
     async def _stop(self, worker: Worker, outcome: RunOutcome | None) -> str:
         """Escalate until the worker is reaped; returns what ended it."""
