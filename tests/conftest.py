@@ -13,11 +13,29 @@ import sys
 import time
 from pathlib import Path
 
+import atexit
+import shutil
+import tempfile
+
 import psutil
 import pytest
 
 from genvisor.client import Client
 from genvisor.errors import DaemonUnavailable
+
+# No test may touch the home or the runtime dir of whoever runs the suite (a real
+# daemon's journal, its socket): for the whole session, and for every daemon a test
+# starts (they inherit the environment), the defaults that point there point into a
+# temp dir instead.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="genvisor-test-home-"))
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
+os.environ.update(
+    HOME=str(SESSION_HOME),
+    XDG_STATE_HOME=str(SESSION_HOME / ".local" / "state"),
+    XDG_RUNTIME_DIR=str(SESSION_HOME / "run"),
+)
+for _variable in ("GENVISOR_ENDPOINT", "STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+    os.environ.pop(_variable, None)
 
 # Small graces keep the escalation tests quick; the defaults are seconds.
 TEST_CONFIG = """

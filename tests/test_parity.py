@@ -291,10 +291,11 @@ def test_parity(connect, scenario):
     assert scenario(Cell(connect)) == ROWS[scenario]
 
 
-def test_shutdown_ends_every_run_exactly_once_in_telemetry():
+def test_shutdown_ends_every_run_exactly_once_in_telemetry(tmp_path):
+    from genvisor.daemon.config import Config
     from genvisor.daemon.embedded import EmbeddedRuntime
 
-    with EmbeddedRuntime() as runtime, runtime.client() as client:
+    with EmbeddedRuntime(Config(state_dir=str(tmp_path))) as runtime, runtime.client() as client:
         for n in range(3):
             client.send_user_message(f"s{n}", "hi")
             client.generate_assistant_reply(f"s{n}", **SLOW)
