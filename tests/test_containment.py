@@ -131,3 +131,17 @@ def test_a_scripted_error_of_an_unknown_category_is_a_config_error(connect, conv
             client.await_generation(conv, ref)
         assert raised.value.category == "config"
         assert "category" in raised.value.message
+
+
+@pytest.mark.parametrize("target", ["undecodable_frame", "wrong_frame_type", "oversized_frame"])
+def test_a_worker_that_breaks_the_run_protocol_ends_its_run_and_is_torn_down(target):
+    """The supervisor's side of a hostile worker frame: one outcome (Broken), the
+    worker killed and its cleanup verified, the supervisor itself unharmed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("hostile_worker.py")
+    done = subprocess.run([sys.executable, str(script), target], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Broken: "), done.stdout + done.stderr
