@@ -9,7 +9,6 @@ daemon: a full or vanished socket only loses that message, as with libsystemd.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import MutableMapping
 

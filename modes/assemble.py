@@ -116,7 +116,7 @@ def build_run_spec(
     defaults: RunDefaults,
     workspace: str | None = None,
 ) -> RunSpec:
-    base = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace)
+    base: dict[str, Any] = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace)
     try:
         options = parse_options(raw_options)
     except LLMError as error:
@@ -148,8 +148,8 @@ def build_run_spec(
             _first(options.timeout_ms, llm.options.get("timeout_ms"), backend.settings.get("timeout_ms"), defaults.timeout_ms),
             "timeout_ms (from the call, the conversation's llm options or the backend)",
         )
-    except LLMError as error:
-        return RunSpec(**base, request=None, error=error.info())
+    except LLMError as bad:
+        return RunSpec(**base, request=None, error=bad.info())
     request = LLMRequest(
         messages=messages,
         backend=backend,
