@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import msgspec
@@ -127,9 +128,9 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.verb == "demo":
-        return demo()
     try:
+        if args.verb == "demo":
+            return demo()
         if args.verb == "keygen":
             return keygen(args.dir, args.name)
         with Client(args.endpoint, timeout_ms=args.timeout_ms, server_key=args.server_key, client_key=args.client_key) as client:
@@ -273,6 +274,7 @@ def demo() -> int:
         env = {**os.environ, "GENVISOR_LOG_LEVEL": "WARNING"}
         daemon = subprocess.Popen([sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint], env=env)
         try:
+            _wait_until_serving(daemon, endpoint)
             with Client(endpoint, timeout_ms=30_000) as client:
                 info = client.ping()
                 print(f"daemon up: genvisor {info.version}, pid {info.pid}, {info.endpoint}\n")
@@ -300,6 +302,23 @@ def demo() -> int:
             code = daemon.wait(timeout=60)
         print(f"daemon stopped (exit {code})")
         return code
+
+
+def _wait_until_serving(daemon: subprocess.Popen, endpoint: str, timeout_s: float = 30) -> None:
+    """Wait for a daemon just started to answer (a client fails at once while its socket
+    does not exist yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if daemon.poll() is not None:
+            raise DaemonUnavailable(f"the demo daemon exited ({daemon.returncode}) before it answered")
+        try:
+            with Client(endpoint, timeout_ms=1_000) as client:
+                client.ping()
+                return
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # it is starting: look again shortly
 
 
 def _format_status(s: DaemonStatus) -> str:

@@ -5,6 +5,10 @@ with its id, queueing the notifications that arrive meanwhile for
 `next_notification`. When nothing answers within the timeout the socket is thrown
 away (LINGER 0), so a request that never reached a daemon cannot be applied later
 by one that starts afterwards.
+
+An await whose `timeout_ms` is None waits as long as the run takes: the client then
+gives up only when no daemon answers within its own timeout, or at once when the
+connection to the daemon is lost (see dealer.WatchedDealer).
 """
 
 from __future__ import annotations
@@ -87,9 +91,12 @@ def to_locator(loc: Any) -> Locator:
     raise InvalidLocator(f"invalid locator {loc!r}: use 'id' or ('project_id', 'id') with non-blank strings")
 
 
-def _wait_ms(timeout_ms: Any) -> int:
-    """How much longer than usual a call may take; a wrong type is the daemon's to
-    refuse (BadRequest), so it adds nothing here."""
+def _wait_ms(timeout_ms: Any) -> int | None:
+    """How much longer than usual a call may take: None (no fixed limit) for an await
+    without a timeout. A wrong type is the daemon's to refuse (BadRequest), so it adds
+    nothing here."""
+    if timeout_ms is None:
+        return None
     return timeout_ms if isinstance(timeout_ms, int) and timeout_ms > 0 else 0
 
 
@@ -144,10 +151,13 @@ class Client:
                 self._socket = WatchedDealer(self.endpoint, self._curve)
         return self._socket
 
-    def _poll(self, sock: Transport, timeout_ms: int) -> bool:
-        """Wait for a frame. A refused handshake raises DaemonUnavailable and drops the
-        socket, as a timeout does, so the request cannot go out later."""
+    def _poll(self, sock: Transport, timeout_ms: int, reply_due: bool = False) -> bool:
+        """Wait for a frame. A refused handshake, or (`reply_due`) a connection lost
+        since the request went out, raises DaemonUnavailable and drops the socket, as
+        a timeout does, so the request cannot go out later."""
         try:
+            if reply_due and isinstance(sock, WatchedDealer):
+                return bool(sock.poll_reply(timeout_ms))
             return bool(sock.poll(timeout_ms, zmq.POLLIN))
         except DaemonUnavailable:
             self.close()
@@ -245,12 +255,26 @@ class Client:
         self,
         loc: LocatorLike,
         ref: str,
-        timeout_ms: int = 30_000,
+        timeout_ms: int | None = 30_000,
         cancel_on_timeout: bool = True,
         cancel_reason: str = "await_timeout",
+        *,
+        on_event: Callable[[GenerationEvent], None] | None = None,
     ) -> LLMResult:
+        """Wait up to `timeout_ms` for the outcome (None: as long as the run takes; its
+        own deadline bounds it). `on_event` gets the run's events while waiting, those
+        already queued first: the run must have been started by this client with
+        `events=True`."""
         request = AwaitGeneration(to_locator(loc), ref, timeout_ms, cancel_on_timeout, cancel_reason)
-        return self._call(request, LLMResult, extra_wait_ms=_wait_ms(timeout_ms))
+        if on_event is not None:
+            queued = list(self._notifications)
+            self._notifications.clear()
+            for note in queued:
+                if isinstance(note, GenerationEvent) and note.ref == ref:
+                    on_event(note)
+                else:
+                    self._notifications.append(note)
+        return self._call(request, LLMResult, extra_wait_ms=_wait_ms(timeout_ms), on_event=on_event)
 
     def cancel_generation(self, loc: LocatorLike, reason: str = "cancel_requested") -> None:
         self._call(CancelGeneration(to_locator(loc), reason), Empty)
@@ -304,9 +328,12 @@ class Client:
         request: Any,
         result_type: type[T],
         *,
-        extra_wait_ms: int = 0,
+        extra_wait_ms: int | None = 0,
         on_event: Callable[[GenerationEvent], None] | None = None,
     ) -> T:
+        """Send `request` and wait for its reply: up to the client's timeout plus
+        `extra_wait_ms`; with `extra_wait_ms` None, up to the client's timeout for a
+        connection to the daemon and then for as long as it holds."""
         request_id = next(self._ids)
         try:
             data = codec.encode_request(request_id, request)
@@ -316,12 +343,18 @@ class Client:
             raise BadRequest(f"request of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
         sock = self._connected()
         sock.send(data)
-        deadline = time.monotonic() + (self.timeout_ms + extra_wait_ms) / 1000
+        limit_ms = self.timeout_ms if extra_wait_ms is None else self.timeout_ms + extra_wait_ms
+        deadline = time.monotonic() + limit_ms / 1000
         while True:
             remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0 or not self._poll(sock, remaining):
+            if remaining <= 0 or not self._poll(sock, remaining, reply_due=True):
+                if extra_wait_ms is None and (sock.connected if isinstance(sock, WatchedDealer) else True):
+                    # No fixed limit, and the daemon is there: wait on (a lost connection
+                    # ends the wait at once; the run's own deadline bounds it).
+                    deadline = time.monotonic() + self.timeout_ms / 1000
+                    continue
                 self.close()
-                raise DaemonUnavailable(f"no answer from the daemon at {self.endpoint} within {self.timeout_ms + extra_wait_ms} ms")
+                raise DaemonUnavailable(f"no answer from the daemon at {self.endpoint} within {limit_ms} ms")
             frame = codec.decode_server_frame(sock.recv())
             if isinstance(frame, Notify):
                 if on_event is not None and isinstance(frame.note, GenerationEvent):
