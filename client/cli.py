@@ -1,92 +1,165 @@
 """The `genvisor` command line: each verb mirrors a client call.
 
-Exit codes: 0 success, 1 the call raised a genvisor error (printed as `error: code: message`),
-2 usage error, 3 no daemon answered.
+Options that pick the daemon (--endpoint, --timeout-ms, --server-key, --client-key)
+and --json go before or after the verb. With --json a verb prints one JSON value on
+stdout, and an error is one JSON object on stderr: {"error": {"code", "message", …}}.
+
+Exit codes: 0 success, 1 the call raised a genvisor error (printed as `error: code:
+message`), 2 usage error, 3 no daemon answered, 130 interrupted (Ctrl-C), 141 stdout
+closed early (`genvisor status | head`), as for a tool killed by SIGPIPE.
+
+Ctrl-C while `send` or `await` waits cancels the run (reason `client_interrupt`);
+with --detach it leaves the run running and says how to await it. A second Ctrl-C
+while the cancel is on its way exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import msgspec
 
 from genvisor.client.client import Client
-from genvisor.errors import DaemonUnavailable, GenvisorError
+from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, GenvisorError
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
 from genvisor.ipc.endpoint import EndpointError
-from genvisor.types import DaemonStatus, GenerationEvent, LatencySummary
+from genvisor.types import ROLES, Conversation, DaemonStatus, GenerationEvent, LatencySummary, LLMResult
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 3, 130, 141
+
+# The skills the daemon's `coding` mode knows, one per tool (genvisor.modes.tools.SPECS,
+# which a client does not import; a test keeps the two the same).
+SKILLS = ("read_file", "list_dir", "search_text", "write_file", "edit_file", "run_command")
+
+STATUS_MEANINGS = {
+    "idle": "no message yet",
+    "pending_llm": "the last user message awaits its reply",
+    "responding": "the last turn has its reply",
+    "canceled": "the last generation was canceled",
+}
+
+INTERRUPT_REASON = "client_interrupt"
 
 
-def _locator(args: argparse.Namespace) -> Any:
-    return (args.project, args.conversation) if args.project else args.conversation
+# ---- arguments ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are JSON when --json is on the command line."""
+
+    json_errors = False
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if _Parser.json_errors:
+            _print_error({"code": "usage", "message": f"{self.prog}: {message}"}, as_json=True)
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
 
 
 def _json_object(text: str) -> dict[str, Any]:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text}")
     return value
 
 
-def _print_json(value: Any) -> None:
-    print(msgspec.json.encode(value).decode())
+def _skill(name: str) -> str:
+    if name not in SKILLS:
+        raise argparse.ArgumentTypeError(f"unknown skill {name!r} (known: {', '.join(SKILLS)})")
+    return name
+
+
+def _add_daemon_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options that pick the daemon, and --json. The top-level parser holds the
+    defaults; each verb's copy sets a value only when given (SUPPRESS), so an option
+    before the verb is not undone by its absence after it."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("--endpoint", default=default(None), help="daemon endpoint (default: $GENVISOR_ENDPOINT or the default ipc path)")
+    parser.add_argument("--timeout-ms", type=int, default=default(10_000), metavar="MS",
+                        help="how long to wait for the daemon to answer a call (default 10000); an await waits as long as "
+                             "its run takes, see --await-timeout-ms")
+    parser.add_argument("--server-key", metavar="FILE", default=default(None),
+                        help=f"the daemon's CURVE public certificate, for tcp (default: ${SERVER_KEY_ENV})")
+    parser.add_argument("--client-key", metavar="FILE", default=default(None),
+                        help=f"this client's CURVE secret certificate (default: ${CLIENT_KEY_ENV})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the result as one JSON value; an error as a JSON object on stderr")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genvisor", description="Drive a genvisor daemon.")
-    parser.add_argument("--endpoint", help="daemon endpoint (default: $GENVISOR_ENDPOINT or the default ipc path)")
-    parser.add_argument("--timeout-ms", type=int, default=10_000, help="how long to wait for the daemon to answer")
-    parser.add_argument("--server-key", metavar="FILE", help=f"the daemon's CURVE public certificate, for tcp (default: ${SERVER_KEY_ENV})")
-    parser.add_argument("--client-key", metavar="FILE", help=f"this client's CURVE secret certificate (default: ${CLIENT_KEY_ENV})")
+    parser = _Parser(prog="genvisor", description="Drive a genvisor daemon.",
+                     epilog="Options that pick the daemon, and --json, go before or after the verb.")
+    _add_daemon_options(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_daemon_options(common, top=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    verbs.add_parser("ping", help="check the daemon answers; print version, pid, uptime")
-    verbs.add_parser("serve", help="run the daemon (see `genvisor serve --help`)")
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    verb("ping", "check the daemon answers; print version, pid, uptime")
+    verbs.add_parser("serve", help="run the daemon (see `genvisor serve --help`)", add_help=False)  # its options: serve's
     verbs.add_parser("demo", help="start a daemon on the scripted backend, run a short demo, stop it")
-    keygen = verbs.add_parser("keygen", help="write a CURVE certificate pair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)")
+    keygen = verb("keygen", "write a CURVE certificate pair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)")
     keygen.add_argument("dir")
     keygen.add_argument("name")
 
     def conversation_verb(name: str, help_text: str) -> argparse.ArgumentParser:
-        verb = verbs.add_parser(name, help=help_text)
-        verb.add_argument("conversation")
-        verb.add_argument("--project", help="project id (scopes the conversation)")
-        verb.add_argument("--json", action="store_true", help="print the result as JSON")
-        return verb
+        parsed = verb(name, help_text)
+        parsed.add_argument("conversation")
+        parsed.add_argument("--project", help="project id (scopes the conversation)")
+        return parsed
 
     send = conversation_verb("send", "send a message and print the reply as it streams")
     send.add_argument("text")
     generate = conversation_verb("generate", "start a generation; print its ref")
-    for verb in (send, generate):
-        verb.add_argument("--backend")
-        verb.add_argument("--model")
-        verb.add_argument("--backend-opts", type=_json_object, default={}, help="JSON object, e.g. '{\"delay_ms\": 50}'")
-        verb.add_argument("--options", type=_json_object, default={}, help="more generation options as a JSON object")
-    send.add_argument("--await-timeout-ms", type=int, default=30_000)
+    for parsed in (send, generate):
+        parsed.add_argument("--backend")
+        parsed.add_argument("--model")
+        parsed.add_argument("--backend-opts", type=_json_object, default={}, help="JSON object, e.g. '{\"delay_ms\": 50}'")
+        parsed.add_argument("--options", type=_json_object, default={},
+                            help="more generation options as a JSON object (e.g. '{\"timeout_ms\": 120000}')")
     wait = conversation_verb("await", "wait for a generation's outcome")
     wait.add_argument("ref")
-    wait.add_argument("--await-timeout-ms", type=int, default=30_000)
-    wait.add_argument("--no-cancel-on-timeout", action="store_true")
+    for parsed in (send, wait):
+        parsed.add_argument("--await-timeout-ms", type=int, default=None, metavar="MS",
+                            help="stop waiting after MS ms: the run is then canceled (reason await_timeout) unless "
+                                 "--no-cancel-on-timeout, and the exit is 1 (await_timeout). Default: wait as long as the "
+                                 "run takes (its own timeout_ms bounds it)")
+        parsed.add_argument("--no-cancel-on-timeout", action="store_true", help="at --await-timeout-ms, leave the run running")
+        parsed.add_argument("--detach", action="store_true",
+                            help="on Ctrl-C leave the run running and print how to await it (default: cancel it)")
     cancel = conversation_verb("cancel", "cancel the active generation")
     cancel.add_argument("--reason", default="cancel_requested")
-    conversation_verb("state", "print the conversation's derived state")
+    conversation_verb("state", "print the conversation's state: status, active run, messages")
 
     start = conversation_verb("start", "start a conversation (error if it exists)")
     start.add_argument("--metadata", type=_json_object, default=None)
     for name, help_text in (("message", "record a user message (no generation)"), ("record", "record an assistant message")):
-        verb = conversation_verb(name, help_text)
-        verb.add_argument("text")
+        conversation_verb(name, help_text).add_argument("text")
     messages = conversation_verb("messages", "list messages")
     messages.add_argument("--max", type=int, dest="max_messages")
-    messages.add_argument("--role", action="append", dest="roles", help="keep only this role (repeatable)")
+    messages.add_argument("--role", action="append", dest="roles", choices=ROLES, help="keep only this role (repeatable)")
     context = conversation_verb("context", "the context a generation would send")
     context.add_argument("--max", type=int, dest="max_messages", default=40)
     context.add_argument("--include-system", action="store_true")
@@ -98,8 +171,10 @@ def _parser() -> argparse.ArgumentParser:
     llm.add_argument("--provider")
     llm.add_argument("--model")
     llm.add_argument("--options", type=_json_object, default=None)
-    skills = conversation_verb("skills", "replace the enabled skills")
-    skills.add_argument("skills", nargs="*")
+    skills = conversation_verb("skills", "show the enabled skills, or replace them")
+    skills.add_argument("skills", nargs="*", type=_skill, metavar="SKILL",
+                        help=f"enable exactly these (one per tool): {', '.join(SKILLS)}")
+    skills.add_argument("--none", action="store_true", help="turn every skill off")
     mode = conversation_verb("mode", "print the mode, or switch it")
     mode.add_argument("set", nargs="?", metavar="MODE")
     mode.add_argument("--state", type=_json_object, default=None, help="mode_state as a JSON object")
@@ -107,12 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--force", action="store_true")
     mode.add_argument("--cancel-reason")
     conversation_verb("stop", "stop the conversation (cancels its generation first)")
-    for name, help_text in (
-        ("modes", "list the supported modes"),
-        ("telemetry", "run counters by mode/backend/outcome"),
-        ("status", "how the daemon is doing: runs, queue, workers, journal, latencies"),
-    ):
-        verbs.add_parser(name, help=help_text).add_argument("--json", action="store_true")
+    verb("modes", "list the supported modes")
+    verb("telemetry", "run counters by mode/backend/outcome")
+    verb("status", "how the daemon is doing: runs, queue, workers, journal, latencies")
     return parser
 
 
@@ -126,30 +198,90 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+# ---- output ------------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.encode(value).decode())
+
+
+def _print_error(info: dict[str, Any] | ErrorInfo, *, as_json: bool) -> None:
+    if as_json:
+        print(msgspec.json.encode({"error": info}).decode(), file=sys.stderr)
+    elif isinstance(info, ErrorInfo):
+        print(f"error: {info.code}: {info.message}", file=sys.stderr)
+    else:
+        print(f"error: {info['message']}", file=sys.stderr)
+
+
+def _fail(args: argparse.Namespace, code: int, info: dict[str, Any] | ErrorInfo) -> int:
+    _print_error(info, as_json=args.json)
+    return code
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    _Parser.json_errors = _wants_json(argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
+    except BrokenPipeError:
+        # The reader went away (`genvisor status | head`): stop quietly, as a tool killed
+        # by SIGPIPE does; point stdout at /dev/null so the exit flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        if _Parser.json_errors:
+            _print_error({"code": "interrupted", "message": "interrupted"}, as_json=True)
+        else:
+            print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.verb == "serve":  # `genvisor --endpoint URL serve …`: the daemon's own parser takes the rest
+        from genvisor.__main__ import serve
+
+        return serve((["--endpoint", args.endpoint] if args.endpoint else []) + rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb == "skills" and args.none and args.skills:
+        parser.error("skills: give SKILL names or --none, not both")
+    if args.verb == "demo" and args.json:
+        parser.error("demo has no JSON output")
     try:
         if args.verb == "demo":
             return demo()
         if args.verb == "keygen":
-            return keygen(args.dir, args.name)
+            return keygen(args.dir, args.name, as_json=args.json)
         with Client(args.endpoint, timeout_ms=args.timeout_ms, server_key=args.server_key, client_key=args.client_key) as client:
             return _run(client, args)
     except (CurveError, EndpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, EXIT_USAGE, {"code": "usage", "message": str(exc)})
     except DaemonUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        if not args.json:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NO_DAEMON
+        return _fail(args, EXIT_NO_DAEMON, exc.info())
     except GenvisorError as exc:
-        print(f"error: {exc.code}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, EXIT_ERROR, exc.info())
+
+
+def _locator(args: argparse.Namespace) -> Any:
+    return (args.project, args.conversation) if args.project else args.conversation
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
     if args.verb == "ping":
         info = client.ping()
-        print(f"genvisor {info.version} pid {info.pid} up {info.uptime_s:.1f}s at {info.endpoint}")
+        _print_json(info) if args.json else print(f"genvisor {info.version} pid {info.pid} up {info.uptime_s:.1f}s at {info.endpoint}")
         return 0
     if args.verb == "modes":
         modes = client.supported_modes()
@@ -174,51 +306,166 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             show(value)
         return 0
     if args.verb == "send":
-        streamed: list[str] = []
-
-        def on_event(event: GenerationEvent) -> None:
-            if event.kind == "delta" and event.text and not args.json:
-                streamed.append(event.text)
-                print(event.text, end="", flush=True)
-            elif event.kind == "tool_call" and event.tool_call and not args.json:
-                print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr, flush=True)
-            elif event.kind == "tool_result" and event.tool_result and not args.json:
-                result = event.tool_result
-                first_line = result.content.splitlines()[0] if result.content else ""
-                print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
-
-        conversation, result = client.send_and_generate(
-            loc, args.text, generation_opts=_generation_options(args), await_opts={"timeout_ms": args.await_timeout_ms}, on_event=on_event
-        )
-        if args.json:
-            _print_json({"conversation": conversation, "result": result})
-        elif streamed:
-            print()
-        else:
-            print(result.text)
-        return 0
+        return _send(client, loc, args)
     if args.verb == "generate":
         ref = client.generate_assistant_reply(loc, **_generation_options(args))
         _print_json({"ref": ref}) if args.json else print(ref)
         return 0
     if args.verb == "await":
-        result = client.await_generation(loc, args.ref, args.await_timeout_ms, cancel_on_timeout=not args.no_cancel_on_timeout)
+        try:
+            if sys.stderr.isatty() and not args.json:
+                then = "leaves it running" if args.detach else "cancels it; --detach leaves it running"
+                print(f"waiting for {args.ref} (Ctrl-C {then})", file=sys.stderr, flush=True)
+            result = _await(client, loc, args.ref, args)
+        except KeyboardInterrupt:
+            return _interrupted(client, loc, args.ref, args)
         _print_json(result) if args.json else print(result.text)
         return 0
-    if args.verb == "cancel":
-        client.cancel_generation(loc, args.reason)
-        return 0
-    if args.verb == "state":
-        conversation = client.conversation(loc)
-        if args.json:
-            _print_json(conversation)
-        else:
-            state = conversation.state
-            print(f"{conversation.id}: {state.status}, turn {state.turn}, {len(state.messages)} messages, mode {state.mode}")
-            for message in state.messages:
-                print(f"  [{message.seq}] {message.role}: {message.content}")
-        return 0
+    if args.verb == "skills":
+        return _skills(client, loc, args)
     raise AssertionError(args.verb)
+
+
+# ---- send and await: Ctrl-C ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _held_interrupt() -> Iterator[list[int]]:
+    """Hold a Ctrl-C until the block is done (the list it yields is not empty if one came):
+    a run must not start unknown to us. A second Ctrl-C interrupts at once."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield held  # SIGINT ignored (a background job) or handled by an embedding program: leave it so
+        return
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
+    """send_user_message → generate (with events) → await, so the ref is known while waiting."""
+    options = _generation_options(args)
+    streamed: list[str] = []
+    if not args.json:
+        options.setdefault("events", True)
+
+    def on_event(event: GenerationEvent) -> None:
+        if args.json:
+            return
+        if event.kind == "delta" and event.text:
+            streamed.append(event.text)
+            print(event.text, end="", flush=True)
+        elif event.kind == "tool_call" and event.tool_call:
+            print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr, flush=True)
+        elif event.kind == "tool_result" and event.tool_result:
+            result = event.tool_result
+            first_line = result.content.splitlines()[0] if result.content else ""
+            print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
+
+    ref: str | None = None
+    try:
+        with _held_interrupt() as held:
+            client.send_user_message(loc, args.text)
+            if held:
+                return _report_interrupt(args, None, "interrupted: the message was recorded; no generation was started")
+            try:
+                ref = client.generate_assistant_reply(loc, **options)
+            except GenvisorError:
+                if not args.json:
+                    print(f"note: the message was recorded but no generation started; `{_command(args, 'generate')}` "
+                          "starts one", file=sys.stderr)
+                raise
+        if held:
+            raise KeyboardInterrupt
+        result = _await(client, loc, ref, args, on_event=on_event)
+    except KeyboardInterrupt:
+        if ref is None:  # a second Ctrl-C while the generation was being started
+            return _report_interrupt(args, None, f"interrupted: a generation may have started; `{_command(args, 'state')}` "
+                                                 f"shows it, `{_command(args, 'cancel')}` cancels it")
+        if streamed:
+            print(flush=True)  # end the streamed line before saying what happened
+        return _interrupted(client, loc, ref, args)
+    if args.json:
+        _print_json({"ref": ref, "conversation": client.conversation(loc), "result": result})
+    elif streamed:
+        print()
+    else:
+        print(result.text)
+    return 0
+
+
+def _await(client: Client, loc: Any, ref: str, args: argparse.Namespace, on_event: Any = None) -> LLMResult:
+    return client.await_generation(loc, ref, args.await_timeout_ms, cancel_on_timeout=not args.no_cancel_on_timeout,
+                                   on_event=on_event)
+
+
+def _interrupted(client: Client, loc: Any, ref: str, args: argparse.Namespace) -> int:
+    """Ctrl-C while waiting for `ref`: cancel it (an await of no time that cancels on
+    timeout: the daemon cancels only that ref, never a newer run), or with --detach
+    leave it running."""
+    follow = _command(args, "await", ref)
+    if args.detach:
+        return _report_interrupt(args, ref, f"interrupted: {ref} keeps running (--detach); `{follow}` waits for its outcome",
+                                 canceled=False, detached=True)
+    canceled = False
+    try:
+        if not args.json:
+            print(f"interrupted: canceling {ref} (Ctrl-C again to leave it)... ", end="", file=sys.stderr, flush=True)
+        client.await_generation(loc, ref, timeout_ms=0, cancel_on_timeout=True, cancel_reason=INTERRUPT_REASON)
+    except KeyboardInterrupt:
+        outcome = f"interrupted again: it may still be running; `{_command(args, 'cancel')}` cancels it"
+    except AwaitTimeout:
+        canceled, outcome = True, f"canceled (reason {INTERRUPT_REASON})"
+    except DaemonUnavailable as exc:
+        outcome = f"not canceled: {exc}"
+    except GenvisorError as exc:
+        outcome = f"it had already ended ({exc.code}: {exc})"
+    else:
+        outcome = f"it had already completed; `{follow}` shows its reply"
+    if args.json:
+        return _report_interrupt(args, ref, f"interrupted: {ref}: {outcome}", canceled=canceled, detached=False)
+    print(outcome, file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _report_interrupt(args: argparse.Namespace, ref: str | None, message: str, **fields: bool) -> int:
+    if args.json:
+        info = {"code": "interrupted", "message": message, **({"ref": ref} if ref else {}), **fields}
+        _print_error(info, as_json=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _command(args: argparse.Namespace, verb: str, *rest: str) -> str:
+    """The command line of `verb` on this conversation (to copy and paste)."""
+    words = ["genvisor", verb, args.conversation, *rest]
+    if args.project:
+        words += ["--project", args.project]
+    if args.endpoint:
+        words += ["--endpoint", args.endpoint]
+    return shlex.join(words)
+
+
+# ---- the other verbs ---------------------------------------------------------------------
+
+
+def _skills(client: Client, loc: Any, args: argparse.Namespace) -> int:
+    if not args.skills and not args.none:
+        skills = client.conversation(loc).state.skills
+        _print_json({"skills": skills}) if args.json else print(", ".join(skills) or "(none)")
+        return 0
+    conversation = client.configure_skills(loc, [] if args.none else args.skills)
+    _print_json(conversation) if args.json else print(", ".join(conversation.state.skills) or "(none)")
+    return 0
 
 
 def _show_messages(messages) -> None:
@@ -232,9 +479,24 @@ def _show_timeline(entries) -> None:
         print(f"[{e.seq}] {what}")
 
 
-def _show_conversation(conversation) -> None:
+def _show_conversation(conversation: Conversation) -> None:
     state = conversation.state
     print(f"{conversation.id}: {state.status}, turn {state.turn}, {len(state.messages)} messages, mode {state.mode}")
+
+
+def _show_state(conversation: Conversation) -> None:
+    state = conversation.state
+    meaning = STATUS_MEANINGS.get(state.status, "")
+    if state.status == "canceled" and state.cancel_reason:
+        meaning += f": {state.cancel_reason}"
+    print(f"{conversation.id}: {state.status} ({meaning}), turn {state.turn}, {len(state.messages)} messages, mode {state.mode}")
+    run = state.active_run
+    if run is not None:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
+        print(f"  active run {run.run_id}: {run.status}, step {run.step or '-'}, started {started} "
+              f"({max(0.0, time.time() - run.started_at):.0f}s ago)")
+    for message in state.messages:
+        print(f"  [{message.seq}] {message.role}: {message.content}")
 
 
 def _mode(client: Client, loc: Any, args: argparse.Namespace):
@@ -243,24 +505,38 @@ def _mode(client: Client, loc: Any, args: argparse.Namespace):
     return client.configure_mode(loc, args.set, args.state, reason=args.reason, force=args.force, cancel_reason=args.cancel_reason)
 
 
+def _cancel(client: Client, loc: Any, args: argparse.Namespace) -> dict[str, bool]:
+    client.cancel_generation(loc, args.reason)
+    return {"canceled": True}
+
+
+def _stop(client: Client, loc: Any, args: argparse.Namespace) -> dict[str, bool]:
+    client.stop_conversation(loc)
+    return {"stopped": True}
+
+
 # verb → (call, human printer); --json prints the call's result as JSON instead.
 _SIMPLE_VERBS = {
     "start": (lambda c, loc, a: c.start_conversation(a.conversation, a.project, a.metadata), _show_conversation),
     "message": (lambda c, loc, a: c.send_user_message(loc, a.text), _show_conversation),
     "record": (lambda c, loc, a: c.record_assistant_message(loc, a.text), _show_conversation),
+    "state": (lambda c, loc, a: c.conversation(loc), _show_state),
     "messages": (lambda c, loc, a: c.conversation_messages(loc, a.max_messages, a.roles), _show_messages),
     "context": (lambda c, loc, a: c.conversation_llm_context(loc, a.max_messages, a.include_system, a.include_tool), _show_messages),
     "timeline": (lambda c, loc, a: c.conversation_timeline(loc), _show_timeline),
     "entries": (lambda c, loc, a: c.conversation_thread_entries(loc), _show_timeline),
     "configure-llm": (lambda c, loc, a: c.configure_llm(loc, a.backend, provider=a.provider, model=a.model, options=a.options), _show_conversation),
-    "skills": (lambda c, loc, a: c.configure_skills(loc, a.skills), lambda conv: print(", ".join(conv.state.skills) or "(none)")),
     "mode": (_mode, lambda v: print(v) if isinstance(v, str) else print(v.state.mode, v.state.mode_state)),
-    "stop": (lambda c, loc, a: c.stop_conversation(loc), print),
+    "cancel": (_cancel, lambda v: None),
+    "stop": (_stop, lambda v: None),
 }
 
 
-def keygen(directory: str, name: str) -> int:
+def keygen(directory: str, name: str, *, as_json: bool = False) -> int:
     public, secret = write_certificate_pair(directory, name)
+    if as_json:
+        _print_json({"public": str(public), "secret": str(secret)})
+        return 0
     print(f"wrote {public}: the public key, to hand out (a client's goes in the daemon's authorized_clients_dir, "
           "the daemon's to its clients as --server-key)")
     print(f"wrote {secret}: the secret key, mode 0600 (the daemon's server_secret_key_file, or a client's --client-key)")
