@@ -75,23 +75,36 @@ def decode_request(data: bytes) -> ClientFrame:
     if frame.v != PROTOCOL_VERSION:
         raise BadRequestFrame(frame.id, f"unsupported protocol version {frame.v} (this daemon speaks {PROTOCOL_VERSION})")
     for field, value in zip(frame.req.__struct_fields__, msgspec.structs.astuple(frame.req)):
-        if isinstance(value, (dict, list)) and _nesting(value) > MAX_VALUE_DEPTH:
-            raise BadRequestFrame(frame.id, f"{field} nests deeper than {MAX_VALUE_DEPTH} levels")
+        if isinstance(value, (dict, list)) and (problem := _not_json_like(value)):
+            raise BadRequestFrame(frame.id, f"{field}: {problem}")
     return frame
 
 
-def _nesting(value: dict | list) -> int:
-    """How many containers deep `value` goes (iteratively: it may be deep)."""
-    deepest = 0
+def _not_json_like(value: dict | list) -> str | None:
+    """What keeps a free-form value (metadata, options, mode_state) from being plain
+    JSON-like data, or None. Such a value is journaled, handed back in every answer
+    about its conversation and sent on to model servers: a mapping key that is not a
+    string would make those answers undecodable as their types (and the journal
+    unreadable at the next start); bytes have no JSON form; nesting near the
+    interpreter's recursion limit would fail every reply that carries it."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > MAX_VALUE_DEPTH:
-            break
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
+        if depth > MAX_VALUE_DEPTH:
+            return f"nests deeper than {MAX_VALUE_DEPTH} levels"
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    return f"mapping keys must be strings, not {type(key).__name__} ({key!r:.40})"
+            children = item.values()
+        else:
+            children = item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif isinstance(child, (bytes, bytearray, memoryview)):
+                return "bytes are not allowed in a free-form value (use a string)"
+    return None
 
 
 class BadRequestFrame(BadRequest):

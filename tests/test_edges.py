@@ -154,3 +154,26 @@ def test_a_socket_dir_that_cannot_be_made_is_refused_with_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot make the socket's directory" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, conv: c.send_user_message(conv, "hi", metadata={1.5: "x"}),
+    lambda c, conv: c.record_assistant_message(conv, "hi", metadata={"ok": {None: 1}}),
+    lambda c, conv: c.start_conversation(conv, metadata={1: "x"}),
+    lambda c, conv: c.configure_llm(conv, options={1: 2}),
+    lambda c, conv: c.configure_mode(conv, "coding", {"system_prompt": "x", True: 1}),
+    lambda c, conv: c.send_user_message(conv, "hi", metadata={"blob": [b"\x00\x01"]}),
+], ids=["float_key", "nested_none_key", "conversation_int_key", "options_int_key", "mode_state_bool_key", "bytes"])
+def test_a_free_form_value_that_is_not_json_like_is_refused_and_the_journal_stays_readable(daemon, conv, call):
+    """A key that is not a string would be journaled and then make every answer about
+    the conversation undecodable — and the journal unreadable at the next start."""
+    with daemon.client() as client:
+        with pytest.raises(BadRequest):
+            call(client, conv)
+        with pytest.raises(NotFound):
+            client.conversation(conv)
+        client.send_user_message(conv, "fine", metadata={"nested": {"k": [1, "two", None]}})
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        assert [m.content for m in client.conversation_messages(conv)] == ["fine"]
