@@ -545,12 +545,18 @@ def keygen(directory: str, name: str, *, as_json: bool = False) -> int:
 
 def demo() -> int:
     """Start a private daemon on the scripted backend, show a few generations, stop it."""
+    # Everything of the demo's daemon — socket, journal, workspaces — lives in a temp dir:
+    # it leaves nothing in the user's state dir, and runs beside a daemon already serving.
     with tempfile.TemporaryDirectory(prefix="genvisor-demo-") as tmp:
         endpoint = f"ipc://{tmp}/run/genvisor.sock"
         env = {**os.environ, "GENVISOR_LOG_LEVEL": "WARNING"}
-        daemon = subprocess.Popen([sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint], env=env)
+        daemon_log = open(os.path.join(tmp, "daemon.log"), "w+b")  # noqa: SIM115 — closed with the daemon
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "genvisor", "serve", "--endpoint", endpoint, "--state-dir", os.path.join(tmp, "state")],
+            env=env, stdout=daemon_log, stderr=daemon_log,
+        )
         try:
-            _wait_until_serving(daemon, endpoint)
+            _wait_until_serving(daemon, endpoint, daemon_log)
             with Client(endpoint, timeout_ms=30_000) as client:
                 info = client.ping()
                 print(f"daemon up: genvisor {info.version}, pid {info.pid}, {info.endpoint}\n")
@@ -574,19 +580,19 @@ def demo() -> int:
                 state = client.conversation("demo").state
                 print(f"conversation 'demo': status {state.status}, turn {state.turn}, {len(state.messages)} messages")
         finally:
-            daemon.send_signal(signal.SIGTERM)
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=60)
+            daemon_log.close()
         print(f"daemon stopped (exit {code})")
         return code
 
 
-def _wait_until_serving(daemon: subprocess.Popen, endpoint: str, timeout_s: float = 30) -> None:
+def _wait_until_serving(daemon: subprocess.Popen, endpoint: str, daemon_log: Any, timeout_s: float = 30) -> None:
     """Wait for a daemon just started to answer (a client fails at once while its socket
-    does not exist yet)."""
+    does not exist yet); if it exits instead, say so at once, with what it said."""
     deadline = time.monotonic() + timeout_s
     while True:
-        if daemon.poll() is not None:
-            raise DaemonUnavailable(f"the demo daemon exited ({daemon.returncode}) before it answered")
         try:
             with Client(endpoint, timeout_ms=1_000) as client:
                 client.ping()
@@ -594,7 +600,14 @@ def _wait_until_serving(daemon: subprocess.Popen, endpoint: str, timeout_s: floa
         except DaemonUnavailable:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)  # it is starting: look again shortly
+        try:
+            daemon.wait(timeout=0.05)  # starting: look again shortly, unless it exits meanwhile
+        except subprocess.TimeoutExpired:
+            continue
+        daemon_log.seek(0)
+        said = daemon_log.read().decode(errors="replace").strip().splitlines()
+        raise DaemonUnavailable(f"the demo's daemon exited ({daemon.returncode}) before it answered"
+                                + (f": {said[-1]}" if said else ""))
 
 
 def _format_status(s: DaemonStatus) -> str:

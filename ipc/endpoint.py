@@ -17,6 +17,7 @@ import msgspec
 
 ENDPOINT_ENV = "GENVISOR_ENDPOINT"
 SOCKET_NAME = "genvisor.sock"
+MAX_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes, the last a NUL (unix(7))
 
 
 class EndpointError(ValueError):
@@ -43,6 +44,9 @@ def parse_endpoint(text: str) -> Endpoint:
     if scheme == "ipc":
         if not address.startswith("/"):
             raise EndpointError(f"ipc endpoint {text!r} needs an absolute path")
+        if len(os.fsencode(address)) > MAX_IPC_PATH_BYTES:
+            raise EndpointError(f"ipc endpoint {text!r}: the path is {len(os.fsencode(address))} bytes; "
+                                f"a unix socket's path has at most {MAX_IPC_PATH_BYTES}")
         return Endpoint("ipc", address)
     if scheme == "tcp":
         host, colon, port = address.rpartition(":")
