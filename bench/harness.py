@@ -89,7 +89,11 @@ class Daemon:
                     client.ping()
                     break
                 except DaemonUnavailable:
-                    continue
+                    pass
+            try:  # no socket yet, so that failed at once: look again shortly, or now if it exits
+                self.process.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                pass
         else:
             raise RuntimeError(f"daemon did not answer within 60 s:\n{self.log()}")
         self.wait_for_spares()

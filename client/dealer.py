@@ -64,6 +64,9 @@ def probe_ipc(endpoint: str) -> None:
         # Connected (or the daemon's backlog is full): a daemon is there.
 
 
+_POLL_SLICE_MS = 3_600_000
+
+
 class WatchedDealer:
     """What `Client` needs of a socket (see client.Transport), plus the watch above.
 
@@ -125,7 +128,9 @@ class WatchedDealer:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 return 0
-            self._poller.poll(remaining_ms)  # a frame or a monitor event; looked at above
+            # A frame or a monitor event, looked at above. zmq's poll takes a C int of
+            # ms: a long wait (an await's timeout may be days) is waited in slices.
+            self._poller.poll(min(remaining_ms, _POLL_SLICE_MS))
 
     def _watch(self) -> None:
         """Take in the monitor's events so far."""

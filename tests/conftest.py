@@ -128,7 +128,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.launch()
-        # Each ping waits up to 250 ms for the daemon (ZeroMQ connects when it binds).
+        # A ping fails at once until the daemon's socket exists, then waits up to 250 ms.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -138,7 +138,11 @@ class Daemon:
                     client.ping()
                     return self
                 except DaemonUnavailable:
-                    continue
+                    pass
+            try:  # no socket yet, so that failed at once: look again shortly, or now if it exits
+                self.process.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                pass
         raise AssertionError(f"daemon did not answer within 30s:\n{self.log()}")
 
     @property

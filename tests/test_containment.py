@@ -145,3 +145,11 @@ def test_a_worker_that_breaks_the_run_protocol_ends_its_run_and_is_torn_down(tar
     done = subprocess.run([sys.executable, str(script), target], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Broken: "), done.stdout + done.stderr
+
+
+def test_an_await_timeout_of_days_is_waited_for(shared_daemon, conv):
+    """zmq's poll takes a C int of milliseconds: a longer wait is waited in slices."""
+    with shared_daemon.client() as client:
+        client.send_user_message(conv, "slow")
+        ref = client.generate_assistant_reply(conv, backend_opts={"delay_ms": 200})
+        assert client.await_generation(conv, ref, timeout_ms=2**40).text == "slow"
