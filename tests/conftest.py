@@ -48,6 +48,21 @@ deadline_grace_ms = 200
 
 _names = itertools.count(1)
 
+OPENAI_KEY_ENV = "GENVISOR_TEST_OPENAI_KEY"
+
+
+def openai_config(base_url: str, timeout_ms: int = 5_000) -> str:
+    """TEST_CONFIG with an `openai` backend named `local` at `base_url` (a FakeOpenAI);
+    its key comes from $GENVISOR_TEST_OPENAI_KEY."""
+    return TEST_CONFIG + f"""
+[backends.local]
+kind = "openai"
+base_url = "{base_url}"
+api_key_env = "{OPENAI_KEY_ENV}"
+model = "test-model"
+timeout_ms = {timeout_ms}
+"""
+
 
 def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
     """Wait on pidfds until every pid has exited; returns those still alive at the

@@ -7,11 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Daemon, TEST_CONFIG
+from conftest import OPENAI_KEY_ENV, Daemon, openai_config
 from openai_server import FakeOpenAI, raw, text
 from genvisor.errors import LLMError
-
-KEY_ENV = "GENVISOR_TEST_OPENAI_KEY"
 
 
 def _completion(**overrides):
@@ -60,15 +58,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def daemon(fake, tmp_path_factory):
-    config = TEST_CONFIG + f"""
-[backends.local]
-kind = "openai"
-base_url = "{fake.base_url}"
-api_key_env = "{KEY_ENV}"
-model = "test-model"
-timeout_ms = 5000
-"""
-    d = Daemon(tmp_path_factory.mktemp("hostile"), config, env={KEY_ENV: "sk-test"}).start()
+    d = Daemon(tmp_path_factory.mktemp("hostile"), openai_config(fake.base_url), env={OPENAI_KEY_ENV: "sk-test"}).start()
     yield d
     assert d.stop() == 0, d.log()
 

@@ -9,24 +9,12 @@ import socket
 
 import pytest
 
-from conftest import Daemon, TEST_CONFIG, find_tagged, wait_for_group_gone, wait_for_marker
+from conftest import OPENAI_KEY_ENV, Daemon, find_tagged, openai_config, wait_for_group_gone, wait_for_marker
 from openai_server import FakeOpenAI, drop_mid_stream, error, hang, text, tool_calls
 from genvisor.errors import GenerationCanceled, LLMError
 from genvisor.types import GenerationEvent
 
-KEY_ENV = "GENVISOR_TEST_OPENAI_KEY"
 ALL_TOOLS = ["read_file", "list_dir", "search_text", "write_file", "edit_file", "run_command"]
-
-
-def _config(base_url: str, timeout_ms: int = 5_000) -> str:
-    return TEST_CONFIG + f"""
-[backends.local]
-kind = "openai"
-base_url = "{base_url}"
-api_key_env = "{KEY_ENV}"
-model = "test-model"
-timeout_ms = {timeout_ms}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def daemon(fake, tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("openai"), _config(fake.base_url), env={KEY_ENV: "sk-test-key"}).start()
+    d = Daemon(tmp_path_factory.mktemp("openai"), openai_config(fake.base_url), env={OPENAI_KEY_ENV: "sk-test-key"}).start()
     yield d
     assert d.stop() == 0, d.log()
 
@@ -142,7 +130,7 @@ def test_connection_refused_is_transport(tmp_path, conv):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again before the daemon connects: refused
-    daemon = Daemon(tmp_path, _config(f"http://127.0.0.1:{port}/v1"), env={KEY_ENV: "k"}).start()
+    daemon = Daemon(tmp_path, openai_config(f"http://127.0.0.1:{port}/v1"), env={OPENAI_KEY_ENV: "k"}).start()
     try:
         with daemon.client() as client:
             with pytest.raises(LLMError) as raised:
@@ -153,12 +141,12 @@ def test_connection_refused_is_transport(tmp_path, conv):
 
 
 def test_a_missing_api_key_is_an_auth_error(tmp_path, fake, conv):
-    daemon = Daemon(tmp_path, _config(fake.base_url), env={KEY_ENV: ""}).start()
+    daemon = Daemon(tmp_path, openai_config(fake.base_url), env={OPENAI_KEY_ENV: ""}).start()
     try:
         with daemon.client() as client:
             with pytest.raises(LLMError) as raised:
                 client.send_and_generate(conv, "hi", generation_opts={"backend": "local"})
-        assert raised.value.category == "auth" and KEY_ENV in raised.value.message
+        assert raised.value.category == "auth" and OPENAI_KEY_ENV in raised.value.message
     finally:
         assert daemon.stop() == 0
 
