@@ -23,10 +23,10 @@ from genvisor.daemon.config import Config
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.runtime import Executor, Runtime
 from genvisor.daemon.store import Store
-from genvisor.logevent import RateLimit, event
 from genvisor.errors import BadRequest, GenvisorError, InternalError, Overloaded
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
+from genvisor.logevent import RateLimit, event
 from genvisor.modes.registry import supported_modes
 from genvisor.supervisor.admission import Admission
 from genvisor.types import DaemonInfo, DaemonStatus, GenerationEvent, Notification

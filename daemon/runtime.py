@@ -26,7 +26,6 @@ from typing import Any, Callable, Hashable, Protocol
 import msgspec
 import trio
 
-from genvisor.logevent import RateLimit, event
 from genvisor.errors import (
     Diagnostic,
     LLMErrorCategory,
@@ -49,6 +48,7 @@ from genvisor.errors import (
 )
 from genvisor.ipc.channel import MAX_CHANNEL_FRAME
 from genvisor.ipc.frames import Locator
+from genvisor.logevent import RateLimit, event
 from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
@@ -466,12 +466,12 @@ class Runtime:
         if active.record.done.is_set():
             return
         try:
-            event = _event_decoder.decode(raw)
+            progress = _event_decoder.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
             self._fail_run(conversation, active, "unknown", f"the worker sent a malformed progress event: {exc}", "protocol_error")
             return
         if active.spec.events:
-            self._notify(active.owner, event)
+            self._notify(active.owner, progress)
 
     async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Run one generation to its end. Whatever goes wrong in here is this run's
