@@ -17,8 +17,6 @@ can see instead, at once:
 
 from __future__ import annotations
 
-import errno
-import socket
 import time
 
 import zmq
@@ -26,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from genvisor.errors import DaemonUnavailable
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientCurve, secure_client_socket
-from genvisor.ipc.endpoint import default_endpoint
+from genvisor.ipc.endpoint import default_endpoint, probe_socket
 
 _FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 _WATCHED = _FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -49,19 +47,12 @@ def probe_ipc(endpoint: str) -> None:
     """Raise DaemonUnavailable at once if nothing listens at the ipc socket `endpoint`
     names: no such file, or a file nobody accepts connections on. Anything else (a
     full backlog, an error ZeroMQ will report better) is left to ZeroMQ."""
-    path = endpoint.removeprefix("ipc://")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as probe:
-        try:
-            probe.connect(path)
-        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
-            raise no_daemon(endpoint) from None
-        except PermissionError:
-            raise DaemonUnavailable(f"cannot connect to {endpoint}: permission denied (the socket or its directory "
-                                    "belongs to another user; see ipc_group_access)") from None
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EINPROGRESS):
-                return  # ZeroMQ reports it
-        # Connected (or the daemon's backlog is full): a daemon is there.
+    state = probe_socket(endpoint.removeprefix("ipc://"))
+    if state in ("absent", "refused"):
+        raise no_daemon(endpoint)
+    if state == "denied":
+        raise DaemonUnavailable(f"cannot connect to {endpoint}: permission denied (the socket or its directory "
+                                "belongs to another user; see ipc_group_access)")
 
 
 _POLL_SLICE_MS = 3_600_000

@@ -41,8 +41,8 @@ from genvisor.ipc.endpoint import (
     default_endpoint,
     parse_endpoint,
     prepare_private_dir,
+    probe_socket,
     secure_ipc_socket,
-    socket_answers,
 )
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.router import RouterOutbox, configure_router
@@ -159,7 +159,7 @@ def claim_ipc_endpoint(endpoint: Endpoint, group_access: bool) -> int:
                             "stop it, or give this one another --endpoint") from None
     except OSError as exc:
         raise EndpointError(f"cannot use {endpoint.path.parent} for the socket: {exc.strerror or exc}") from None
-    if socket_answers(endpoint.path):  # a daemon that takes no lock (an older genvisor), or another program
+    if probe_socket(endpoint.path) == "listening":  # a daemon that takes no lock (an older genvisor), or another program
         os.close(fd)
         raise EndpointError(f"something is already listening on {endpoint}; stop it, or give this daemon another --endpoint")
     endpoint.path.unlink(missing_ok=True)  # a stale socket of a previous daemon (we own the dir)

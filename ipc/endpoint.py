@@ -8,10 +8,12 @@ daemon's group in too.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -96,12 +98,23 @@ def secure_ipc_socket(endpoint: Endpoint, group_access: bool = False) -> None:
     os.chmod(endpoint.path, 0o660 if group_access else 0o600)
 
 
-def socket_answers(path: Path) -> bool:
-    """Whether something accepts connections on the unix socket at `path` (False for
-    no file, a stale socket nobody listens on, or a file that is no socket)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+SocketState = Literal["listening", "absent", "refused", "denied", "unknown"]
+
+
+def probe_socket(path: str | Path) -> SocketState:
+    """What is at the unix socket `path`, by a plain non-blocking connect: something
+    `listening` (connected, or its backlog is full), `absent` (no such file), `refused`
+    (a file nobody accepts on — a killed daemon leaves one), `denied` (not ours to
+    connect to), or `unknown` (another error, left to whoever connects next)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as probe:
         try:
             probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+        except (FileNotFoundError, NotADirectoryError):
+            return "absent"
+        except ConnectionRefusedError:
+            return "refused"
+        except PermissionError:
+            return "denied"
+        except OSError as exc:
+            return "listening" if exc.errno in (errno.EAGAIN, errno.EINPROGRESS) else "unknown"
+    return "listening"
