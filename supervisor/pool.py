@@ -27,7 +27,6 @@ from typing import Any, Callable
 import msgspec
 import trio
 
-from genvisor.logevent import event
 from genvisor.ipc.channel import FramedChannel, FrameTooLarge
 from genvisor.ipc.supervision import (
     Exited,
@@ -39,6 +38,7 @@ from genvisor.ipc.supervision import (
     SpawnFailed,
     ZygoteHello,
 )
+from genvisor.logevent import event
 from genvisor.supervisor import linux
 
 log = logging.getLogger("genvisor.supervisor")

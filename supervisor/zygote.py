@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
         _serve(control, selector, (wake_r, wake_w), run_target)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone or closing: nobody is left to tell
-    _kill_everything_below(selector)
+    selector.unregister(control)  # at its end, or closed: readable for good
+    _kill_everything_below(selector, wake_r)
     return 0
 
 
@@ -82,7 +83,7 @@ def _daemon_gone(signum: int, frame: object) -> None:
 KILL_EVERYTHING_DEADLINE_S = 10.0
 
 
-def _kill_everything_below(selector: selectors.BaseSelector) -> None:
+def _kill_everything_below(selector: selectors.BaseSelector, wake_r: int) -> None:
     """Kill every process below the zygote and reap it, however it got there: workers
     and their groups, and whatever was re-parented to us (a subreaper) as its parents
     died. Killing one re-parents its children to us in turn, so repeat until no child
@@ -98,6 +99,7 @@ def _kill_everything_below(selector: selectors.BaseSelector) -> None:
         if not linux.kill_children(os.getpid()) and not linux.children(os.getpid()):
             return
         selector.select(timeout=0.05)  # a SIGCHLD wakes it sooner
+        _drain(wake_r)
         for pid, _ in linux.reap_exited():
             _workers.discard(pid)
 
