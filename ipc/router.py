@@ -15,7 +15,7 @@ here (see daemon.front); this only reports the bytes that left its queue (`on_do
 from __future__ import annotations
 
 import collections
-from typing import Awaitable, Callable
+from typing import Callable
 
 import trio
 import zmq
@@ -43,7 +43,9 @@ class RouterOutbox:
         self._queues: dict[bytes, collections.deque[bytes]] = {}
         self._ready: collections.deque[bytes] = collections.deque()  # peers with frames, not refused lately
         self._blocked: set[bytes] = set()  # peers whose pipe was full at the last try
-        self._wakeup = trio.Event()
+        # The sender parks here: new frames, or ZeroMQ saying some pipe has room, wake it.
+        self._lot = trio.lowlevel.ParkingLot()
+        sock.on_writable(self._lot.unpark_all)
         self._empty = trio.Event()
         self._empty.set()
 
@@ -52,9 +54,10 @@ class RouterOutbox:
         if queue is None:
             queue = self._queues[peer] = collections.deque()
             self._ready.append(peer)
-            self._empty = trio.Event()
+            if self._empty.is_set():
+                self._empty = trio.Event()
         queue.append(data)
-        self._wakeup.set()
+        self._lot.unpark_all()
 
     @property
     def pending(self) -> int:
@@ -69,24 +72,14 @@ class RouterOutbox:
         while True:
             await self._send_ready()
             if self._blocked:
-                await self._wait_for_room()
+                # Until new frames come or some pipe has room (ZeroMQ cannot say whose),
+                # or RETRY_S has passed: a safety net, as that signal is an edge.
+                with trio.move_on_after(RETRY_S):
+                    await self._lot.park()
                 self._ready.extend(self._blocked)
                 self._blocked.clear()
             else:
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
-
-    async def _wait_for_room(self) -> None:
-        """Until ZeroMQ says some pipe has room (it cannot say whose), new frames come,
-        or RETRY_S has passed (a safety net: the signal is an edge, and may be missed)."""
-        with trio.move_on_after(RETRY_S):
-            async with trio.open_nursery() as nursery:
-                async def until(event: Callable[[], Awaitable[None]]) -> None:
-                    await event()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(until, self._sock.wait_writable)
-                nursery.start_soon(until, self._wakeup.wait)
+                await self._lot.park()  # nothing queued: `put` wakes it
 
     async def _send_ready(self) -> None:
         while self._ready:

@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import trio
 import zmq
@@ -30,6 +30,7 @@ class TrioSocket:
         self._fd = socket.getsockopt(zmq.FD)
         self._readable = trio.lowlevel.ParkingLot()
         self._writable = trio.lowlevel.ParkingLot()
+        self._writable_callbacks: list[Callable[[], None]] = []
         self._closed = False
 
     @classmethod
@@ -75,12 +76,11 @@ class TrioSocket:
         finally:
             self._wake_by_events()
 
-    async def wait_writable(self) -> None:
-        """Until the socket next reports it can send (POLLOUT after a send, a receive or
-        a signal on its fd). For a ROUTER_MANDATORY socket that is "some peer's pipe has
-        room", which says nothing of any one peer."""
-        self._check_open()
-        await self._writable.park()
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever the socket reports it can send (POLLOUT after a send,
+        a receive or a signal on its fd). For a ROUTER_MANDATORY socket that means "some
+        peer's pipe has room", which says nothing of any one peer."""
+        self._writable_callbacks.append(callback)
 
     async def recv_multipart(self) -> list[bytes]:
         while True:
@@ -103,6 +103,8 @@ class TrioSocket:
             self._readable.unpark_all()
         if events & zmq.POLLOUT:
             self._writable.unpark_all()
+            for callback in self._writable_callbacks:
+                callback()
 
     async def _watch(self) -> None:
         try:
