@@ -78,23 +78,17 @@ def _serves_on(daemon, fake, conv) -> None:
     assert _generate(daemon, conv + "_next", stream=False) == "still here"
 
 
-@pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_a_malformed_reply_is_a_typed_error_of_its_run(daemon, fake, conv, name):
-    fake.reply(raw(MALFORMED[name]))
-    outcome = _generate(daemon, conv, stream=False)
+CASES = [(name, False) for name in sorted(MALFORMED)] + [(name, True) for name in sorted(MALFORMED_STREAMS)]
+
+
+@pytest.mark.parametrize(("name", "stream"), CASES, ids=[f"{'stream' if stream else 'reply'}-{name}" for name, stream in CASES])
+def test_a_malformed_reply_or_stream_is_a_typed_error_of_its_run(daemon, fake, conv, name, stream):
+    fake.reply(raw((MALFORMED_STREAMS if stream else MALFORMED)[name]))
+    outcome = _generate(daemon, conv, stream=stream)
     assert isinstance(outcome, LLMError), outcome
     assert outcome.category in ("provider", "transport"), outcome
     with daemon.client() as client:
         assert [m.role for m in client.conversation_messages(conv)] == ["user"]  # nothing committed
-    _serves_on(daemon, fake, conv)
-
-
-@pytest.mark.parametrize("name", sorted(MALFORMED_STREAMS))
-def test_a_malformed_stream_is_a_typed_error_of_its_run(daemon, fake, conv, name):
-    fake.reply(raw(MALFORMED_STREAMS[name]))
-    outcome = _generate(daemon, conv, stream=True)
-    assert isinstance(outcome, LLMError), outcome
-    assert outcome.category in ("provider", "transport"), outcome
     _serves_on(daemon, fake, conv)
 
 
