@@ -122,7 +122,7 @@ def supervisor_cases(scratch: Path, n_graceful: int, n_tool: int, n_hang: int) -
         # them); short graces where the worker ignores Stop and SIGTERM alike.
         for name, grace, make, n in (("graceful", (2.0, 1.0), graceful, n_graceful), ("tool subprocess", (2.0, 1.0), tool, n_tool),
                                      ("hanging (ignores Stop and SIGTERM)", (HANG_GRACE_S, HANG_GRACE_S), hang, n_hang)):
-            supervisor = Supervisor(WorkerPool(target=WORKER_TARGET, spares=2, sole_parent=False), cancel_grace_s=grace[0], term_grace_s=grace[1])
+            supervisor = Supervisor(WorkerPool(target=WORKER_TARGET, spares=2), cancel_grace_s=grace[0], term_grace_s=grace[1])
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.run)
                 cases[name] = await _cancel_runs(supervisor, make, n, warm=3)

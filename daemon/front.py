@@ -53,9 +53,11 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
         deadline_grace_s=config.workers.deadline_grace_ms / 1000,
         retention_s=config.generations.outcome_retention_s,
         workspaces=config.state_path() / "workspaces",
+        snapshots=config.state_path() / "snapshots",
         notify=lambda owner, note: front.notify(owner, note),
     )
     resolved = runtime.restore(snapshot)
+    await runtime.settle_interrupted()
     if snapshot.conversations:
         log.info("journal %s: %d conversations restored, %d interrupted generations resolved as daemon_restarted",
                  store.describe(), len(snapshot.conversations), resolved)

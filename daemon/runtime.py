@@ -52,6 +52,7 @@ from genvisor.logevent import RateLimit, event
 from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
+from genvisor.modes import workspace_snapshot
 from genvisor.modes.registry import registry
 from genvisor.supervisor.admission import Admission, Slot
 from genvisor.supervisor.runs import Broken, Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
@@ -152,6 +153,10 @@ class ConversationRecord:
         self.journal: list[JournalEntry] = []
         self.state = initial_state()
         self.active: ActiveGeneration | None = None
+        # Set while no run's workspace is still to be settled (undone, or let go): the
+        # next run starts only then, so it never sees a half-undone workspace.
+        self.workspace_settled = trio.Event()
+        self.workspace_settled.set()
 
     def view(self) -> Conversation:
         return Conversation(id=self.key[1], project_id=self.key[0], metadata=self.metadata, state=self.state)
@@ -160,9 +165,10 @@ class ConversationRecord:
 class Runtime:
     def __init__(
         self, *, executor: Executor, journal: DurableLog, admission: Admission, defaults: RunDefaults,
-        deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify,
+        deadline_grace_s: float, retention_s: float, workspaces: Path, notify: Notify, snapshots: Path | None = None,
     ) -> None:
         self._executor = executor
+        self._snapshots = snapshots  # None: runs are not transactions (no snapshots taken)
         self.journal = journal
         self.admission = admission
         self._workspaces = workspaces
@@ -175,6 +181,7 @@ class Runtime:
         self._nursery: trio.Nursery | None = None
         self._admitting = True
         self._admission_log = RateLimit()
+        self._interrupted: list[tuple[ConversationRecord, str]] = []  # resolved by `restore`, workspaces to undo
         self.telemetry = telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
         telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
         telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
@@ -214,6 +221,7 @@ class Runtime:
                              data={"run_id": record.run_id, "status": "failed", "reason": "daemon_restarted"})
                 record.error = error.info()
                 self._close_record(record)
+                self._interrupted.append((conversation, record.run_id))
                 resolved += 1
             else:
                 outcome = stored_generation.outcome
@@ -221,6 +229,20 @@ class Runtime:
                 record.finished_at = stored_generation.finished_at
                 record.done.set()
         return resolved
+
+    async def settle_interrupted(self) -> None:
+        """Undo what the runs a killed daemon left unfinished did to their workspaces
+        (call after `restore`, before serving): they were resolved as failed, and their
+        snapshots, taken before their first change, are still there."""
+        for conversation, run_id in self._interrupted:
+            if self._snapshots is None:
+                break
+            workspace = self._workspace(conversation)
+            store = self._snapshot_store(workspace)
+            settled = await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=False))
+            if settled is not None:
+                self._record_workspace(conversation, run_id, *settled)
+        self._interrupted.clear()
 
     def shutdown(self) -> None:
         """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
@@ -386,6 +408,8 @@ class Runtime:
             ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, raw_options=options,
             defaults=self._defaults, workspace=self._workspace(conversation),
         )
+        if spec.workspace is not None and self._snapshots is not None:
+            spec = msgspec.structs.replace(spec, snapshot_store=self._snapshot_store(spec.workspace))
         encoded = _encoder.encode(spec)
         if spec.request is not None and len(encoded) > MAX_SPEC_BYTES:
             error = LLMError("config", f"the run's context is {len(encoded)} bytes, over the {MAX_SPEC_BYTES}-byte limit of a run: "
@@ -523,18 +547,45 @@ class Runtime:
         with active.slot:
             with active.queue_scope:
                 await active.slot.acquire()
+                await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
             if active.record.done.is_set():
                 return  # canceled while queued
             self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)
+            settled = conversation.workspace_settled = trio.Event()
             active.started_at = time.perf_counter()
             assert active.spec.request is not None
             deadline = trio.current_time() + active.spec.request.timeout_ms / 1000 + self._deadline_grace_s
             active.handle = self._executor.start_run(
                 active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
             )
-            await self._settle_when_done(conversation, active)
-            await active.handle.cleaned_up.wait()
-            self._observe_cleanup(active.handle)
+            try:
+                await self._settle_when_done(conversation, active)
+                await active.handle.cleaned_up.wait()
+                self._observe_cleanup(active.handle)
+                with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
+                    await self._settle_workspace(conversation, active)
+            finally:
+                settled.set()
+
+    async def _settle_workspace(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Once the run's processes are gone (nothing writes any more): undo its changes
+        to the workspace unless it completed, and journal what became of it."""
+        spec = active.spec
+        if spec.snapshot_store is None or spec.workspace is None:
+            return
+        completed = active.record.result is not None
+        settled = await trio.to_thread.run_sync(
+            lambda: workspace_snapshot.settle(spec.snapshot_store, spec.workspace, spec.run_id, completed=completed)
+        )
+        if settled is not None:
+            self._record_workspace(conversation, spec.run_id, *settled)
+
+    def _record_workspace(self, conversation: ConversationRecord, run_id: str, result: str, paths: list[str]) -> None:
+        self._append(conversation, kind="note", event="workspace_restored",
+                     data={"run_id": run_id, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
+        self.telemetry.workspace_restores.labels(result).inc()
+        event(log, "workspace.settled", logging.ERROR if result == "restore_failed" else logging.INFO, run_id=run_id,
+              conversation=conversation.key[1], workspace=result, paths=len(paths))
 
     async def _settle_when_done(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         assert active.handle is not None
@@ -633,6 +684,12 @@ class Runtime:
                 del self._generations[ref]
             if expired:
                 self.journal.submit(ForgetGenerations(expired))
+
+    def _snapshot_store(self, workspace: str) -> str:
+        """The snapshots of a workspace: one store per workspace directory, whichever
+        conversations use it."""
+        assert self._snapshots is not None
+        return str(self._snapshots / (hashlib.sha256(os.fsencode(os.path.realpath(workspace))).hexdigest()[:24] + ".git"))
 
     def _workspace(self, conversation: ConversationRecord) -> str:
         """`metadata["workspace"]`, else the conversation's own directory under the state

@@ -59,6 +59,10 @@ class Telemetry:
         self.admissions_rejected = Counter(
             "genvisor_admissions_rejected", "Generations refused with Overloaded", registry=registry
         )
+        self.workspace_restores = Counter(
+            "genvisor_workspace_restores", "Workspaces of runs that did not complete, by what became of them "
+            "(restored, unchanged, restore_failed)", ["result"], registry=registry,
+        )
         self.requests_received = Counter("genvisor_requests_received", "Client frames received", registry=registry)
         self.frames_rejected = Counter("genvisor_frames_rejected", "Client frames answered BadRequest", registry=registry)
         self.events_shed = Counter(

@@ -76,6 +76,7 @@ NoteEvent = Literal[
     "mode_switch_rejected",
     "run_started",
     "run_finished",
+    "workspace_restored",
 ]
 
 

@@ -63,6 +63,9 @@ class RunSpec(msgspec.Struct, frozen=True):
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS
     events: bool = False  # emit progress events (the owner asked for them)
     workspace: str | None = None  # the directory the tools work in
+    # Where the workspace's snapshots live (see modes.workspace_snapshot): the worker
+    # takes one before the run's first effect, so that the run can be undone.
+    snapshot_store: str | None = None
 
 
 class RunSucceeded(msgspec.Struct, frozen=True, tag=True):

@@ -7,6 +7,7 @@ to backend and tool calls and feed the answers back.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -18,6 +19,7 @@ from genvisor.modes import scripted
 from genvisor.modes.coding import CallLLM, Commit, Fail, RunTools
 from genvisor.modes.registry import registry
 from genvisor.modes.tools import Workspace, call_tool
+from genvisor.modes.workspace_snapshot import EFFECT_TOOLS, SnapshotError, SnapshotStore
 from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
 from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
@@ -108,6 +110,7 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
         else:
             await trio.to_thread.run_sync(lambda: workspace.root.mkdir(parents=True, exist_ok=True))
     await events.send("started")
+    snapshotted = False
     directive = run.start()
     while True:
         if isinstance(directive, CallLLM):
@@ -121,6 +124,13 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
         elif isinstance(directive, RunTools):
             results = []
             enabled = [spec.name for spec in spec.request.tools] if spec.request else []
+            if not snapshotted and workspace is not None and spec.snapshot_store is not None and any(
+                call.name in EFFECT_TOOLS and call.name in enabled for call in directive.calls
+            ):
+                failure = await _snapshot(spec.snapshot_store, workspace, spec.run_id, isolated)
+                if failure is not None:
+                    return failure
+                snapshotted = True
             for call in directive.calls:
                 await events.send("tool_call", tool_call=call)
                 if workspace is None:
@@ -136,6 +146,23 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
         else:
             assert isinstance(directive, Fail)
             return RunFailed(directive.error)
+
+
+async def _snapshot(store: str, workspace: Workspace, run_id: str, isolated: bool) -> RunFailed | None:
+    """Capture the workspace before the run's first effect, so that a run that does not
+    complete can be undone; a run that cannot be undone does not start changing it."""
+    def take() -> None:
+        SnapshotStore(Path(store), workspace.root).snapshot(run_id)
+
+    try:
+        if isolated:  # a worker's loop serves only this run: git may block it
+            take()
+        else:
+            await trio.to_thread.run_sync(take)
+    except (SnapshotError, OSError) as exc:
+        return RunFailed(LLMError("unknown", f"could not snapshot the workspace before its first change: {exc}",
+                                  retryable=False, details={"reason": "snapshot_failed"}).info())
+    return None
 
 
 async def _call_backend(request: LLMRequest, call_index: int, events: _Events, isolated: bool) -> LLMReply:

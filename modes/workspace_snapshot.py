@@ -1,6 +1,5 @@
-"""Snapshots of a workspace, for turns that are transactions (issue 12; not yet wired
-into runs): capture the workspace before a run's first effect, list what a run
-changed, put it back as it was.
+"""Snapshots of a workspace, for turns that are transactions: capture the workspace
+before a run's first effect, list what a run changed, put it back as it was.
 
 The mechanism, chosen by measuring (`python -m bench.workspace_options`; 10 000 files,
 190 MiB, this 2-core ext4 machine, no reflinks): git's object store and an index of
@@ -12,9 +11,9 @@ stat data, it re-reads only what changed — and restoring those 120 paths ≈75
 copy (`cp -a`) costs 2.5 s and 3.8 s. Content is stored once (deduplicated).
 
 What a snapshot holds: every file (new, modified, deleted, renamed), its executable
-bit, and symlinks as links (never followed). What it does not: empty directories
-(git tracks files; a directory a run *creates* is removed on restore once empty),
-the contents of `.git` directories (the workspace's own, and nested repositories,
+bit, symlinks as links (never followed), and the list of directories (git keeps
+files; a restore removes the directories a run made and remakes those it removed).
+What it does not: the contents of `.git` directories (the workspace's own, and nested repositories,
 which git records as a link to their commit), and paths matched by `excludes`
 (gitignore-style patterns, e.g. `node_modules/`), which are neither captured nor
 restored.
@@ -24,6 +23,7 @@ Every call blocks (it runs git): in the daemon, call it from a thread.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -57,6 +57,7 @@ class SnapshotStore:
         self.store = store
         self.workspace = workspace
         self._pathspec = ["."] + [spec for pattern in excludes for spec in _exclude_pathspecs(pattern)]
+        self._exclude_names = [p.strip().strip("/") for p in excludes if p.strip().strip("/")]
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
             "GIT_DIR": str(store),
@@ -78,7 +79,10 @@ class SnapshotStore:
         """Capture the workspace now, durably, as `name`; returns the tree's id."""
         self._git("add", "--all", "--force", "--", *self._pathspec)
         tree = self._git("write-tree").strip()
-        self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree))
+        # git keeps files, not directories: the snapshot's commit message lists them,
+        # so that a restore removes the ones a run made and remakes the ones it removed.
+        directories = "\n".join(sorted(self._directories()))
+        self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree, directories))
         return tree
 
     def changes(self, before: str, after: str) -> list[PathChange]:
@@ -102,11 +106,13 @@ class SnapshotStore:
 
     def restore(self, name: str) -> list[PathChange]:
         """Put the workspace back as snapshot `name` has it: what changed since is
-        checked out from the snapshot, what was added is removed (and the directories
-        that leaves empty and the snapshot did not have). Returns what it put back."""
+        checked out from the snapshot, what was added is removed, and so are the
+        directories the snapshot did not have (those it had are remade). Returns what
+        it put back."""
         tree = self.tree(name)
         if tree is None:
             raise SnapshotError(f"no snapshot {name!r}")
+        had = set(filter(None, self._git("log", "-1", "--format=%B", f"refs/genvisor/{name}").strip().splitlines()))
         now = self.snapshot("restoring")
         undo = self.changes(tree, now)
         self._git("read-tree", tree)
@@ -118,11 +124,34 @@ class SnapshotStore:
         for change in undo:
             if change.change == "added":
                 self._remove(change.path)
-                self._prune_empty_parents(change.path)
+        for directory in sorted(self._directories() - had, key=len, reverse=True):  # the deepest first
+            shutil.rmtree(self.workspace / directory)  # what is left in it is the run's too (rmtree follows no link)
         if back:
             self._git("checkout-index", "--force", "-z", "--stdin", stdin="\0".join(back) + "\0")
+        for directory in sorted(had):
+            (self.workspace / directory).mkdir(parents=True, exist_ok=True)
         self._git("update-ref", "-d", "refs/genvisor/restoring")
         return undo
+
+    def _directories(self) -> set[str]:
+        """The workspace's directories (relative paths), as git would see them: none
+        inside a `.git`, none excluded, and no link followed."""
+        found: set[str] = set()
+        for root, dirs, _files in os.walk(self.workspace):
+            relative_root = os.path.relpath(root, self.workspace)
+            kept = []
+            for name in dirs:
+                relative = name if relative_root == "." else f"{relative_root}/{name}"
+                if name == ".git" or os.path.islink(os.path.join(root, name)) or self._excluded(relative):
+                    continue
+                kept.append(name)
+                found.add(relative)
+            dirs[:] = kept
+        return found
+
+    def _excluded(self, relative: str) -> bool:
+        return any(fnmatch.fnmatchcase(relative, pattern) or fnmatch.fnmatchcase(relative.rsplit("/", 1)[-1], pattern)
+                   for pattern in self._exclude_names)
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -134,11 +163,11 @@ class SnapshotStore:
     def drop(self, name: str) -> None:
         self._git("update-ref", "-d", f"refs/genvisor/{name}")
 
-    def _commit(self, tree: str) -> str:
+    def _commit(self, tree: str, message: str) -> str:
         # A ref names a commit, so that git's own tools (and a person) can read it.
         env = {"GIT_AUTHOR_NAME": "genvisor", "GIT_AUTHOR_EMAIL": "genvisor@localhost",
                "GIT_COMMITTER_NAME": "genvisor", "GIT_COMMITTER_EMAIL": "genvisor@localhost"}
-        return self._git("commit-tree", tree, "-m", "genvisor snapshot", env_extra=env).strip()
+        return self._git("commit-tree", tree, "-F", "-", stdin=message + "\n", env_extra=env).strip()
 
     def _remove(self, path: str) -> None:
         target = self.workspace / path
@@ -146,12 +175,6 @@ class SnapshotStore:
             shutil.rmtree(target)  # a nested repository the run added (rmtree follows no link)
         else:
             target.unlink(missing_ok=True)
-
-    def _prune_empty_parents(self, path: str) -> None:
-        parent = (self.workspace / path).parent
-        while parent != self.workspace and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
 
     def _git(self, *args: str, stdin: str | None = None, cwd: Path | None = None,
              env_extra: dict[str, str] | None = None) -> str:
@@ -177,3 +200,30 @@ def _exclude_pathspecs(pattern: str) -> list[str]:
         return []
     prefix = "" if anchored else "**/"
     return [f":(exclude,glob){prefix}{name}", f":(exclude,glob){prefix}{name}/**"]
+
+
+# Tools that can change the workspace: a snapshot is taken before the first of them.
+EFFECT_TOOLS = frozenset({"write_file", "edit_file", "run_command"})
+
+WorkspaceSettled = Literal["restored", "unchanged", "restore_failed"]
+
+
+def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple[WorkspaceSettled, list[str]] | None:
+    """After a run's processes are gone: undo its changes unless it `completed`, and let
+    its snapshot go. None when the run took no snapshot (it made no change); else what
+    became of the workspace, and the paths concerned (those put back, or those that
+    could not be)."""
+    if not (Path(store) / "HEAD").exists():
+        return None
+    snapshots = SnapshotStore(Path(store), Path(workspace))
+    if snapshots.tree(run_id) is None:
+        return None
+    if completed:
+        snapshots.drop(run_id)
+        return None
+    try:
+        undone = snapshots.restore(run_id)
+    except (SnapshotError, OSError) as exc:
+        return "restore_failed", [str(exc)]
+    snapshots.drop(run_id)
+    return ("restored" if undone else "unchanged"), [change.path for change in undone]

@@ -44,6 +44,27 @@ def reap_exited() -> Iterator[tuple[int, int]]:
         yield pid, status
 
 
+def reap(pids: list[int]) -> Iterator[tuple[int, int]]:
+    """Reap those of `pids` (children of ours) that have exited: (pid, wait status) each.
+    Only those: a child this process started for some other purpose (a `git` the
+    daemon runs, say) is its owner's to wait for, and stealing its status would make
+    that owner read a failure as a success."""
+    for pid in pids:
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if reaped:
+            yield reaped, status
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def describe_wait_status(status: int) -> dict[str, int | str]:
     """`{"exit_code": n}` or `{"signal": n, "signal_name": "SIGKILL"}`."""
     if os.WIFSIGNALED(status):

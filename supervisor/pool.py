@@ -107,15 +107,8 @@ class _Zygote:
 
 
 class WorkerPool:
-    def __init__(
-        self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None,  # noqa: B006
-        sole_parent: bool = True,
-    ) -> None:
+    def __init__(self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None) -> None:  # noqa: B006
         self._target = target
-        # The daemon starts no process but the zygote, so any other child it has was
-        # re-parented to it (a subreaper) from a dead zygote's tree: a stray, killed.
-        # False where this process has children of its own (a test driving a pool).
-        self._sole_parent = sole_parent
         # Marks every process of this daemon (zygote, workers, what runs exec), so a
         # successor can find what a killed daemon left running.
         self._instance = instance
@@ -427,19 +420,34 @@ class WorkerPool:
             async for _ in signals:
                 self._reap_own_children()
 
+    def _children_of_the_pool(self) -> list[int]:
+        """The children of this process that the pool answers for: the zygote, and what
+        came to us (a subreaper) from a dead zygote's tree — its processes are all in
+        sessions of their own, as every worker starts one. A child this process started
+        itself (the daemon runs `git` to restore workspaces) shares its session: not ours."""
+        session = os.getsid(0)
+        zygote = self._zygote
+        return [pid for pid in linux.children(os.getpid())
+                if (zygote is not None and pid == zygote.pid) or linux.session_of(pid) not in (session, None)]
+
     def _reap_own_children(self) -> None:
-        for pid, status in linux.reap_exited():
+        for pid, status in linux.reap(self._children_of_the_pool()):
             self._child_exited(pid, status)
         self._kill_strays()
 
     def _kill_strays(self) -> None:
         """Kill what a dead zygote's tree left to us. A killed stray's children come to
         us in turn, and its exit brings a SIGCHLD and another pass."""
-        if not self._sole_parent:
-            return
         zygote = self._zygote
-        keep = frozenset([zygote.pid]) if zygote is not None and not zygote.gone.is_set() else frozenset()
-        if killed := linux.kill_children(os.getpid(), keep):
+        strays = [pid for pid in self._children_of_the_pool() if zygote is None or pid != zygote.pid or zygote.gone.is_set()]
+        killed = []
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        if killed:
             event(log, "strays.killed", logging.WARNING, source="dead_zygote", pids=killed)
 
     def _child_exited(self, pid: int, status: int) -> None:

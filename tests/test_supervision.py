@@ -103,7 +103,7 @@ async def test_runs_starting_at_once_wait_their_turn_to_ask_the_zygote_for_a_wor
         ref="gen_t", run_id="run_t", conversation_id="c", mode="coding", request_id="q",
         request=LLMRequest([ContextMessage("user", "x")], BackendConfig("scripted", "scripted")),
     ))
-    pool = WorkerPool(target=WORKER_TARGET, spares=0, sole_parent=False)  # pytest has children of its own
+    pool = WorkerPool(target=WORKER_TARGET, spares=0)
     supervisor = Supervisor(pool, cancel_grace_s=2.0, term_grace_s=1.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
@@ -125,7 +125,7 @@ async def test_runs_waiting_for_a_worker_get_one_in_arrival_order():
     from genvisor.daemon.server import WORKER_TARGET
     from genvisor.supervisor.pool import WorkerPool
 
-    pool = WorkerPool(target=WORKER_TARGET, spares=0, sole_parent=False)  # pytest has children of its own
+    pool = WorkerPool(target=WORKER_TARGET, spares=0)
     served: list[int] = []
     workers = []
     async with trio.open_nursery() as nursery:
