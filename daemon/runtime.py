@@ -239,6 +239,8 @@ class Runtime:
                 break
             workspace = self._workspace(conversation)
             store = self._snapshot_store(workspace)
+            if not workspace_snapshot.has_snapshot(store, run_id):
+                continue
             settled = await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=False))
             if settled is not None:
                 self._record_workspace(conversation, run_id, *settled)
@@ -571,8 +573,8 @@ class Runtime:
         """Once the run's processes are gone (nothing writes any more): undo its changes
         to the workspace unless it completed, and journal what became of it."""
         spec = active.spec
-        if spec.snapshot_store is None or spec.workspace is None:
-            return
+        if spec.snapshot_store is None or spec.workspace is None or not workspace_snapshot.has_snapshot(spec.snapshot_store, spec.run_id):
+            return  # it changed nothing (no snapshot was needed)
         completed = active.record.result is not None
         settled = await trio.to_thread.run_sync(
             lambda: workspace_snapshot.settle(spec.snapshot_store, spec.workspace, spec.run_id, completed=completed)

@@ -69,6 +69,7 @@ class SnapshotStore:
         if not (store / "HEAD").exists():
             store.parent.mkdir(parents=True, exist_ok=True)
             self._git("init", "--quiet", "--bare", str(store), cwd=store.parent, env_extra={"GIT_WORK_TREE": ""})
+            # gc.auto 0: refs stay loose files (has_snapshot stats them), nothing runs behind our back.
             for key, value in (("core.autocrlf", "false"), ("core.filemode", "true"), ("core.symlinks", "true"),
                                ("core.untrackedCache", "true"), ("gc.auto", "0")):
                 self._git("config", key, value)
@@ -206,6 +207,12 @@ def _exclude_pathspecs(pattern: str) -> list[str]:
 EFFECT_TOOLS = frozenset({"write_file", "edit_file", "run_command"})
 
 WorkspaceSettled = Literal["restored", "unchanged", "restore_failed"]
+
+
+def has_snapshot(store: str, name: str) -> bool:
+    """Whether snapshot `name` exists, by one stat (its ref is a loose file: the store
+    is never packed), so that a run that changed nothing costs its daemon no thread hop."""
+    return os.path.exists(os.path.join(store, "refs", "genvisor", name))
 
 
 def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple[WorkspaceSettled, list[str]] | None:
