@@ -51,6 +51,8 @@ class RouterOutbox:
 
     def put(self, peer: bytes, data: bytes) -> None:
         queue = self._queues.get(peer)
+        if queue is None and self._send_now(peer, data):
+            return  # the common case: nothing waiting for this peer, and its pipe had room
         if queue is None:
             queue = self._queues[peer] = collections.deque()
             self._ready.append(peer)
@@ -89,6 +91,18 @@ class RouterOutbox:
             await trio.lowlevel.checkpoint()
         if not self._queues:
             self._empty.set()
+
+    def _send_now(self, peer: bytes, data: bytes) -> bool:
+        """Hand `data` to ZeroMQ at once if it takes it; False to queue it (a full pipe)."""
+        try:
+            if not self._sock.try_send_multipart([peer, data]):
+                return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # gone: nobody can read it (counted as done, like a dropped queue)
+        self._on_done(peer, len(data))
+        return True
 
     def _send_turn(self, peer: bytes) -> bool:
         """Send up to TURN_FRAMES of `peer`'s frames; True if it has more and may take them."""
