@@ -1,7 +1,8 @@
-"""The long fault run: worker kills, daemon kills, cancels in a row — and what they cost.
+"""The long fault run: worker kills, daemon kills, cancels, runs that change their
+workspace and do not complete, in a row — and what they cost.
 
     python -m bench.faults                      # 1000 worker kills, 200 daemon kills, 10000 cancels
-    python -m bench.faults --worker-kills 50 --daemon-kills 10 --cancels 500   # a quick one
+    python -m bench.faults --worker-kills 50 --daemon-kills 10 --cancels 500 --workspace-faults 50   # a quick one
 
 Each fault is checked, not just caused; the table counts what must stay zero:
 daemon crashes, processes left behind, acknowledged messages lost, messages
@@ -186,7 +187,99 @@ MUST_BE_ZERO = (
     "not_failed", "history_changed", "marker_missing", "cleanup_failures", "leftover_processes",
     "acknowledged_lost", "messages_duplicated", "assistant_fewer_than_seen_completed", "runs_not_resolved_once",
     "refs_unresolved", "seq_gaps", "not_canceled", "fds_growth",
+    "completed_unexpectedly", "workspaces_not_settled", "restore_failed", "workspaces_differing",
 )
+
+
+def _manifest(root: Path) -> dict[str, tuple]:
+    """Everything below `root` (links not followed): what each entry is and holds."""
+    found: dict[str, tuple] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory) / name
+            info = path.lstat()
+            relative = str(path.relative_to(root))
+            if path.is_symlink():
+                found[relative] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[relative] = ("dir",)
+            else:
+                found[relative] = ("file", info.st_mode & 0o777, path.read_bytes())
+    return found
+
+
+def _effects(rng: random.Random) -> list[dict]:
+    """Tool calls that change the workspace at random, through the file tools and commands."""
+    calls = []
+    for _ in range(rng.randint(1, 4)):
+        n = rng.randint(0, 9)
+        kind = rng.choice(["write", "edit", "rm", "mkdir", "mv", "chmod", "ln", "rmdir"])
+        if kind == "write":
+            calls.append({"name": "write_file", "arguments": {"path": rng.choice([f"f{n}.txt", f"sub/f{n}.txt", f"new{n}/deep/x"]),
+                                                              "content": f"w{rng.random()}"}})
+        elif kind == "edit":
+            calls.append({"name": "edit_file", "arguments": {"path": "sub/f1.txt", "old": "one", "new": f"e{n}"}})
+        else:
+            shell = {"rm": f"rm -f f{n}.txt sub/f{n}.txt", "mkdir": f"mkdir -p made{n}/a/b", "mv": f"mv f{n}.txt moved{n}.txt",
+                     "chmod": f"chmod 755 f{n}.txt", "ln": f"ln -sfn sub link{n}", "rmdir": "rm -rf sub/empty"}[kind]
+            calls.append({"name": "run_command", "arguments": {"argv": ["sh", "-c", shell + " 2>/dev/null; true"]}})
+    return calls
+
+
+def workspace_faults(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]:
+    """Runs that change their workspace at random and then do not complete — an error, a
+    cancel, a deadline, a crashed worker: each workspace must come back as it was."""
+    found = collections.Counter()
+    started = time.perf_counter()
+    base = daemon.directory / "workspaces"
+    with daemon.client() as client:
+        for i in range(n):
+            workspace = base / f"w{i}"
+            (workspace / "sub" / "empty").mkdir(parents=True)
+            for k in range(10):
+                (workspace / f"f{k}.txt").write_text(f"file {k}\n")
+            (workspace / "sub" / "f1.txt").write_text("one two\n")
+            (workspace / "run.sh").write_text("#!/bin/sh\n")
+            (workspace / "run.sh").chmod(0o755)
+            (workspace / "to-sub").symlink_to("sub")
+            before = _manifest(workspace)
+            conv = f"ws{i}"
+            client.start_conversation(conv, metadata={"workspace": str(workspace)})
+            client.configure_skills(conv, ["write_file", "edit_file", "run_command"])
+            client.send_user_message(conv, "change it")
+            ending = rng.choice(["error", "cancel", "deadline", "crash"])
+            script = [{"tool_calls": [call]} for call in _effects(rng)]
+            options: dict = {}
+            if ending == "cancel":
+                script.append({"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", "touch .ready; exec sleep 60"]}}]})
+            elif ending == "deadline":
+                script.append({"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sleep", "60"]}}]})
+                options["timeout_ms"] = 300
+            elif ending == "crash":
+                script.append({"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", "kill -9 $PPID"]}}]})
+            ref = client.generate_assistant_reply(conv, backend_opts={"script": script}, **options)
+            if ending == "cancel":
+                deadline = time.monotonic() + 20
+                while not (workspace / ".ready").exists() and time.monotonic() < deadline:
+                    pass
+                client.cancel_generation(conv, "fault run")
+            try:
+                client.await_generation(conv, ref, timeout_ms=30_000)
+                found["completed_unexpectedly"] += 1
+            except (LLMError, GenerationCanceled):
+                found[f"ended_{ending}"] += 1
+            deadline = time.monotonic() + 30
+            while not [e for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"]:
+                if time.monotonic() > deadline:
+                    found["workspaces_not_settled"] += 1
+                    break
+            notes = [e.data for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"]
+            if notes and notes[-1]["workspace"] == "restore_failed":
+                found["restore_failed"] += 1
+            if _manifest(workspace) != before:
+                found["workspaces_differing"] += 1
+            restart_if_dead(daemon, found)
+    return {"runs": n, **found, "leftover_processes": leftovers(daemon), "seconds": time.perf_counter() - started}
 
 
 def main() -> int:
@@ -194,15 +287,17 @@ def main() -> int:
     parser.add_argument("--worker-kills", type=int, default=1000)
     parser.add_argument("--daemon-kills", type=int, default=200)
     parser.add_argument("--cancels", type=int, default=10_000)
+    parser.add_argument("--workspace-faults", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="genvisor-faults-") as tmp:
-        daemon = Daemon(Path(tmp), daemon_config(spares=2, cancel_grace_ms=300, term_grace_ms=300)).start()
+        daemon = Daemon(Path(tmp), daemon_config(spares=2, cancel_grace_ms=300, term_grace_ms=300, deadline_grace_ms=200)).start()
         try:
             results["worker kills"] = worker_kills(daemon, args.worker_kills, rng)
             results["cancels"] = cancels(daemon, args.cancels)
+            results["workspace faults"] = workspace_faults(daemon, args.workspace_faults, rng)
             results["daemon kills"] = daemon_kills(daemon, args.daemon_kills, rng)
         finally:
             code = daemon.stop()

@@ -34,13 +34,15 @@ def daemon_config(
     spares: int = 4,
     cancel_grace_ms: int = 2000,
     term_grace_ms: int = 1000,
+    deadline_grace_ms: int = 5000,
     max_active: int | None = None,
     max_queued: int | None = None,
     journal: str | None = "sqlite",
 ) -> str:
     """A config for a bench daemon. Sections this genvisor does not know are left out,
     so the bench runs against a daemon from before admission or the journal landed."""
-    lines = ["[workers]", f"spares = {spares}", f"cancel_grace_ms = {cancel_grace_ms}", f"term_grace_ms = {term_grace_ms}"]
+    lines = ["[workers]", f"spares = {spares}", f"cancel_grace_ms = {cancel_grace_ms}", f"term_grace_ms = {term_grace_ms}",
+             f"deadline_grace_ms = {deadline_grace_ms}"]
     if supports("admission"):
         admission = {"max_active": max_active, "max_queued": max_queued}
         lines += ["[admission]", *(f"{k} = {v}" for k, v in admission.items() if v is not None)]
