@@ -73,9 +73,12 @@ def worker_kills(daemon: Daemon, n: int, rng: random.Random) -> dict[str, float]
             if not wait_marker(fifo):
                 found["marker_missing"] += 1
                 continue
-            victim = _tagged(tag)
+            deadline = time.monotonic() + 10
+            while (victim := _tagged(tag)) is None and time.monotonic() < deadline:
+                pass  # its command line is briefly empty while it execs
             if victim is None:
                 found["marker_missing"] += 1
+                client.cancel_generation("wk", "victim not found")
                 continue
             os.kill(os.getsid(victim.pid), signal.SIGKILL)  # the worker leads its run's session
             try:
