@@ -953,7 +953,18 @@ class Run:
 
     def restart_check(self) -> dict[str, Any]:
         """Stop the daemon, start it again on the run's journal, and read every case's
-        conversation back: it starts, and each journal is as it was when its case ended."""
+        conversation back: it starts, and each journal is as it was before the stop.
+        Read again once the daemon is idle: a run's journal may still grow after its
+        outcome was given (the note that its workspace was undone comes after its
+        processes are gone), and a run's slot is held until then."""
+        self.daemon.wait_idle()
+        with Client(self.daemon.endpoint, timeout_ms=CLIENT_TIMEOUT_MS) as client:
+            for conv in self.journals:
+                try:
+                    entries = client.conversation_thread_entries(conv)
+                except Exception:  # noqa: BLE001 — its digest from its case stands (and is checked)
+                    continue
+                self.journals[conv] = hashlib.sha256(msgspec.msgpack.encode(entries)).hexdigest()
         found: dict[str, Any] = {"stop_code": self.daemon.stop(), "restart_failed": 0, "changed": 0, "unreadable": 0}
         try:
             self.daemon.start()
