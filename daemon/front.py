@@ -72,7 +72,7 @@ REFUSALS_BYTES = 1024 * 1024
 
 
 class Front:
-    def __init__(self, runtime: Runtime, endpoint: str, max_unread_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, runtime: Runtime, endpoint: str, max_unread_bytes: int) -> None:
         self.runtime = runtime
         self._runtime = runtime
         self._endpoint = endpoint

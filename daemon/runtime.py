@@ -234,9 +234,10 @@ class Runtime:
         """Undo what the runs a killed daemon left unfinished did to their workspaces
         (call after `restore`, before serving): they were resolved as failed, and their
         snapshots, taken before their first change, are still there."""
-        for conversation, run_id in self._interrupted:
-            if self._snapshots is None:
-                break
+        interrupted, self._interrupted = self._interrupted, []
+        if self._snapshots is None:
+            return
+        for conversation, run_id in interrupted:
             workspace = self._workspace(conversation)
             store = self._snapshot_store(workspace)
             if not workspace_snapshot.has_snapshot(store, run_id):
@@ -244,7 +245,6 @@ class Runtime:
             settled = await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=False))
             if settled is not None:
                 self._record_workspace(conversation, run_id, *settled)
-        self._interrupted.clear()
 
     def shutdown(self) -> None:
         """Stop admitting and cancel every active run with reason "daemon_shutdown"."""

@@ -61,11 +61,6 @@ class RouterOutbox:
         queue.append(data)
         self._lot.unpark_all()
 
-    @property
-    def pending(self) -> int:
-        """Frames queued for all peers."""
-        return sum(len(queue) for queue in self._queues.values())
-
     async def drained(self) -> None:
         """Return once every queued frame has been handed to ZeroMQ (or dropped)."""
         await self._empty.wait()

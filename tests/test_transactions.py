@@ -82,26 +82,18 @@ def test_a_canceled_run_is_undone_after_its_command_is_gone(connect, conv, works
     _as_it_was(workspace)
 
 
-def test_a_run_past_its_deadline_is_undone(shared_daemon, conv, workspace):
-    command = ["sh", "-c", "echo CHANGED > keep.txt; mkdir made; exec sleep 60"]
+@pytest.mark.parametrize(("command", "options", "says"), [
+    (["sh", "-c", "echo CHANGED > keep.txt; mkdir made; exec sleep 60"], {"timeout_ms": 1_000}, "timeout"),
+    (["sh", "-c", "echo CHANGED > keep.txt; rm gone.txt; kill -9 $PPID"], {}, "generation worker crashed"),  # $PPID: the worker
+], ids=["deadline", "crashed_worker"])
+def test_a_run_past_its_deadline_or_whose_worker_crashed_is_undone(shared_daemon, conv, workspace, command, options, says):
     with shared_daemon.client() as client:
         _start(client, conv, workspace)
-        ref = client.generate_assistant_reply(conv, timeout_ms=1_000, backend_opts={"script": [_tool("run_command", argv=command)]})
+        script = [_tool("run_command", argv=command), {"text": "no"}]
+        ref = client.generate_assistant_reply(conv, backend_opts={"script": script}, **options)
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
-        assert raised.value.category == "timeout"
-        assert _settled(client, conv)["workspace"] == "restored"
-    _as_it_was(workspace)
-
-
-def test_a_crashed_worker_s_changes_are_undone(shared_daemon, conv, workspace):
-    command = ["sh", "-c", "echo CHANGED > keep.txt; rm gone.txt; kill -9 $PPID"]  # its parent: the worker
-    with shared_daemon.client() as client:
-        _start(client, conv, workspace)
-        ref = client.generate_assistant_reply(conv, backend_opts={"script": [_tool("run_command", argv=command), {"text": "no"}]})
-        with pytest.raises(LLMError) as raised:
-            client.await_generation(conv, ref)
-        assert raised.value.message == "generation worker crashed"
+        assert says in (raised.value.category, raised.value.message)
         assert _settled(client, conv)["workspace"] == "restored"
     _as_it_was(workspace)
 
