@@ -54,10 +54,12 @@ from genvisor.ipc.frames import (
     Notify,
     Ping,
     RecordAssistantMessage,
+    RevertTurn,
     SendAndGenerate,
     SendUserMessage,
     StartConversation,
     StopConversation,
+    TurnChanges,
     SupportedModes,
     TelemetryCount,
 )
@@ -74,6 +76,7 @@ from genvisor.types import (
     ModeInfo,
     Notification,
     TimelineEntry,
+    WorkspaceChanges,
 )
 
 T = TypeVar("T")
@@ -305,6 +308,22 @@ class Client:
             raise TypeError(f"unknown await_opts: {', '.join(await_opts)}")
         body = self._call(request, ConversationAndResult, extra_wait_ms=_wait_ms(request.timeout_ms), on_event=on_event)
         return body.conversation, body.result
+
+    # workspace change sets
+
+    def turn_changes(self, loc: LocatorLike, ref: str) -> WorkspaceChanges:
+        """What generation `ref` (or a revert's ref) did to the workspace: for a
+        completed turn its change set (as `LLMResult.changes`, also after a restart);
+        for a run that did not complete, what became of the workspace once it was
+        restored. Waits for that restore, if it is still under way."""
+        return self._call(TurnChanges(to_locator(loc), ref), WorkspaceChanges, extra_wait_ms=None)
+
+    def revert_turn(self, loc: LocatorLike, ref: str, reason: str | None = None) -> WorkspaceChanges:
+        """Put every path turn `ref` changed back as it was before the turn, if each is
+        still as the turn left it; otherwise change nothing and raise `RevertConflict`
+        (its `paths` say which changed since). Returns the revert's own change set,
+        whose `ref` may be reverted in turn. `GenerationInProgress` while a run is active."""
+        return self._call(RevertTurn(to_locator(loc), ref, reason), WorkspaceChanges, extra_wait_ms=None)
 
     def next_notification(self, timeout_ms: int = 0) -> Notification | None:
         """The next notification for this client, waiting up to `timeout_ms`; None if none."""

@@ -229,6 +229,14 @@ class Front:
 
         return Later(wait)
 
+    def _turn_changes(self, owner: Owner, r: f.TurnChanges) -> Later:
+        change_set = self._runtime.find_change_set(r.loc, r.ref)
+        return Later(lambda: self._runtime.turn_changes(change_set))
+
+    def _revert_turn(self, owner: Owner, r: f.RevertTurn) -> Later:
+        change_set = self._runtime.check_revertible(r.loc, r.ref)
+        return Later(lambda: self._runtime.revert_turn(change_set, r.reason))
+
     # Each returns the reply's body, or a `Later` for a call that waits.
     _handlers: dict[type, Callable[[Front, Owner, Any], Any]] = {
         f.Ping: _ping,
@@ -256,6 +264,8 @@ class Front:
         f.CancelGeneration: _cancel,
         f.AwaitGeneration: _await,
         f.SendAndGenerate: _send_and_generate,
+        f.TurnChanges: _turn_changes,
+        f.RevertTurn: _revert_turn,
     }
 
 

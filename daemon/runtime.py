@@ -13,6 +13,7 @@ given. Nothing here knows about sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -43,6 +44,7 @@ from genvisor.errors import (
     NoGenerationInProgress,
     NotFound,
     Overloaded,
+    RevertConflict,
     RunInProgress,
     UnsupportedMode,
 )
@@ -71,6 +73,7 @@ from genvisor.types import (
     Message,
     Notification,
     TimelineEntry,
+    WorkspaceChanges,
 )
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.store import (
@@ -141,9 +144,25 @@ class ActiveGeneration:
         self.handle: RunHandle | None = None
         self.created_at = time.perf_counter()
         self.started_at: float | None = None  # perf_counter, once admitted to a worker
+        # The error of a run that changed its workspace: its outcome waits for the
+        # workspace to be restored, so that it can say what became of it.
+        self.failure: ErrorInfo | None = None
 
     def run_seconds(self) -> float | None:
         return None if self.started_at is None else time.perf_counter() - self.started_at
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeSet:
+    """What a `turn_changes` or `revert_turn` names: a run's (by its run id) or a
+    revert's (by its own id) change set."""
+
+    conversation: ConversationRecord
+    ref: str
+    name: str  # its name in the workspace's snapshot store
+    kept: bool  # a completed run's, or a revert: its change set may be kept
+    settled: dict[str, Any] | None  # for a run that did not complete: its workspace note
+    reverts: str | None = None
 
 
 class ConversationRecord:
@@ -181,7 +200,7 @@ class Runtime:
         self._nursery: trio.Nursery | None = None
         self._admitting = True
         self._admission_log = RateLimit()
-        self._interrupted: list[tuple[ConversationRecord, str]] = []  # resolved by `restore`, workspaces to undo
+        self._interrupted: list[tuple[ConversationRecord, GenerationRecord]] = []  # by `restore`: workspaces to undo
         self.telemetry = telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
         telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
         telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
@@ -220,8 +239,12 @@ class Runtime:
                 self._append(conversation, kind="note", event="run_finished",
                              data={"run_id": record.run_id, "status": "failed", "reason": "daemon_restarted"})
                 record.error = error.info()
-                self._close_record(record)
-                self._interrupted.append((conversation, record.run_id))
+                store = self._snapshot_store(self._workspace(conversation)) if self._snapshots is not None else None
+                if store is not None and workspace_snapshot.has_snapshot(store, record.run_id):
+                    self._interrupted.append((conversation, record))  # closed once its workspace is undone
+                else:
+                    record.error = self._with_workspace(record.error, "unchanged", [])
+                    self._close_record(record)
                 resolved += 1
             else:
                 outcome = stored_generation.outcome
@@ -235,16 +258,15 @@ class Runtime:
         (call after `restore`, before serving): they were resolved as failed, and their
         snapshots, taken before their first change, are still there."""
         interrupted, self._interrupted = self._interrupted, []
-        if self._snapshots is None:
-            return
-        for conversation, run_id in interrupted:
+        for conversation, record in interrupted:
             workspace = self._workspace(conversation)
             store = self._snapshot_store(workspace)
-            if not workspace_snapshot.has_snapshot(store, run_id):
-                continue
-            settled = await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=False))
-            if settled is not None:
-                self._record_workspace(conversation, run_id, *settled)
+            settled = await self._settle_in_thread(store, workspace, record.run_id, completed=False)
+            result, paths = settled or ("unchanged", [])
+            self._record_workspace(conversation, record.run_id, result, paths)
+            assert record.error is not None
+            record.error = self._with_workspace(record.error, result, paths)
+            self._close_record(record)
 
     def shutdown(self) -> None:
         """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
@@ -285,13 +307,14 @@ class Runtime:
 
     def start_conversation(self, id: str, project_id: str | None, metadata: Any) -> Conversation:
         key = _key(Locator(project_id, id))
+        checked = _conversation_metadata(metadata)
         if key in self._conversations:
             raise AlreadyStarted(f"conversation {id!r} already exists")
-        return self._create(key, _metadata(metadata)).view()
+        return self._create(key, checked).view()
 
     def ensure_conversation(self, id: str, project_id: str | None, metadata: Any) -> tuple[Conversation, str]:
         key = _key(Locator(project_id, id))
-        checked = _metadata(metadata)
+        checked = _conversation_metadata(metadata)
         existing = self._conversations.get(key)
         if existing is not None:
             return existing.view(), "existing"
@@ -411,7 +434,8 @@ class Runtime:
             defaults=self._defaults, workspace=self._workspace(conversation),
         )
         if spec.workspace is not None and self._snapshots is not None:
-            spec = msgspec.structs.replace(spec, snapshot_store=self._snapshot_store(spec.workspace))
+            spec = msgspec.structs.replace(spec, snapshot_store=self._snapshot_store(spec.workspace),
+                                           snapshot_excludes=_excludes(conversation.metadata))
         encoded = _encoder.encode(spec)
         if spec.request is not None and len(encoded) > MAX_SPEC_BYTES:
             error = LLMError("config", f"the run's context is {len(encoded)} bytes, over the {MAX_SPEC_BYTES}-byte limit of a run: "
@@ -429,7 +453,7 @@ class Runtime:
         if spec.request is None:
             assert spec.error is not None
             slot.release()
-            self._finish(conversation, active, error=spec.error)
+            self._finish_failed(conversation, active, spec.error)
             self._log_run_end(conversation, active)
             return ref
         assert self._nursery is not None
@@ -476,6 +500,95 @@ class Runtime:
         self.send_user_message(loc, content, message_metadata)
         return self._generations[self.generate(loc, options, owner)]
 
+    # ---- change sets -------------------------------------------------------------------
+
+    def find_change_set(self, loc: Locator, ref: str) -> ChangeSet:
+        """The synchronous half of `turn_changes` and `revert_turn`: what `ref` names —
+        a generation of this conversation that has ended, or a revert of it."""
+        conversation = self._fetch(loc)
+        for entry in reversed(conversation.journal):
+            data = entry.data
+            if entry.event == "run_started" and data.get("ref") == ref:
+                if conversation.active is not None and conversation.active.record.ref == ref:
+                    raise GenerationInProgress(f"generation {ref} is still running: await it first")
+                run_id = data["run_id"]
+                finished = next((e.data for e in conversation.journal
+                                 if e.event == "run_finished" and e.data.get("run_id") == run_id), {})
+                settled = next((e.data for e in conversation.journal
+                                if e.event == "workspace_restored" and e.data.get("run_id") == run_id), None)
+                return ChangeSet(conversation, ref, run_id, finished.get("status") == "completed", settled)
+            if entry.event == "turn_reverted" and data.get("revert") == ref:
+                return ChangeSet(conversation, ref, ref, True, None, reverts=data.get("ref"))
+        raise NotFound(f"no generation or revert {ref!r} in this conversation")
+
+    async def turn_changes(self, change_set: ChangeSet) -> WorkspaceChanges:
+        """What the turn (or revert) did to the workspace; for a run that did not
+        complete, what became of the workspace once it was settled."""
+        conversation = change_set.conversation
+        await conversation.workspace_settled.wait()  # a run just canceled may still be being undone
+        if not change_set.kept:
+            settled = change_set.settled or next(
+                (e.data for e in conversation.journal if e.event == "workspace_restored" and e.data.get("run_id") == change_set.name), None)
+            if settled is None:
+                return WorkspaceChanges(ref=change_set.ref, workspace="unchanged")
+            return WorkspaceChanges(ref=change_set.ref, workspace=settled["workspace"], paths=list(settled.get("paths", [])))
+        if self._snapshots is None:
+            return WorkspaceChanges(ref=change_set.ref)
+        # Read from the kept trees, not from a retained outcome: the same answer, and
+        # one that outlives the outcome's retention.
+        workspace = self._workspace(conversation)
+        store = self._snapshot_store(workspace)
+
+        def read() -> WorkspaceChanges | None:
+            if not workspace_snapshot.has_change_set(store, change_set.name):
+                return None
+            return workspace_snapshot.SnapshotStore(Path(store), Path(workspace)).kept(change_set.name, change_set.ref)
+
+        changes = await trio.to_thread.run_sync(read)
+        if changes is None:
+            return WorkspaceChanges(ref=change_set.ref, reverts=change_set.reverts)
+        return msgspec.structs.replace(changes, reverts=change_set.reverts)
+
+    def check_revertible(self, loc: Locator, ref: str) -> ChangeSet:
+        change_set = self.find_change_set(loc, ref)
+        if change_set.conversation.active is not None:
+            raise GenerationInProgress(f"conversation {change_set.conversation.key[1]!r} has an active generation")
+        return change_set
+
+    async def revert_turn(self, change_set: ChangeSet, reason: str | None) -> WorkspaceChanges:
+        """Put back every path the change set changed, if each is still as it left it
+        (else RevertConflict, and nothing changes). The conversation's next run, and
+        the next revert, wait for it."""
+        conversation = change_set.conversation
+        before, done = conversation.workspace_settled, trio.Event()
+        conversation.workspace_settled = done
+        revert = "rev_" + secrets.token_urlsafe(12)
+        try:
+            await before.wait()
+            if self._snapshots is None:
+                result: WorkspaceChanges | list[str] = WorkspaceChanges(ref=revert)
+            else:
+                workspace = self._workspace(conversation)
+                store = self._snapshot_store(workspace)
+
+                def work() -> WorkspaceChanges | list[str]:
+                    if not workspace_snapshot.has_change_set(store, change_set.name):
+                        return WorkspaceChanges(ref=revert)  # it changed nothing: nothing to put back
+                    snapshots = workspace_snapshot.SnapshotStore.of(Path(store), Path(workspace), f"turns/{change_set.name}/before")
+                    return snapshots.revert(change_set.name, revert, revert)
+
+                with trio.CancelScope(shield=True):  # begun, a revert is seen through
+                    result = await trio.to_thread.run_sync(work)
+        finally:
+            done.set()
+        if isinstance(result, list):
+            raise RevertConflict(change_set.ref, result)
+        self._append(conversation, kind="note", event="turn_reverted",
+                     data={"ref": change_set.ref, "revert": revert, "reason": reason, "paths": [f.path for f in result.files][:100],
+                           "paths_total": result.files_total})
+        event(log, "turn.reverted", ref=change_set.ref, revert=revert, conversation=conversation.key[1], paths=result.files_total)
+        return msgspec.structs.replace(result, reverts=change_set.ref)
+
     # ---- run lifecycle -----------------------------------------------------------------
 
     def _admit(self) -> Slot:
@@ -510,7 +623,8 @@ class Runtime:
         except Exception:  # noqa: BLE001 — contained to the run it belongs to
             incident = secrets.token_hex(4)
             log.exception("run %s failed inside the daemon (incident %s)", active.record.run_id, incident)
-            self._fail_run(conversation, active, "unknown", f"internal error (incident {incident}; see the daemon log)", "internal_error")
+            self._fail_run(conversation, active, "unknown", f"internal error (incident {incident}; see the daemon log)", "internal_error",
+                           at_once=True)
             if active.handle is not None:
                 with trio.CancelScope(shield=True):
                     await active.handle.cleaned_up.wait()
@@ -565,22 +679,47 @@ class Runtime:
                 await active.handle.cleaned_up.wait()
                 self._observe_cleanup(active.handle)
                 with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
-                    await self._settle_workspace(conversation, active)
+                    result, paths = await self._settle_workspace(conversation, active)
+                if active.failure is not None and not active.record.done.is_set():
+                    self._finish(conversation, active, error=self._with_workspace(active.failure, result, paths))
             finally:
                 settled.set()
 
-    async def _settle_workspace(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+    async def _settle_workspace(self, conversation: ConversationRecord, active: ActiveGeneration) -> tuple[str, list[str]]:
         """Once the run's processes are gone (nothing writes any more): undo its changes
-        to the workspace unless it completed, and journal what became of it."""
+        to the workspace unless it completed (else keep them as its change set), and
+        journal what became of it."""
         spec = active.spec
-        if spec.snapshot_store is None or spec.workspace is None or not workspace_snapshot.has_snapshot(spec.snapshot_store, spec.run_id):
-            return  # it changed nothing (no snapshot was needed)
-        completed = active.record.result is not None
-        settled = await trio.to_thread.run_sync(
-            lambda: workspace_snapshot.settle(spec.snapshot_store, spec.workspace, spec.run_id, completed=completed)
-        )
-        if settled is not None:
-            self._record_workspace(conversation, spec.run_id, *settled)
+        if not self._changed_workspace(spec):
+            return "unchanged", []  # no snapshot was needed
+        assert spec.snapshot_store is not None and spec.workspace is not None
+        settled = await self._settle_in_thread(spec.snapshot_store, spec.workspace, spec.run_id,
+                                               completed=active.record.result is not None)
+        if settled is None:
+            return "unchanged", []
+        self._record_workspace(conversation, spec.run_id, *settled)
+        return settled
+
+    async def _settle_in_thread(self, store: str, workspace: str, run_id: str, *, completed: bool) -> tuple[str, list[str]] | None:
+        try:
+            return await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=completed))
+        except Exception as exc:  # noqa: BLE001 — a restore that fails is reported, never silent, never the daemon's end
+            log.exception("settling the workspace of run %s failed", run_id)
+            return "restore_failed", [f"{type(exc).__name__}: {exc}"]
+
+    @staticmethod
+    def _changed_workspace(spec: RunSpec) -> bool:
+        """Whether the run took a snapshot (it made, or was about to make, a change)."""
+        return spec.snapshot_store is not None and workspace_snapshot.has_snapshot(spec.snapshot_store, spec.run_id)
+
+    def _with_workspace(self, error: ErrorInfo, result: str, paths: list[str]) -> ErrorInfo:
+        """`error`, whose details say what became of the run's workspace."""
+        if self._snapshots is None:
+            return error  # runs are not transactions here
+        details: dict[str, Any] = {**(error.details or {}), "workspace": result}
+        if result == "restore_failed":
+            details["workspace_paths"] = paths[:100]
+        return msgspec.structs.replace(error, details=details)
 
     def _record_workspace(self, conversation: ConversationRecord, run_id: str, result: str, paths: list[str]) -> None:
         self._append(conversation, kind="note", event="workspace_restored",
@@ -603,29 +742,47 @@ class Runtime:
             if isinstance(run_outcome, RunSucceeded):
                 self._finish(conversation, active, success=run_outcome)
             else:
-                self._finish(conversation, active, error=run_outcome.error)
+                self._finish_failed(conversation, active, run_outcome.error)
         elif isinstance(outcome, Crashed):
             event(log, "worker.crashed", logging.WARNING, ref=active.record.ref, run_id=active.record.run_id, **outcome.details)
-            self._finish(conversation, active, error=LLMError("unknown", "generation worker crashed", details=outcome.details).info())
+            self._finish_failed(conversation, active, LLMError("unknown", "generation worker crashed", details=outcome.details).info())
         elif isinstance(outcome, Broken):
             self._fail_run(conversation, active, "unknown", f"the worker broke the run protocol: {outcome.message}", "protocol_error")
         elif isinstance(outcome, DeadlineExceeded):
             assert active.spec.request is not None
             message = f"generation deadline passed ({active.spec.request.timeout_ms} ms + {self._deadline_grace_s * 1000:.0f} ms grace)"
-            self._finish(conversation, active, error=LLMError("timeout", message).info())
+            self._finish_failed(conversation, active, LLMError("timeout", message).info())
         elif isinstance(outcome, Unavailable):
-            self._finish(conversation, active, error=LLMError("unknown", f"no worker could run the generation: {outcome.message}").info())
+            self._finish_failed(conversation, active, LLMError("unknown", f"no worker could run the generation: {outcome.message}").info())
         else:
             assert isinstance(outcome, Canceled)
             self._cancel(conversation, outcome.reason)
 
-    def _fail_run(self, conversation: ConversationRecord, active: ActiveGeneration, category: LLMErrorCategory, message: str, reason: str) -> None:
+    def _fail_run(self, conversation: ConversationRecord, active: ActiveGeneration, category: LLMErrorCategory, message: str, reason: str,
+                  *, at_once: bool = False) -> None:
         """End the run with an error the daemon found (not one the run reported), then
-        tear its worker down: it may still be running."""
+        tear its worker down: it may still be running. `at_once`: do not wait for its
+        workspace to be settled (the daemon could not settle it)."""
         if not active.record.done.is_set():
-            self._finish(conversation, active, error=LLMError(category, message, retryable=False, details={"reason": reason}).info())
+            error = LLMError(category, message, retryable=False, details={"reason": reason}).info()
+            if at_once:  # a workspace it changed is left as it is: say so
+                result = "restore_failed" if self._changed_workspace(active.spec) else "unchanged"
+                self._finish(conversation, active, error=self._with_workspace(active.failure or error, result, [message]))
+            else:
+                self._finish_failed(conversation, active, error)
         if active.handle is not None:
             active.handle.cancel(reason)
+
+    def _finish_failed(self, conversation: ConversationRecord, active: ActiveGeneration, error: ErrorInfo) -> None:
+        """End the run with `error`: at once if it changed nothing; else once its
+        workspace is restored (`_run_generation`), its outcome saying so. A cancel that
+        comes meanwhile settles it first, as a cancel does."""
+        if active.failure is not None:
+            return  # failed already: the first error is the run's
+        if self._changed_workspace(active.spec):
+            active.failure = error
+        else:
+            self._finish(conversation, active, error=self._with_workspace(error, "unchanged", []))
 
     def _finish(self, conversation: ConversationRecord, active: ActiveGeneration, *, success: RunSucceeded | None = None, error: ErrorInfo | None = None) -> None:
         record = active.record
@@ -756,6 +913,33 @@ def _metadata(value: Any, field: str = "metadata") -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidOptions(field, "must be a mapping")
     return dict(value)
+
+
+MAX_EXCLUDES = 256
+
+
+def _conversation_metadata(value: Any) -> dict[str, Any]:
+    """A conversation's metadata, with the keys the daemon reads checked: `workspace`
+    (an absolute directory path) and `workspace_excludes` (gitignore-style patterns
+    of paths its runs' snapshots neither capture nor restore)."""
+    metadata = _metadata(value)
+    workspace = metadata.get("workspace")
+    if workspace is not None and not (isinstance(workspace, str) and os.path.isabs(workspace) and "\0" not in workspace):
+        raise InvalidOptions("metadata.workspace", "must be an absolute path")
+    excludes = metadata.get("workspace_excludes")
+    if excludes is not None:
+        if not isinstance(excludes, list) or len(excludes) > MAX_EXCLUDES:
+            raise InvalidOptions("metadata.workspace_excludes", f"must be a list of at most {MAX_EXCLUDES} patterns")
+        for pattern in excludes:
+            if not (isinstance(pattern, str) and pattern.strip("/ ") and len(pattern) <= 1024
+                    and not any(c in pattern for c in "\0\n\r")):
+                raise InvalidOptions("metadata.workspace_excludes", f"{pattern!r} is not a path pattern (e.g. 'node_modules/')")
+    return metadata
+
+
+def _excludes(metadata: dict[str, Any]) -> list[str]:
+    excludes = metadata.get("workspace_excludes")
+    return [p for p in excludes if isinstance(p, str)] if isinstance(excludes, list) else []
 
 
 def _check_limit(field: str, value: int | None) -> None:

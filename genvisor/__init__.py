@@ -8,6 +8,7 @@ from genvisor.types import (
     DaemonInfo,
     DaemonStatus,
     DerivedState,
+    FileChange,
     GenerationEvent,
     GenerationResult,
     LatencySummary,
@@ -18,6 +19,7 @@ from genvisor.types import (
     ToolCall,
     ToolResult,
     Usage,
+    WorkspaceChanges,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "DaemonInfo",
     "DaemonStatus",
     "DerivedState",
+    "FileChange",
     "GenerationEvent",
     "GenerationResult",
     "LatencySummary",
@@ -37,4 +40,5 @@ __all__ = [
     "ToolCall",
     "ToolResult",
     "Usage",
+    "WorkspaceChanges",
 ]

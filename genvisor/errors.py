@@ -40,6 +40,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     mode: str | None = None
     supported: list[str] | None = None
     diagnostics: list[Diagnostic] | None = None
+    paths: list[str] | None = None
 
     def to_exception(self) -> GenvisorError:
         cls = _BY_CODE.get(self.code)
@@ -237,6 +238,23 @@ class BadRequest(GenvisorError):
         return self.message
 
 
+class RevertConflict(GenvisorError):
+    """A path the turn changed has changed since; nothing was reverted. `paths` names them."""
+
+    code = "revert_conflict"
+    _info_fields = ("ref", "paths")
+
+    def __init__(self, ref: str, paths: list[str], message: str = "") -> None:
+        self.ref = ref
+        self.paths = list(paths)
+        shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+        super().__init__(message or f"cannot revert {ref}: changed since: {shown}")
+
+    @classmethod
+    def _from_info(cls, info: ErrorInfo) -> GenvisorError:
+        return cls(info.ref or "", info.paths or [], info.message)
+
+
 class DaemonUnavailable(GenvisorError):
     """No daemon answered within the client timeout."""
 
@@ -268,6 +286,7 @@ _BY_CODE: dict[str, type[GenvisorError]] = {
         ForceCancelReasonRequired,
         Overloaded,
         BadRequest,
+        RevertConflict,
         DaemonUnavailable,
         InternalError,
     )

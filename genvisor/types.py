@@ -77,6 +77,7 @@ NoteEvent = Literal[
     "run_started",
     "run_finished",
     "workspace_restored",
+    "turn_reverted",
 ]
 
 
@@ -142,6 +143,44 @@ class ToolResult(msgspec.Struct, frozen=True):
     is_error: bool = False
 
 
+class FileChange(msgspec.Struct, frozen=True):
+    """One path a turn changed. A symlink's size and sha256 are those of its target's
+    text; a nested repository (mode 160000) has neither."""
+
+    path: str
+    change: Literal["added", "modified", "deleted"]
+    size_before: int | None = None
+    size_after: int | None = None
+    sha256_before: str | None = None
+    sha256_after: str | None = None
+    mode_before: str | None = None  # git's: "100644" file, "100755" executable, "120000" symlink, "160000" repository
+    mode_after: str | None = None
+    binary: bool = False
+
+
+WorkspaceOutcome = Literal["changed", "unchanged", "restored", "restore_failed"]
+
+
+class WorkspaceChanges(msgspec.Struct, frozen=True):
+    """What a turn (or a revert, `ref` then its revert id) did to the workspace.
+
+    `workspace`: "changed" or "unchanged" for a completed turn or a revert; for a run
+    that did not complete, "restored", "unchanged" or "restore_failed" (its `paths`
+    are then those put back, or what went wrong). `files` lists at most 2 000 paths of
+    `files_total`; `diff` is git's unified diff of the text files, cut at a file's
+    boundary past 256 KiB (`diff_truncated`); a binary file is named, not diffed.
+    """
+
+    ref: str = ""
+    workspace: WorkspaceOutcome = "unchanged"
+    files: list[FileChange] = []
+    files_total: int = 0
+    diff: str = ""
+    diff_truncated: bool = False
+    paths: list[str] = []
+    reverts: str | None = None  # for a revert: the ref of the change set it undid
+
+
 class LLMResult(msgspec.Struct, frozen=True):
     request_id: str
     conversation_id: str
@@ -153,6 +192,7 @@ class LLMResult(msgspec.Struct, frozen=True):
     finish_reason: str | None = None
     usage: Usage = Usage()
     metadata: dict[str, Any] = {}
+    changes: WorkspaceChanges = WorkspaceChanges()  # the turn's completion artifact
 
 
 class GenerationEvent(msgspec.Struct, frozen=True, tag=True):

@@ -180,11 +180,22 @@ class SendAndGenerate(Request, tag="send_and_generate"):
     cancel_reason: str = "await_timeout"
 
 
+class TurnChanges(Request, tag="turn_changes"):
+    loc: Locator
+    ref: str
+
+
+class RevertTurn(Request, tag="revert_turn"):
+    loc: Locator
+    ref: str
+    reason: str | None = None
+
+
 AnyRequest = (
     Ping | StartConversation | EnsureConversation | SendUserMessage | RecordAssistantMessage | ConfigureLLM
     | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
     | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GetStatus | GenerateAssistantReply
-    | AwaitGeneration | CancelGeneration | SendAndGenerate
+    | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn
 )
 
 

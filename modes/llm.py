@@ -66,6 +66,7 @@ class RunSpec(msgspec.Struct, frozen=True):
     # Where the workspace's snapshots live (see modes.workspace_snapshot): the worker
     # takes one before the run's first effect, so that the run can be undone.
     snapshot_store: str | None = None
+    snapshot_excludes: list[str] = []  # gitignore-style paths neither captured nor restored
 
 
 class RunSucceeded(msgspec.Struct, frozen=True, tag=True):

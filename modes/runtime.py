@@ -8,7 +8,7 @@ to backend and tool calls and feed the answers back.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
 import trio
@@ -24,6 +24,7 @@ from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, R
 from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
 Emit = Callable[[GenerationEvent], Awaitable[None]]
+T = TypeVar("T")
 
 _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
 
@@ -127,8 +128,9 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
             if not snapshotted and workspace is not None and spec.snapshot_store is not None and any(
                 call.name in EFFECT_TOOLS and call.name in enabled for call in directive.calls
             ):
-                failure = await _snapshot(spec.snapshot_store, workspace, spec.run_id, isolated)
-                if failure is not None:
+                failure = await _in_workspace(lambda: _snapshots(spec, workspace).snapshot(spec.run_id), isolated,
+                                              "could not snapshot the workspace before its first change")
+                if isinstance(failure, RunFailed):
                     return failure
                 snapshotted = True
             for call in directive.calls:
@@ -141,28 +143,36 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
                 results.append(result)
             directive = run.tools_finished(results)
         elif isinstance(directive, Commit):
+            outcome = directive.outcome
+            if snapshotted and workspace is not None:
+                # The turn's change set is its completion artifact: recorded now, kept
+                # by the daemon once the turn is committed.
+                changes = await _in_workspace(lambda: _snapshots(spec, workspace).record(spec.run_id, spec.run_id, spec.ref),
+                                              isolated, "could not record the turn's changes to the workspace")
+                if isinstance(changes, RunFailed):
+                    return changes
+                outcome = msgspec.structs.replace(outcome, result=msgspec.structs.replace(outcome.result, changes=changes))
             await events.send("completed")
-            return directive.outcome
+            return outcome
         else:
             assert isinstance(directive, Fail)
             return RunFailed(directive.error)
 
 
-async def _snapshot(store: str, workspace: Workspace, run_id: str, isolated: bool) -> RunFailed | None:
-    """Capture the workspace before the run's first effect, so that a run that does not
-    complete can be undone; a run that cannot be undone does not start changing it."""
-    def take() -> None:
-        SnapshotStore(Path(store), workspace.root).snapshot(run_id)
+def _snapshots(spec: RunSpec, workspace: Workspace) -> SnapshotStore:
+    assert spec.snapshot_store is not None
+    return SnapshotStore(Path(spec.snapshot_store), workspace.root, spec.snapshot_excludes)
 
+
+async def _in_workspace(work: Callable[[], T], isolated: bool, failing: str) -> T | RunFailed:
+    """`work` on the workspace's snapshots, or the run's failure if it cannot be done:
+    a run that could not be undone does not go on changing the workspace."""
     try:
         if isolated:  # a worker's loop serves only this run: git may block it
-            take()
-        else:
-            await trio.to_thread.run_sync(take)
+            return work()
+        return await trio.to_thread.run_sync(work)
     except (SnapshotError, OSError) as exc:
-        return RunFailed(LLMError("unknown", f"could not snapshot the workspace before its first change: {exc}",
-                                  retryable=False, details={"reason": "snapshot_failed"}).info())
-    return None
+        return RunFailed(LLMError("unknown", f"{failing}: {exc}", retryable=False, details={"reason": "snapshot_failed"}).info())
 
 
 async def _call_backend(request: LLMRequest, call_index: int, events: _Events, isolated: bool) -> LLMReply:

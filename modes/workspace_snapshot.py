@@ -1,5 +1,6 @@
 """Snapshots of a workspace, for turns that are transactions: capture the workspace
-before a run's first effect, list what a run changed, put it back as it was.
+before a run's first effect, list what a run changed, put it back as it was, and undo
+a turn that completed.
 
 The mechanism, chosen by measuring (`python -m bench.workspace_options`; 10 000 files,
 190 MiB, this 2-core ext4 machine, no reflinks): git's object store and an index of
@@ -13,10 +14,16 @@ copy (`cp -a`) costs 2.5 s and 3.8 s. Content is stored once (deduplicated).
 What a snapshot holds: every file (new, modified, deleted, renamed), its executable
 bit, symlinks as links (never followed), and the list of directories (git keeps
 files; a restore removes the directories a run made and remakes those it removed).
-What it does not: the contents of `.git` directories (the workspace's own, and nested repositories,
-which git records as a link to their commit), and paths matched by `excludes`
-(gitignore-style patterns, e.g. `node_modules/`), which are neither captured nor
-restored.
+What it does not: the contents of `.git` directories (the workspace's own, and nested
+repositories, which git records as a link to their commit), and paths matched by
+`excludes` (gitignore-style patterns, e.g. `node_modules/`), which are neither
+captured nor restored.
+
+The refs of a store (all under `refs/genvisor/`):
+- `<run_id>`: taken before a run's first effect, until the run is settled;
+- `turns/<name>/before` and `turns/<name>/after`: a change set that was kept — a
+  completed run's (`name` is its run id) or a revert's (its revert id) — so that it
+  can be listed and undone later.
 
 Every call blocks (it runs git): in the daemon, call it from a thread.
 """
@@ -24,19 +31,29 @@ Every call blocks (it runs git): in the daemon, call it from a thread.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Literal, Sequence
 
 import msgspec
+
+from genvisor.types import FileChange, WorkspaceChanges
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's id of the empty tree
 
 # A snapshot's ref must survive a daemon's kill -9 once it is taken: git writes objects
 # and refs through temp files and renames; these make it fsync them too.
 _DURABLE = ["-c", "core.fsync=objects,reference", "-c", "core.fsyncMethod=fsync"]
+
+# A change set travels in a run's result and a reply: its listing and diff are bounded
+# (the trees behind them are not: a revert undoes every path, listed or not).
+MAX_LISTED_FILES = 2_000
+MAX_DIFF_BYTES = 256 * 1024
+_BINARY_SNIFF = 8_000  # git's heuristic: a NUL in the first 8 000 bytes means binary
 
 
 class SnapshotError(Exception):
@@ -52,16 +69,30 @@ class PathChange(msgspec.Struct, frozen=True):
     blob_after: str | None
 
 
+class _Meta(msgspec.Struct, frozen=True):
+    """What a snapshot's commit message holds beside its tree."""
+
+    directories: list[str] = []
+    excludes: list[str] = []
+
+
+_meta_decoder = msgspec.json.Decoder(_Meta)
+
+
 class SnapshotStore:
     def __init__(self, store: Path, workspace: Path, excludes: Sequence[str] = ()) -> None:
         self.store = store
         self.workspace = workspace
+        self.excludes = list(excludes)
         self._pathspec = ["."] + [spec for pattern in excludes for spec in _exclude_pathspecs(pattern)]
         self._exclude_names = [p.strip().strip("/") for p in excludes if p.strip().strip("/")]
+        # An index per exclude list: a path one list excludes must not linger in the
+        # index another's snapshots are written from.
+        index = "genvisor-index" + (f"-{hashlib.sha256(repr(self.excludes).encode()).hexdigest()[:12]}" if excludes else "")
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
             "GIT_DIR": str(store),
-            "GIT_INDEX_FILE": str(store / "genvisor-index"),
+            "GIT_INDEX_FILE": str(store / index),
             "GIT_WORK_TREE": str(workspace),
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull,  # the user's settings (autocrlf, hooks…) play no part
@@ -71,10 +102,15 @@ class SnapshotStore:
             self._git("init", "--quiet", "--bare", str(store), cwd=store.parent, env_extra={"GIT_WORK_TREE": ""})
             # gc.auto 0: refs stay loose files (has_snapshot stats them), nothing runs behind our back.
             for key, value in (("core.autocrlf", "false"), ("core.filemode", "true"), ("core.symlinks", "true"),
-                               ("core.untrackedCache", "true"), ("gc.auto", "0")):
+                               ("core.untrackedCache", "true"), ("core.quotePath", "false"), ("gc.auto", "0")):
                 self._git("config", key, value)
 
-    # ---- the three things it does --------------------------------------------------
+    @classmethod
+    def of(cls, store: Path, workspace: Path, name: str) -> SnapshotStore:
+        """The store as snapshot `name` was taken: with its excludes."""
+        return cls(store, workspace, cls(store, workspace)._meta(name).excludes)
+
+    # ---- snapshots -----------------------------------------------------------------
 
     def snapshot(self, name: str) -> str:
         """Capture the workspace now, durably, as `name`; returns the tree's id."""
@@ -82,8 +118,8 @@ class SnapshotStore:
         tree = self._git("write-tree").strip()
         # git keeps files, not directories: the snapshot's commit message lists them,
         # so that a restore removes the ones a run made and remakes the ones it removed.
-        directories = "\n".join(sorted(self._directories()))
-        self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree, directories))
+        meta = _Meta(sorted(self._directories()), self.excludes)
+        self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree, msgspec.json.encode(meta).decode()))
         return tree
 
     def changes(self, before: str, after: str) -> list[PathChange]:
@@ -113,9 +149,99 @@ class SnapshotStore:
         tree = self.tree(name)
         if tree is None:
             raise SnapshotError(f"no snapshot {name!r}")
-        had = set(filter(None, self._git("log", "-1", "--format=%B", f"refs/genvisor/{name}").strip().splitlines()))
+        had = set(self._meta(name).directories)
         now = self.snapshot("restoring")
-        undo = self.changes(tree, now)
+        undo = self._put_back(self.changes(tree, now), tree)
+        for directory in sorted(self._directories() - had, key=len, reverse=True):  # the deepest first
+            shutil.rmtree(self.workspace / directory)  # what is left in it is the run's too (rmtree follows no link)
+        for directory in sorted(had):
+            (self.workspace / directory).mkdir(parents=True, exist_ok=True)
+        self.drop("restoring")
+        return undo
+
+    # ---- kept change sets ------------------------------------------------------------
+
+    def keep(self, pending: str, name: str) -> bool:
+        """Keep run `pending`'s snapshot as the before-state of change set `name`, whose
+        after-state the run recorded (`record`); False if it recorded none."""
+        if self.tree(f"turns/{name}/after") is None:
+            return False
+        commit = self._git("rev-parse", "--verify", f"refs/genvisor/{pending}").strip()
+        self._git(*_DURABLE, "update-ref", f"refs/genvisor/turns/{name}/before", commit)
+        self.drop(pending)
+        return True
+
+    def record(self, pending: str, name: str, ref: str) -> WorkspaceChanges:
+        """Capture the workspace as change set `name`'s after-state (its before-state is
+        snapshot `pending`), and describe it."""
+        before = self.tree(pending)
+        if before is None:
+            raise SnapshotError(f"no snapshot {pending!r}")
+        after = self.snapshot(f"turns/{name}/after")
+        return self.describe(before, after, ref)
+
+    def kept(self, name: str, ref: str) -> WorkspaceChanges | None:
+        """Change set `name` as it was kept, or None if there is none of that name."""
+        before, after = self.tree(f"turns/{name}/before"), self.tree(f"turns/{name}/after")
+        if before is None or after is None:
+            return None
+        return self.describe(before, after, ref)
+
+    def revert(self, name: str, revert_name: str, ref: str) -> WorkspaceChanges | list[str]:
+        """Put every path change set `name` changed back to its before-state, if each is
+        still as the change set left it; else change nothing and return the paths that
+        are not. The revert is itself kept, as change set `revert_name`."""
+        before, after = self.tree(f"turns/{name}/before"), self.tree(f"turns/{name}/after")
+        if before is None or after is None:
+            raise SnapshotError(f"no change set {name!r}")
+        turn = self.changes(before, after)
+        now = self.snapshot(f"turns/{revert_name}/before")
+        touched = {c.path for c in turn}
+        conflicts = sorted(c.path for c in self.changes(after, now) if c.path in touched)
+        if conflicts:
+            self.drop(f"turns/{revert_name}/before")
+            return conflicts
+        # The target: the workspace as it is now, with the change set's paths as they were before it.
+        self._git("read-tree", now)
+        lines = [f"0 {'0' * 40}\t{c.path}" if c.blob_before is None else f"{c.mode_before} {c.blob_before}\t{c.path}"
+                 for c in turn]
+        self._git("update-index", "-z", "--index-info", stdin="\0".join(lines) + "\0")
+        target = self._git("write-tree").strip()
+        self._put_back(self.changes(target, now), target)
+        made = set(self._meta(f"turns/{name}/after").directories) - set(self._meta(f"turns/{name}/before").directories)
+        for directory in sorted(made, key=len, reverse=True):
+            try:
+                (self.workspace / directory).rmdir()  # only if empty: what is in it now is not the change set's
+            except OSError:
+                pass
+        for directory in sorted(set(self._meta(f"turns/{name}/before").directories) - set(self._meta(f"turns/{name}/after").directories)):
+            (self.workspace / directory).mkdir(parents=True, exist_ok=True)
+        return self.describe(now, self.snapshot(f"turns/{revert_name}/after"), ref)
+
+    def describe(self, before: str, after: str, ref: str) -> WorkspaceChanges:
+        """The change set from tree `before` to tree `after`: per path its change, sizes,
+        sha256 and modes, and a bounded unified diff (binary files marked as such)."""
+        raw = self.changes(before, after)
+        if not raw:
+            return WorkspaceChanges(ref=ref, workspace="unchanged")
+        listed = raw[:MAX_LISTED_FILES]
+        blobs = self._blob_facts({b for c in listed for b, m in ((c.blob_before, c.mode_before), (c.blob_after, c.mode_after))
+                                  if b is not None and m != "160000"})
+        files = []
+        for c in listed:
+            size_a, sha_a, binary_a = blobs.get(c.blob_before or "", (None, None, False))
+            size_b, sha_b, binary_b = blobs.get(c.blob_after or "", (None, None, False))
+            files.append(FileChange(c.path, c.change, size_a, size_b, sha_a, sha_b, c.mode_before, c.mode_after,
+                                    binary_a or binary_b))
+        diff, truncated = self._diff(before, after)
+        return WorkspaceChanges(ref=ref, workspace="changed", files=files, files_total=len(raw), diff=diff,
+                                diff_truncated=truncated or len(raw) > len(listed))
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _put_back(self, undo: list[PathChange], tree: str) -> list[PathChange]:
+        """Make the workspace's files those of `tree`, given what differs (`undo`:
+        changes from `tree` to the workspace)."""
         self._git("read-tree", tree)
         # A nested repository (mode 160000) is recorded by its commit, not its files:
         # one the run added is removed with the rest, one it changed cannot be put back.
@@ -125,36 +251,93 @@ class SnapshotStore:
         for change in undo:
             if change.change == "added":
                 self._remove(change.path)
-        for directory in sorted(self._directories() - had, key=len, reverse=True):  # the deepest first
-            shutil.rmtree(self.workspace / directory)  # what is left in it is the run's too (rmtree follows no link)
         if back:
             self._git("checkout-index", "--force", "-z", "--stdin", stdin="\0".join(back) + "\0")
-        for directory in sorted(had):
-            (self.workspace / directory).mkdir(parents=True, exist_ok=True)
-        self._git("update-ref", "-d", "refs/genvisor/restoring")
         return undo
+
+    def _blob_facts(self, blobs: set[str]) -> dict[str, tuple[int, str, bool]]:
+        """Size, sha256 and whether binary, of each blob (read in one `cat-file`)."""
+        if not blobs:
+            return {}
+        order = sorted(blobs)
+        process = subprocess.Popen(["git", "cat-file", "--batch"], env=self._env, cwd=self.workspace,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert process.stdin is not None and process.stdout is not None
+        stdin = process.stdin
+
+        def ask() -> None:
+            with stdin:
+                stdin.write("".join(f"{blob}\n" for blob in order).encode())
+
+        # Asked from a thread: git answers while it reads, and a pipe holds 64 KiB.
+        writer = threading.Thread(target=ask, daemon=True)
+        writer.start()
+        facts = {}
+        for blob in order:
+            header = process.stdout.readline().split()
+            if len(header) != 3:
+                raise SnapshotError(f"git cat-file could not read {blob}")
+            size, left, digest, head = int(header[2]), int(header[2]), hashlib.sha256(), b""
+            while left:
+                chunk = process.stdout.read(min(left, 1 << 20))
+                if not chunk:
+                    raise SnapshotError("git cat-file ended early")
+                if len(head) < _BINARY_SNIFF:
+                    head += chunk[:_BINARY_SNIFF - len(head)]
+                digest.update(chunk)
+                left -= len(chunk)
+            process.stdout.read(1)  # the newline after each object
+            facts[blob] = (size, digest.hexdigest(), b"\0" in head)
+        writer.join()
+        process.wait()
+        return facts
+
+    def _diff(self, before: str, after: str) -> tuple[str, bool]:
+        """git's unified diff of the two trees, cut at a file's boundary past
+        MAX_DIFF_BYTES (read no further than that)."""
+        process = subprocess.Popen(["git", "diff-tree", "-p", "-r", "--no-renames", "--no-color", "--no-ext-diff",
+                                    before, after], env=self._env, cwd=self.workspace,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert process.stdout is not None
+        text = process.stdout.read(MAX_DIFF_BYTES + 1)
+        truncated = len(text) > MAX_DIFF_BYTES
+        if truncated:
+            process.kill()
+            cut = text.rfind(b"\ndiff --git ", 0, MAX_DIFF_BYTES)
+            text = text[:cut + 1] if cut >= 0 else text[:text.rfind(b"\n", 0, MAX_DIFF_BYTES) + 1]
+        process.stdout.close()
+        process.wait()
+        return text.decode("utf-8", errors="replace"), truncated
 
     def _directories(self) -> set[str]:
         """The workspace's directories (relative paths), as git would see them: none
         inside a `.git`, none excluded, and no link followed."""
         found: set[str] = set()
-        for root, dirs, _files in os.walk(self.workspace):
-            relative_root = os.path.relpath(root, self.workspace)
-            kept = []
-            for name in dirs:
-                relative = name if relative_root == "." else f"{relative_root}/{name}"
-                if name == ".git" or os.path.islink(os.path.join(root, name)) or self._excluded(relative):
-                    continue
-                kept.append(name)
-                found.add(relative)
-            dirs[:] = kept
+        pending = [""]
+        while pending:
+            relative_root = pending.pop()
+            with os.scandir(self.workspace / relative_root if relative_root else self.workspace) as entries:
+                for entry in entries:
+                    # is_dir without following: a link to a directory is a link (d_type, no stat)
+                    if entry.name == ".git" or not entry.is_dir(follow_symlinks=False):
+                        continue
+                    relative = f"{relative_root}/{entry.name}" if relative_root else entry.name
+                    if self._exclude_names and self._excluded(relative):
+                        continue
+                    found.add(relative)
+                    pending.append(relative)
         return found
 
     def _excluded(self, relative: str) -> bool:
         return any(fnmatch.fnmatchcase(relative, pattern) or fnmatch.fnmatchcase(relative.rsplit("/", 1)[-1], pattern)
                    for pattern in self._exclude_names)
 
-    # ---- helpers ---------------------------------------------------------------------
+    def _meta(self, name: str) -> _Meta:
+        message = self._git("log", "-1", "--format=%B", f"refs/genvisor/{name}").strip()
+        try:
+            return _meta_decoder.decode(message)
+        except msgspec.DecodeError:
+            raise SnapshotError(f"snapshot {name!r} is not one of genvisor's") from None
 
     def tree(self, name: str) -> str | None:
         done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"refs/genvisor/{name}^{{tree}}"],
@@ -215,22 +398,31 @@ def has_snapshot(store: str, name: str) -> bool:
     return os.path.exists(os.path.join(store, "refs", "genvisor", name))
 
 
+def has_change_set(store: str, name: str) -> bool:
+    """Whether change set `name` was kept (one stat, as `has_snapshot`)."""
+    return os.path.exists(os.path.join(store, "refs", "genvisor", "turns", name, "before"))
+
+
 def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple[WorkspaceSettled, list[str]] | None:
-    """After a run's processes are gone: undo its changes unless it `completed`, and let
-    its snapshot go. None when the run took no snapshot (it made no change); else what
-    became of the workspace, and the paths concerned (those put back, or those that
-    could not be)."""
+    """After a run's processes are gone: undo its changes unless it `completed` (then
+    keep them as a change set, if it recorded one). None when the run took no snapshot
+    (it made no change) or completed; else what became of the workspace, and the paths
+    concerned (those put back, or what went wrong)."""
     if not (Path(store) / "HEAD").exists():
         return None
-    snapshots = SnapshotStore(Path(store), Path(workspace))
-    if snapshots.tree(run_id) is None:
+    plain = SnapshotStore(Path(store), Path(workspace))
+    if plain.tree(run_id) is None:
         return None
     if completed:
-        snapshots.drop(run_id)
+        if not plain.keep(run_id, run_id):
+            plain.drop(run_id)
         return None
     try:
+        snapshots = SnapshotStore.of(Path(store), Path(workspace), run_id)
         undone = snapshots.restore(run_id)
     except (SnapshotError, OSError) as exc:
         return "restore_failed", [str(exc)]
     snapshots.drop(run_id)
+    if snapshots.tree(f"turns/{run_id}/after") is not None:
+        snapshots.drop(f"turns/{run_id}/after")  # recorded by a run that then failed: not a change set
     return ("restored" if undone else "unchanged"), [change.path for change in undone]

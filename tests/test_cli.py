@@ -472,7 +472,7 @@ def test_json_errors_are_json_on_stderr_with_the_same_exit_codes(shared_daemon, 
     assert failed.returncode == 1
     error = json.loads(failed.stderr)["error"]
     assert error == {"code": "llm_error", "message": "down", "category": "provider", "retryable": True,
-                     "details": {"status": 503}}
+                     "details": {"status": 503, "workspace": "unchanged"}}
 
     nobody = run("--json", "--endpoint", f"ipc://{tmp_path}/nobody.sock", "ping")
     assert nobody.returncode == 3 and json.loads(nobody.stderr)["error"]["code"] == "daemon_unavailable"

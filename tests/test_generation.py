@@ -63,7 +63,7 @@ def test_backend_error_leaves_history_unchanged(shared_daemon, conv):
         with pytest.raises(LLMError) as raised:
             client.send_and_generate(conv, "hi", generation_opts={"backend_opts": {"error": error}})
         assert raised.value.category == "provider" and raised.value.retryable is True
-        assert raised.value.details == {"status": 503}
+        assert raised.value.details == {"status": 503, "workspace": "unchanged"}  # the run changed no file
         state = client.conversation(conv).state
         assert [m.role for m in state.messages] == ["user"]
         assert state.status == "pending_llm"

@@ -160,7 +160,7 @@ def test_a_run_in_flight_when_the_daemon_is_killed_is_resolved_once(daemon, conv
     with daemon.client() as client:
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref, timeout_ms=5_000)
-        assert raised.value.details == {"reason": "daemon_restarted"}
+        assert raised.value.details == {"reason": "daemon_restarted", "workspace": "unchanged"}
         assert raised.value.retryable
         assert client.conversation_messages(conv) == before  # nothing of the turn committed
         state = client.derived_state(conv)

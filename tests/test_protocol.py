@@ -79,6 +79,7 @@ def _sample(cls: type[GenvisorError]) -> GenvisorError:
         "llm_error": lambda: LLMError("transport", "reset", details={"status": 0}),
         "unsupported_mode": lambda: cls("chat", ["coding"]),
         "invalid_mode_config": lambda: cls("coding", [Diagnostic("type", "/x", "bad")]),
+        "revert_conflict": lambda: cls("gen_1", ["a.txt", "b/c.txt"]),
     }
     return samples.get(cls.code, lambda: cls("something"))()
 

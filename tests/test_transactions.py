@@ -59,9 +59,11 @@ def test_a_run_that_fails_after_its_file_changes_leaves_the_workspace_as_it_was(
         _start(client, conv, workspace)
         # Three steps of changes, then the script runs out: the fourth LLM call fails.
         ref = client.generate_assistant_reply(conv, backend_opts={"script": EDITS})
-        with pytest.raises(LLMError):
+        with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
         note = _settled(client, conv)
+        assert client.turn_changes(conv, ref).workspace == "restored"
+    assert raised.value.details["workspace"] == "restored"  # the outcome waited for the restore, and says so
     assert note["workspace"] == "restored", note
     assert set(note["paths"]) == {"keep.txt", "new/deep/file.txt", "gone.txt"}
     _as_it_was(workspace)
@@ -75,9 +77,11 @@ def test_a_canceled_run_is_undone_after_its_command_is_gone(connect, conv, works
         deadline = time.monotonic() + 20
         while not (workspace / "ready").exists():
             assert time.monotonic() < deadline, "the command did not start"
-        client.cancel_generation(conv, "changed my mind")
+        client.cancel_generation(conv, "changed my mind")  # settles at once, as a cancel does
         with pytest.raises(GenerationCanceled):
             client.await_generation(conv, ref)
+        changes = client.turn_changes(conv, ref)  # waits for the restore
+        assert changes.workspace == "restored" and set(changes.paths) == {"keep.txt", "gone.txt", "made/d/f", "ready"}
         assert _settled(client, conv)["workspace"] == "restored"
     _as_it_was(workspace)
 
@@ -94,6 +98,7 @@ def test_a_run_past_its_deadline_or_whose_worker_crashed_is_undone(shared_daemon
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
         assert says in (raised.value.category, raised.value.message)
+        assert raised.value.details["workspace"] == "restored"
         assert _settled(client, conv)["workspace"] == "restored"
     _as_it_was(workspace)
 
@@ -112,9 +117,11 @@ def test_a_run_that_changes_nothing_takes_no_snapshot(connect, conv, workspace):
     with connect() as client:
         _start(client, conv, workspace)
         ref = client.generate_assistant_reply(conv, backend_opts={"script": [_tool("read_file", path="keep.txt")]})
-        with pytest.raises(LLMError):
+        with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
+        assert raised.value.details["workspace"] == "unchanged"
         _, result = client.send_and_generate(conv, "again")  # the next run: nothing to wait for
+        assert result.changes.workspace == "unchanged" and result.changes.files == []
         assert not [e for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"]
     _as_it_was(workspace)
 
@@ -123,7 +130,7 @@ def test_the_changes_of_a_run_a_killed_daemon_left_are_undone_at_restart(daemon,
     command = ["sh", "-c", "echo CHANGED > keep.txt; rm gone.txt; mkdir made; touch ready; exec sleep 60"]
     with daemon.client() as client:
         _start(client, conv, workspace)
-        client.generate_assistant_reply(conv, backend_opts={"script": [_tool("run_command", argv=command), {"text": "no"}]})
+        ref = client.generate_assistant_reply(conv, backend_opts={"script": [_tool("run_command", argv=command), {"text": "no"}]})
         deadline = time.monotonic() + 20
         while not (workspace / "ready").exists():
             assert time.monotonic() < deadline, "the command did not start"
@@ -136,4 +143,7 @@ def test_the_changes_of_a_run_a_killed_daemon_left_are_undone_at_restart(daemon,
     with daemon.client() as client:
         note = _settled(client, conv)
         assert note["workspace"] == "restored"
+        with pytest.raises(LLMError) as raised:
+            client.await_generation(conv, ref)
+    assert raised.value.details == {"reason": "daemon_restarted", "workspace": "restored"}
     _as_it_was(workspace)
