@@ -33,7 +33,7 @@ from genvisor.client.client import Client
 from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, GenvisorError
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
 from genvisor.ipc.endpoint import EndpointError
-from genvisor.types import ROLES, Conversation, DaemonStatus, GenerationEvent, LatencySummary, LLMResult
+from genvisor.types import ROLES, Conversation, DaemonStatus, GenerationEvent, LatencySummary, LLMResult, WorkspaceChanges
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 3, 130, 141
 
@@ -182,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--force", action="store_true")
     mode.add_argument("--cancel-reason")
     conversation_verb("stop", "stop the conversation (cancels its generation first)")
+    changes = conversation_verb("changes", "what a generation did to the workspace: its files, then the diff")
+    changes.add_argument("ref", help="a generation's ref (or a revert's)")
+    changes.add_argument("--stat", action="store_true", help="the files only, no diff")
+    revert = conversation_verb("revert", "undo what a completed generation did to the workspace "
+                                         "(refused, changing nothing, if a path it changed has changed since)")
+    revert.add_argument("ref", help="a generation's ref (or a revert's: a revert can be undone too)")
+    revert.add_argument("--reason", help="why (journaled with the revert)")
     verb("modes", "list the supported modes")
     verb("telemetry", "run counters by mode/backend/outcome")
     verb("status", "how the daemon is doing: runs, queue, workers, journal, latencies")
@@ -323,6 +330,10 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return 0
     if args.verb == "skills":
         return _skills(client, loc, args)
+    if args.verb == "changes":
+        changes = client.turn_changes(loc, args.ref)
+        _print_json(changes) if args.json else _show_changes(changes, diff=not args.stat)
+        return 0
     raise AssertionError(args.verb)
 
 
@@ -399,6 +410,9 @@ def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
         print()
     else:
         print(result.text)
+    if not args.json and result.changes.files_total:
+        print(f"[workspace] {result.changes.files_total} file(s) changed: `{_command(args, 'changes', ref)}` shows them, "
+              f"`{_command(args, 'revert', ref)}` undoes them", file=sys.stderr)
     return 0
 
 
@@ -515,6 +529,31 @@ def _stop(client: Client, loc: Any, args: argparse.Namespace) -> dict[str, bool]
     return {"stopped": True}
 
 
+_CHANGE_MARKS = {"added": "A", "modified": "M", "deleted": "D"}
+
+
+def _show_changes(changes: WorkspaceChanges, *, diff: bool = True) -> None:
+    if changes.reverts is not None:
+        print(f"{changes.ref}: a revert of {changes.reverts}")
+    if changes.workspace not in ("changed", "unchanged"):  # a run that did not complete
+        print(f"workspace {changes.workspace}" + (f": {', '.join(changes.paths)}" if changes.paths else ""))
+        return
+    if not changes.files:
+        print("no file changed")
+        return
+    for file in changes.files:
+        sizes = f"{file.size_before if file.size_before is not None else '-'} → {file.size_after if file.size_after is not None else '-'} bytes"
+        modes = f", mode {file.mode_before} → {file.mode_after}" if file.mode_before and file.mode_after and file.mode_before != file.mode_after else ""
+        print(f"{_CHANGE_MARKS[file.change]} {file.path} ({sizes}{modes}{', binary' if file.binary else ''})")
+    if changes.files_total > len(changes.files):
+        print(f"… and {changes.files_total - len(changes.files)} more files")
+    if diff and changes.diff:
+        print()
+        print(changes.diff, end="" if changes.diff.endswith("\n") else "\n")
+        if changes.diff_truncated:
+            print("(diff cut short: too large to show whole)")
+
+
 # verb → (call, human printer); --json prints the call's result as JSON instead.
 _SIMPLE_VERBS = {
     "start": (lambda c, loc, a: c.start_conversation(a.conversation, a.project, a.metadata), _show_conversation),
@@ -529,6 +568,7 @@ _SIMPLE_VERBS = {
     "mode": (_mode, lambda v: print(v) if isinstance(v, str) else print(v.state.mode, v.state.mode_state)),
     "cancel": (_cancel, lambda v: None),
     "stop": (_stop, lambda v: None),
+    "revert": (lambda c, loc, a: c.revert_turn(loc, a.ref, a.reason), lambda v: _show_changes(v, diff=False)),
 }
 
 

@@ -565,3 +565,29 @@ def test_state_says_what_the_status_means_and_shows_the_active_run(shared_daemon
     assert "canceled (the last generation was canceled: test_done)" in shown and "active run" not in shown, shown
     run(*e, "send", conv, "again")
     assert "responding (the last turn has its reply)" in run(*e, "state", conv).stdout
+
+
+def test_changes_prints_what_a_turn_changed_and_revert_undoes_it(shared_daemon, conv, tmp_path):
+    e = ["--endpoint", shared_daemon.endpoint]
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "notes.txt").write_text("old line\n")
+    run(*e, "start", conv, "--metadata", json.dumps({"workspace": str(workspace)}))
+    script = [{"tool_calls": [{"name": "write_file", "arguments": {"path": "notes.txt", "content": "new line\n"}}]},
+              {"text": "done"}]
+    sent = run(*e, "send", conv, "edit it", "--backend-opts", json.dumps({"script": script}))
+    assert sent.returncode == 0, sent.stderr
+    told = re.search(r"\[workspace\] 1 file\(s\) changed: `genvisor changes \S+ (\S+) .*` shows them", sent.stderr)
+    assert told, sent.stderr
+    ref = told.group(1)
+    shown = run(*e, "changes", conv, ref)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("M notes.txt (9 → 9 bytes)\n") and "-old line\n+new line\n" in shown.stdout
+    assert run(*e, "changes", conv, ref, "--stat").stdout == "M notes.txt (9 → 9 bytes)\n"
+    (workspace / "notes.txt").write_text("edited since\n")
+    conflict = run(*e, "revert", conv, ref)
+    assert conflict.returncode == 1 and conflict.stderr.startswith("error: revert_conflict: ") and "notes.txt" in conflict.stderr
+    (workspace / "notes.txt").write_text("new line\n")
+    reverted = run(*e, "--json", "revert", conv, ref, "--reason", "wrong file")
+    assert reverted.returncode == 0, reverted.stderr
+    assert json.loads(reverted.stdout)["reverts"] == ref and (workspace / "notes.txt").read_text() == "old line\n"
