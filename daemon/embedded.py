@@ -90,6 +90,7 @@ class EmbeddedRuntime:
             self._ready.set()
             await self._stop.wait()
             runtime.shutdown()
+            await runtime.drained()
             await front.flush()
             nursery.cancel_scope.cancel()
 

@@ -200,6 +200,8 @@ class Runtime:
         self._nursery: trio.Nursery | None = None
         self._admitting = True
         self._admission_log = RateLimit()
+        self._driving = 0  # runs not yet settled to the end (their workspaces included)
+        self._drained = trio.Event()
         self._interrupted: list[tuple[ConversationRecord, GenerationRecord]] = []  # by `restore`: workspaces to undo
         self.telemetry = telemetry = Telemetry(modes=list(registry()), backends=list(defaults.backends))
         telemetry.gauge("genvisor_active_workers", "Runs holding a worker slot", lambda: admission.active)
@@ -267,6 +269,12 @@ class Runtime:
             assert record.error is not None
             record.error = self._with_workspace(record.error, result, paths)
             self._close_record(record)
+
+    async def drained(self) -> None:
+        """Return once no run is left: each one's processes gone, its workspace settled
+        and journaled (call after `shutdown`)."""
+        while self._driving:
+            await self._drained.wait()
 
     def shutdown(self) -> None:
         """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
@@ -457,6 +465,7 @@ class Runtime:
             self._log_run_end(conversation, active)
             return ref
         assert self._nursery is not None
+        self._driving += 1
         self._nursery.start_soon(self._drive, conversation, active)
         return ref
 
@@ -628,7 +637,12 @@ class Runtime:
             if active.handle is not None:
                 with trio.CancelScope(shield=True):
                     await active.handle.cleaned_up.wait()
-        self._log_run_end(conversation, active)
+        finally:
+            self._log_run_end(conversation, active)
+            self._driving -= 1  # counted from `generate`, so that a run not yet begun counts too
+            if not self._driving:
+                self._drained.set()
+                self._drained = trio.Event()
 
     def _log_run_end(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """One line per run, once its processes are gone: how it ended and how it was cleaned up."""

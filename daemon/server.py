@@ -183,7 +183,9 @@ async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.Canc
 
 
 async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: Front, outbox: RouterOutbox) -> None:
-    # Runs are canceled; their teardown (grace + kill) is bounded by the worker config.
+    # Runs are canceled; their teardown (grace + kill) is bounded by the worker config,
+    # and then their workspaces are undone and journaled before the journal stops.
+    await front.runtime.drained()
     while supervisor.active:
         handle = next(iter(supervisor.active.values()))
         await handle.cleaned_up.wait()

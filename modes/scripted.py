@@ -3,7 +3,8 @@
 `backend_opts`: `reply` (default: echo of the last user message), `delay_ms`,
 `chunks` + `chunk_delay_ms` (streamed deltas), `error` ({category, message,
 retryable?, details?}), `crash` ("exit" | "signal" | "hang"), `script` (one turn per
-LLM call: {"text": …} or {"tool_calls": [{"name", "arguments"}]}), and `spawn`
+LLM call: {"text": …} or {"tool_calls": [{"name", "arguments"}]}, each may have its
+own `delay_ms`, `error`, `crash`), and `spawn`
 (an argv started in the run's process group before answering, left running: it
 exercises the cleanup of a run's effects).
 
@@ -45,10 +46,15 @@ class ScriptedCall(msgspec.Struct, frozen=True):
 
 
 class ScriptedTurn(msgspec.Struct, frozen=True):
-    """One LLM call's answer: text, or tool calls (with optional text)."""
+    """One LLM call's answer: text, or tool calls (with optional text). `delay_ms`,
+    `error` and `crash` act as the options of those names do, for this call only (so
+    that a script can make its changes, then fail)."""
 
     text: str = ""
     tool_calls: list[ScriptedCall] | None = None
+    delay_ms: int = 0
+    error: ScriptedError | None = None
+    crash: str | None = None
 
 
 class ScriptedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -71,15 +77,16 @@ def parse_options(raw: dict[str, Any]) -> ScriptedOptions:
         options = msgspec.convert(raw, ScriptedOptions)
     except msgspec.ValidationError as exc:
         raise LLMError("config", f"scripted backend_opts: {exc}") from None
-    if options.crash is not None and options.crash not in CRASH_KINDS:
+    turns = options.script or []
+    if any(crash is not None and crash not in CRASH_KINDS for crash in [options.crash, *(t.crash for t in turns)]):
         raise LLMError("config", f"scripted backend_opts.crash must be one of {', '.join(CRASH_KINDS)}")
-    if options.delay_ms < 0 or options.chunk_delay_ms < 0:
+    if options.delay_ms < 0 or options.chunk_delay_ms < 0 or any(t.delay_ms < 0 for t in turns):
         raise LLMError("config", "scripted delays must be >= 0")
     return options
 
 
 async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta, *, isolated: bool = True) -> LLMReply:
-    options = parse_options(request.backend_opts)
+    options = _for_call(parse_options(request.backend_opts), call_index)
     if not isolated:
         return await _complete_in_process(request, call_index, on_delta, options)
     if options.spawn:
@@ -95,6 +102,15 @@ async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta, *, i
         while True:
             time.sleep(3600)
     return await _answer(request, call_index, on_delta, options)
+
+
+def _for_call(options: ScriptedOptions, call_index: int) -> ScriptedOptions:
+    """The options of LLM call `call_index`: a script's turn may bring its own."""
+    if options.script is None or call_index >= len(options.script):
+        return options
+    turn = options.script[call_index]
+    return msgspec.structs.replace(options, delay_ms=turn.delay_ms or options.delay_ms, error=turn.error or options.error,
+                                   crash=turn.crash or options.crash)
 
 
 async def _complete_in_process(request: LLMRequest, call_index: int, on_delta: OnDelta, options: ScriptedOptions) -> LLMReply:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -284,6 +287,106 @@ ROWS: dict[Callable, dict[str, Any]] = {
         "telemetry": {STARTED: 1, ("run_finished", "failed", "timeout"): 1},
     },
 }
+
+
+# ---- rows: a run that does not complete changes no file ----------------------------------
+
+EFFECTS = {
+    "file_tools": [{"tool_calls": [{"name": "write_file", "arguments": {"path": "keep.txt", "content": "CHANGED\n"}},
+                                   {"name": "write_file", "arguments": {"path": "new/dir/f.txt", "content": "new\n"}}]}],
+    "run_command": [{"tool_calls": [{"name": "run_command", "arguments": {
+        "argv": ["sh", "-c", "echo CHANGED > keep.txt; rm gone.txt; mkdir -p new/dir; echo x > new/dir/f.txt"]}}]}],
+}
+HANG = {"delay_ms": 60_000}
+
+
+def _changed(workspace: Path) -> bool:
+    return (workspace / "keep.txt").read_text() == "CHANGED\n"
+
+
+def _workspace_as_it_was(workspace: Path) -> bool:
+    return sorted(p.name for p in workspace.iterdir()) == ["gone.txt", "keep.txt"] and not _changed(workspace)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+
+
+def _cancel_after_effect(how: Callable[[Client, str, str], Any]) -> Callable[[Client, str, str, Path], Any]:
+    def run(client: Client, conv: str, ref: str, workspace: Path) -> Any:
+        _wait_for(lambda: _changed(workspace))
+        return how(client, conv, ref)
+    return run
+
+
+# kind → (the step after the effect, options, mode_state, how the run is ended, expected outcome, expected end note)
+NON_COMPLETIONS: dict[str, tuple] = {
+    "backend_error": ({"error": {"category": "provider", "message": "down"}}, {}, {}, None,
+                      ("LLMError", "provider", "down"), ("failed", "provider")),
+    "step_budget": ({"tool_calls": [{"name": "write_file", "arguments": {"path": "never.txt", "content": "x"}}]}, {},
+                    {"max_steps": 2}, None, ("LLMError", "unknown", "step budget of 2 LLM calls exhausted"), ("failed", "unknown")),
+    "worker_crash": ({"crash": "exit"}, {}, {}, None, ("LLMError", "unknown", "generation worker crashed"), ("failed", "unknown")),
+    "deadline": (HANG, {"timeout_ms": 1_000}, {}, None,
+                 ("LLMError", "timeout", "generation deadline passed (1000 ms + 200 ms grace)"), ("failed", "timeout")),
+    "cancel": (HANG, {}, {}, _cancel_after_effect(lambda c, conv, ref: c.cancel_generation(conv, "changed_mind")),
+               ("GenerationCanceled", "changed_mind"), ("canceled", "changed_mind")),
+    "await_timeout": (HANG, {}, {}, _cancel_after_effect(lambda c, conv, ref: _outcome(lambda: c.await_generation(conv, ref, timeout_ms=1))),
+                      ("GenerationCanceled", "await_timeout"), ("canceled", "await_timeout")),
+    "conversation_stopped": (HANG, {}, {}, _cancel_after_effect(lambda c, conv, ref: c.stop_conversation(conv)),
+                             ("GenerationCanceled", "conversation_stopped"), ("canceled", "conversation_stopped")),
+    "forced_mode_switch": (HANG, {}, {}, _cancel_after_effect(
+        lambda c, conv, ref: c.configure_mode(conv, "coding", {}, force=True, cancel_reason="switching")),
+        ("GenerationCanceled", "switching"), ("canceled", "switching")),
+}
+
+
+def _undone_row(kind: str, effect: str) -> Callable[[Cell], dict[str, Any]]:
+    then, options, mode_state, end, _, _ = NON_COMPLETIONS[kind]
+
+    def row(cell: Cell) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as scratch:
+            workspace = Path(scratch)
+            (workspace / "keep.txt").write_text("ORIGINAL\n")
+            (workspace / "gone.txt").write_text("to be deleted\n")
+            client, conv = cell.client, cell.conv
+            client.start_conversation(conv, metadata={"workspace": str(workspace)})
+            client.configure_skills(conv, ["write_file", "run_command"])
+            if mode_state:
+                client.configure_mode(conv, "coding", mode_state)
+            client.send_user_message(conv, "change, then do not complete")
+            ref = client.generate_assistant_reply(conv, backend_opts={"script": [*EFFECTS[effect], then]}, **options)
+            if end is not None:
+                end(client, conv, ref, workspace)
+            outcome = _outcome(lambda: client.await_generation(conv, ref))
+            try:
+                client.await_generation(conv, ref)
+                details = None
+            except LLMError as exc:
+                details = exc.details.get("workspace")
+            except GenerationCanceled:
+                details = "(a cancel settles at once)"
+            settled = client.turn_changes(conv, ref).workspace  # waits for the restore
+            return cell.signature(outcome, workspace=settled, details=details, as_it_was=_workspace_as_it_was(workspace))
+
+    row.__name__ = f"{kind}_after_{effect}_is_undone"
+    return row
+
+
+for _kind, (_, _, _, _, _outcome_expected, (_status, _category)) in NON_COMPLETIONS.items():
+    for _effect in EFFECTS:
+        canceled = _status == "canceled"
+        ROWS[_undone_row(_kind, _effect)] = {
+            "outcome": _outcome_expected,
+            "history": [("user", "change, then do not complete")],
+            "status": "canceled" if canceled else "pending_llm",
+            "notes": [("canceled", _category)] if canceled else [("error", _category)],
+            "telemetry": _canceled() if canceled else {STARTED: 1, ("run_finished", "failed", _category): 1},
+            "workspace": "restored",
+            "details": "(a cancel settles at once)" if canceled else "restored",
+            "as_it_was": True,
+        }
 
 
 @pytest.mark.parametrize("scenario", list(ROWS), ids=lambda s: s.__name__)

@@ -147,3 +147,20 @@ def test_the_changes_of_a_run_a_killed_daemon_left_are_undone_at_restart(daemon,
             client.await_generation(conv, ref)
     assert raised.value.details == {"reason": "daemon_restarted", "workspace": "restored"}
     _as_it_was(workspace)
+
+
+def test_a_run_canceled_by_a_daemon_shutdown_is_undone_before_the_daemon_exits(daemon, conv, workspace):
+    script = [_tool("write_file", path="keep.txt", content="CHANGED\n"), {"text": "never", "delay_ms": 60_000}]
+    with daemon.client() as client:
+        _start(client, conv, workspace)
+        client.generate_assistant_reply(conv, backend_opts={"script": script})
+        deadline = time.monotonic() + 20
+        while (workspace / "keep.txt").read_text() != "CHANGED\n":
+            assert time.monotonic() < deadline, "the run made no change"
+    assert daemon.stop() == 0  # SIGTERM: runs are canceled with reason daemon_shutdown
+    _as_it_was(workspace)
+    daemon.start()
+    with daemon.client() as client:
+        note = _settled(client, conv)
+        finished = [e.data for e in client.conversation_thread_entries(conv) if e.event == "run_finished"]
+    assert note["workspace"] == "restored" and finished[-1]["reason"] == "daemon_shutdown"
