@@ -114,11 +114,27 @@ class SnapshotStore:
 
     def snapshot(self, name: str) -> str:
         """Capture the workspace now, durably, as `name`; returns the tree's id."""
-        self._git("add", "--all", "--force", "--", *self._pathspec)
-        tree = self._git("write-tree").strip()
         # git keeps files, not directories: the snapshot's commit message lists them,
         # so that a restore removes the ones a run made and remakes the ones it removed.
-        meta = _Meta(sorted(self._directories()), self.excludes)
+        # Both are scans of the whole tree (≈15 ms each for 10 000 files here): side by side.
+        found: list[set[str] | OSError] = []
+
+        def walk() -> None:
+            try:
+                found.append(self._directories())
+            except OSError as exc:
+                found.append(exc)
+
+        walker = threading.Thread(target=walk, daemon=True)
+        walker.start()
+        try:
+            self._git("add", "--all", "--force", "--", *self._pathspec)
+            tree = self._git("write-tree").strip()
+        finally:
+            walker.join()
+        if isinstance(found[0], OSError):
+            raise found[0]
+        meta = _Meta(sorted(found[0]), self.excludes)
         self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree, msgspec.json.encode(meta).decode()))
         return tree
 
