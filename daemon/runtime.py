@@ -161,7 +161,6 @@ class ChangeSet:
     ref: str
     name: str  # its name in the workspace's snapshot store
     kept: bool  # a completed run's, or a revert: its change set may be kept
-    settled: dict[str, Any] | None  # for a run that did not complete: its workspace note
     reverts: str | None = None
 
 
@@ -521,13 +520,10 @@ class Runtime:
                 if conversation.active is not None and conversation.active.record.ref == ref:
                     raise GenerationInProgress(f"generation {ref} is still running: await it first")
                 run_id = data["run_id"]
-                finished = next((e.data for e in conversation.journal
-                                 if e.event == "run_finished" and e.data.get("run_id") == run_id), {})
-                settled = next((e.data for e in conversation.journal
-                                if e.event == "workspace_restored" and e.data.get("run_id") == run_id), None)
-                return ChangeSet(conversation, ref, run_id, finished.get("status") == "completed", settled)
+                finished = _note(conversation, "run_finished", run_id) or {}
+                return ChangeSet(conversation, ref, run_id, kept=finished.get("status") == "completed")
             if entry.event == "turn_reverted" and data.get("revert") == ref:
-                return ChangeSet(conversation, ref, ref, True, None, reverts=data.get("ref"))
+                return ChangeSet(conversation, ref, ref, kept=True, reverts=data.get("ref"))
         raise NotFound(f"no generation or revert {ref!r} in this conversation")
 
     async def turn_changes(self, change_set: ChangeSet) -> WorkspaceChanges:
@@ -536,8 +532,7 @@ class Runtime:
         conversation = change_set.conversation
         await conversation.workspace_settled.wait()  # a run just canceled may still be being undone
         if not change_set.kept:
-            settled = change_set.settled or next(
-                (e.data for e in conversation.journal if e.event == "workspace_restored" and e.data.get("run_id") == change_set.name), None)
+            settled = _note(conversation, "workspace_restored", change_set.name)
             if settled is None:
                 return WorkspaceChanges(ref=change_set.ref, workspace="unchanged")
             return WorkspaceChanges(ref=change_set.ref, workspace=settled["workspace"], paths=list(settled.get("paths", [])))
@@ -913,6 +908,11 @@ class Runtime:
         conversation.journal.append(entry)
         conversation.state = apply(conversation.state, entry)
         self.journal.submit(AppendEntry(conversation.key, entry))
+
+
+def _note(conversation: ConversationRecord, event: str, run_id: str) -> dict[str, Any] | None:
+    """The data of the conversation's `event` note about run `run_id`, if any."""
+    return next((e.data for e in conversation.journal if e.event == event and e.data.get("run_id") == run_id), None)
 
 
 def _key(loc: Locator) -> ConversationKey:
