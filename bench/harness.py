@@ -1,12 +1,11 @@
 """A real daemon for a scenario: `genvisor serve` in a scratch dir with a config, and
-the process measurements the scenarios take of it (RSS, fds, its workers)."""
+the process measurements the scenarios take of it (RSS, fds, its workers). Starting,
+stopping and the waits are bench.daemon_process's, which the tests use too: a wait
+that passes its deadline raises, naming what it waited for."""
 
 from __future__ import annotations
 
 import os
-import select
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ import msgspec
 import psutil
 
 from genvisor.client import Client
-from genvisor.errors import DaemonUnavailable
+
+from bench.daemon_process import DaemonFailed, DaemonProcess, WaitTimedOut, readable, wait_for_exit, wait_until  # noqa: F401 — the scenarios' too
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -51,83 +51,46 @@ def daemon_config(
     return "\n".join(lines) + "\n"
 
 
-class Daemon:
-    """`with Daemon(directory, config) as d:` — started, answering, stopped with SIGTERM."""
+class Daemon(DaemonProcess):
+    """`with Daemon(directory, config) as d:` — started, answering with its spares
+    forked, stopped with SIGTERM (the process itself: bench.daemon_process, shared with
+    the tests)."""
+
+    start_timeout_s = 60.0
+    stop_timeout_s = 120.0
+    client_timeout_ms = 60_000
 
     def __init__(
         self, directory: Path, config: str, *, traced: Path | None = None, python: str = sys.executable, log_level: str = "WARNING"
     ) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self.endpoint = f"ipc://{directory}/run/genvisor.sock"
-        (directory / "genvisor.toml").write_text(config)
+        # The traced daemon (bench.traced_daemon) is the same daemon with timestamps taken at
+        # each hop of a generation. It runs in the repo so that it, and the zygote it
+        # starts with `python -m`, import `bench`; others run elsewhere, so `python`
+        # may be another venv's (an A/B run) without this tree shadowing its genvisor.
+        super().__init__(directory, config, env={"GENVISOR_LOG_LEVEL": log_level}, python=python,
+                         cwd=REPO if traced else directory)
         self.traced = traced
-        self.python = python
-        self.log_level = log_level
-        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        if self.traced:
+            return [self.python, "-m", "bench.traced_daemon", str(self.traced), *self.serve_arguments()]
+        return super().command()
 
     def __enter__(self) -> Daemon:
         return self.start()
 
     def start(self) -> Daemon:
-        """Start it (again, after `kill`: same state dir) and wait until it answers."""
-        env = {**os.environ, "GENVISOR_LOG_LEVEL": self.log_level}
-        # The traced daemon (bench.traced_daemon) is the same daemon with timestamps taken at
-        # each hop of a generation. It runs in the repo so that it, and the zygote it
-        # starts with `python -m`, import `bench`; others run elsewhere, so `python`
-        # may be another venv's (an A/B run) without this tree shadowing its genvisor.
-        entry = ["-m", "bench.traced_daemon", str(self.traced)] if self.traced else ["-m", "genvisor"]
-        argv = [self.python, *entry, "serve", "--endpoint", self.endpoint,
-                "--config", str(self.directory / "genvisor.toml"), "--state-dir", str(self.directory / "state")]
-        log = open(self.directory / "daemon.log", "ab")
-        cwd = REPO if self.traced else self.directory
-        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=cwd)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited at start:\n{self.log()}")
-            with Client(self.endpoint, timeout_ms=250) as client:
-                try:
-                    client.ping()
-                    break
-                except DaemonUnavailable:
-                    pass
-            try:  # no socket yet, so that failed at once: look again shortly, or now if it exits
-                self.process.wait(timeout=0.02)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            raise RuntimeError(f"daemon did not answer within 60 s:\n{self.log()}")
-        self.wait_for_spares()
+        """Start it (again, after `kill`: same state dir) and wait until it answers and
+        its spares are forked."""
+        super().start()
+        try:
+            self.wait_for_spares()
+        except WaitTimedOut as exc:
+            raise DaemonFailed(f"daemon answered, but {exc}:\n{self.log()[-4000:]}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def kill(self) -> list[int]:
-        """SIGKILL the daemon alone; returns the pids that were its descendants."""
-        assert self.process is not None
-        family = [p.pid for p in self.ps.children(recursive=True)]
-        self.process.kill()
-        self.process.wait()
-        return family
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
-        return self.process.returncode
-
-    def client(self, timeout_ms: int = 60_000) -> Client:
-        return Client(self.endpoint, timeout_ms=timeout_ms)
-
-    def log(self) -> str:
-        return (self.directory / "daemon.log").read_text(errors="replace")
 
     # ---- its processes ---------------------------------------------------------------
 
@@ -153,19 +116,19 @@ class Daemon:
             return []
 
     def wait_for_spares(self, timeout_s: float = 30.0) -> None:
-        """Until the pool's spares are forked and waiting (polled with a deadline)."""
-        wanted = _spares_in(self.directory / "genvisor.toml")
-        deadline = time.monotonic() + timeout_s
-        while len(self.workers()) < wanted and time.monotonic() < deadline:
-            time.sleep(0.01)
+        """Until the pool's spares are forked and waiting; raises WaitTimedOut if they
+        are not within `timeout_s` (a figure taken without them would be of another state)."""
+        wanted = _spares_in(self.config_path)
+        wait_until(lambda: len(self.workers()) >= wanted, timeout_s,
+                   lambda: f"{wanted} spare workers under the zygote (found {len(self.workers())})", interval_s=0.01)
 
     def wait_idle(self, timeout_s: float = 30.0) -> None:
-        """Until no run is active and the spares are back (polled, with a deadline):
-        the state to count fds and processes in, with nothing in flight."""
+        """Until no run is active and the spares are back: the state to count fds and
+        processes in, with nothing in flight. Raises WaitTimedOut if it does not come."""
         deadline = time.monotonic() + timeout_s
         with self.client() as client:
-            while client.status().active_runs and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: not client.status().active_runs, timeout_s, "no active run (status().active_runs == 0)",
+                       interval_s=0.01)
         self.wait_for_spares(max(0.0, deadline - time.monotonic()))
 
     def rss_mib(self) -> float:
@@ -177,30 +140,6 @@ class Daemon:
     def status(self, client: Client) -> Any | None:
         """`Client.status()` where this genvisor has it (it lands with admission)."""
         return client.status() if hasattr(client, "status") else None
-
-
-def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
-    """Those of `pids` still alive at the deadline, waiting on pidfds (psutil.wait_procs
-    polls, and takes seconds over processes that are not our children)."""
-    deadline = time.monotonic() + timeout_s
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not readable(fd, deadline - time.monotonic()):
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    return alive
-
-
-def readable(fd: int, timeout_s: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout_s * 1000))))
 
 
 def _spares_in(config: Path) -> int:

@@ -1,27 +1,21 @@
 """Real daemons for the tests: each fixture starts `python -m genvisor serve` on an ipc
 socket in a temp dir and stops it with SIGTERM, checking it exits 0 and leaves no
-process behind."""
+process behind. The daemon process and the waits are the bench's too
+(bench/daemon_process.py); every wait has a deadline and names what it waited for."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
-import select
-import signal
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import atexit
-import shutil
-import tempfile
-
 import psutil
 import pytest
-
-from genvisor.client import Client
-from genvisor.errors import DaemonUnavailable
 
 # No test may touch the home or the runtime dir of whoever runs the suite (a real
 # daemon's journal, its socket): for the whole session, and for every daemon a test
@@ -36,6 +30,13 @@ os.environ.update(
 )
 for _variable in ("GENVISOR_ENDPOINT", "STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
     os.environ.pop(_variable, None)
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # bench/ is importable from the repo root, not installed
+
+# The tests import the waits from here, with the helpers below.
+from bench.daemon_process import DaemonProcess, WaitTimedOut, readable, wait_for_exit, wait_until  # noqa: E402, F401
 
 # Small graces keep the escalation tests quick; the defaults are seconds.
 TEST_CONFIG = """
@@ -64,43 +65,12 @@ timeout_ms = {timeout_ms}
 """
 
 
-def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
-    """Wait on pidfds until every pid has exited; returns those still alive at the
-    deadline (psutil.wait_procs polls, and takes seconds for processes not our children)."""
-    deadline = time.monotonic() + timeout_s
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    return alive
-
-
 def wait_for_group_gone(pgid: int, timeout_s: float) -> None:
     """Wait until no living process is left in process group `pgid`, on pidfds."""
     deadline = time.monotonic() + timeout_s
-    while members := group_members(pgid):
-        for pid in members:
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:
-                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                if not poller.poll(remaining_ms):
-                    raise AssertionError(f"process {pid} of group {pgid} still alive after {timeout_s}s")
-            finally:
-                os.close(fd)
+    while members := group_members(pgid):  # each pass waits on a pidfd: no busy loop
+        if alive := wait_for_exit(members, deadline - time.monotonic()):
+            raise WaitTimedOut(f"processes {alive} of group {pgid} still alive after {timeout_s:g} s")
 
 
 def spawn_marker(tmp_path: Path, name: str) -> tuple[list[str], Path, str]:
@@ -115,78 +85,30 @@ def spawn_marker(tmp_path: Path, name: str) -> tuple[list[str], Path, str]:
 def wait_for_marker(fifo: Path, timeout_s: float = 10.0) -> None:
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        assert poller.poll(int(timeout_s * 1000)), f"nothing wrote to {fifo} within {timeout_s}s"
+        if not readable(fd, timeout_s):
+            raise WaitTimedOut(f"nothing wrote to {fifo} within {timeout_s:g} s")
     finally:
         os.close(fd)
 
 
-class Daemon:
+class Daemon(DaemonProcess):
+    """The shared daemon process (bench.daemon_process), checked as a test wants it:
+    a stop leaves no process of its behind."""
+
     def __init__(self, directory: Path, config: str = TEST_CONFIG, env: dict[str, str] | None = None) -> None:
-        self.env = {**os.environ, **(env or {})}
-        self.directory = directory
-        self.endpoint = f"ipc://{directory}/run/genvisor.sock"
-        self.config_path = directory / "genvisor.toml"
-        self.config_path.write_text(config)
-        self.log_path = directory / "daemon.log"
-        self.process: subprocess.Popen | None = None
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "genvisor", "serve", "--endpoint", self.endpoint, "--config", str(self.config_path),
-                "--state-dir", str(self.directory / "state")]
-
-    def launch(self) -> None:
-        """Start the process, without waiting for it to answer."""
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env)
+        super().__init__(directory, config, env=env)
 
     def start(self) -> Daemon:
-        self.launch()
-        # A ping fails at once until the daemon's socket exists, then waits up to 250 ms.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited at start:\n{self.log()}")
-            with self.client(timeout_ms=250) as client:
-                try:
-                    client.ping()
-                    return self
-                except DaemonUnavailable:
-                    pass
-            try:  # no socket yet, so that failed at once: look again shortly, or now if it exits
-                self.process.wait(timeout=0.02)
-            except subprocess.TimeoutExpired:
-                pass
-        raise AssertionError(f"daemon did not answer within 30s:\n{self.log()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def client(self, timeout_ms: int = 10_000) -> Client:
-        return Client(self.endpoint, timeout_ms=timeout_ms)
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().start()
+        return self
 
     def stop(self) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            family = self.descendants()
-            self.process.send_signal(signal.SIGTERM)
-            code = self.process.wait(timeout=60)
-            gone, alive = psutil.wait_procs(family, timeout=5)
-            assert not alive, f"processes outlived the daemon: {alive}"
-            return code
-        return self.process.returncode
+        family = [p.pid for p in self.descendants()] if self.process.poll() is None else []
+        code = super().stop()
+        alive = wait_for_exit(family, timeout_s=5)
+        assert not alive, f"processes outlived the daemon: {alive}"
+        return code
 
 
 @pytest.fixture
@@ -243,9 +165,7 @@ def worker_of(tag: str, timeout_s: float = 10.0) -> int:
     """The worker of the run that started the process tagged `tag`: the leader of its
     session (each worker is its own session; a tool's command has a group of its own
     in it)."""
-    deadline = time.monotonic() + timeout_s
-    while (proc := find_tagged(tag)) is None:
-        assert time.monotonic() < deadline, f"no process tagged {tag}"
+    proc = wait_until(lambda: find_tagged(tag), timeout_s, f"a process tagged {tag}")
     return os.getsid(proc.pid)
 
 
