@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TEST_CONFIG, Daemon, spawn_marker, wait_for_marker
+from conftest import TEST_CONFIG, Daemon, spawn_marker, wait_for_marker, wait_until
 from genvisor.daemon.telemetry import CATEGORIES, OUTCOMES
 from genvisor.errors import GenerationCanceled, LLMError, Overloaded
 from genvisor.modes.registry import registry
@@ -53,13 +52,20 @@ def test_metrics_count_runs_by_closed_labels(metered, tmp_path):
         wait_for_marker(fifo)  # m3 has its worker: its cancel will be a cancel → reaped
         with pytest.raises(Overloaded):
             client.generate_assistant_reply("m5")
-        for conv, ref in refs.items():
+        full = _scrape(metered)  # m3 holds the one slot, m4 the one place in the queue
+        assert _value(full["genvisor_active_workers"]) == 1
+        assert _value(full["genvisor_queue_depth"]) == 1
+        # The queued one first: it never reaches the pool, so no worker is handed to a run
+        # being canceled (that worker would stay on as a second spare).
+        for conv, ref in reversed(refs.items()):
             client.cancel_generation(conv, "enough")
             with pytest.raises(GenerationCanceled):
                 client.await_generation(conv, ref)
         # Ids and free text must never become label values.
         with pytest.raises(LLMError):
             client.send_and_generate("m6", "y", generation_opts={"backend": "no-such-backend-" + "z" * 40})
+        # Idle, and the pool back to its one spare (TEST_CONFIG): the gauges read that.
+        _wait_until_idle(client, spares=1)
 
     metrics = _scrape(metered)
     finished = metrics["genvisor_runs_finished"]
@@ -69,7 +75,8 @@ def test_metrics_count_runs_by_closed_labels(metered, tmp_path):
     assert _value(metrics["genvisor_runs_started"]) == _value(finished)  # every run ended exactly once
     assert _value(metrics["genvisor_admissions_rejected"]) >= 1
     assert _value(metrics["genvisor_queue_depth"]) == 0
-    assert _value(metrics["genvisor_spare_workers"]) >= 0
+    assert _value(metrics["genvisor_active_workers"]) == 0
+    assert _value(metrics["genvisor_spare_workers"]) == 1
     assert _value(metrics["genvisor_worker_spawn_seconds"]) > 0
     assert _value(metrics["genvisor_cleanup_failures"]) == 0
 
@@ -84,15 +91,17 @@ def test_metrics_count_runs_by_closed_labels(metered, tmp_path):
         assert _count(metrics, name) >= 1, name
 
     # Cancel → reaped is observed once the worker is gone, which may be after the await.
-    deadline = time.monotonic() + 10
-    while not _count(_scrape(metered), "genvisor_cancel_reaped_seconds"):
-        assert time.monotonic() < deadline, "no cancel→reaped observation within 10 s"
+    wait_until(lambda: _count(_scrape(metered), "genvisor_cancel_reaped_seconds"), 10, "a cancel→reaped observation")
 
 
-def _wait_until_idle(client) -> None:
-    deadline = time.monotonic() + 10
-    while (status := client.status()).active_runs or status.queued_runs:
-        assert time.monotonic() < deadline, "runs still holding slots after 10 s"
+def _wait_until_idle(client, spares: int = 0) -> None:
+    """Until no run holds a slot or waits for one (slots are freed once their workers are
+    reaped), and at least `spares` spare workers are waiting."""
+    def idle() -> bool:
+        status = client.status()
+        return not status.active_runs and not status.queued_runs and status.spare_workers >= spares
+
+    wait_until(idle, 20, lambda: f"no run active or queued and {spares} spares ({client.status()})")
 
 
 def _count(metrics: dict[str, list], histogram: str) -> float:
