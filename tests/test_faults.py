@@ -6,22 +6,34 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
+from concurrent import futures
 
 import psutil
 import pytest
 
-from conftest import TEST_CONFIG, Daemon, find_tagged, spawn_marker, wait_for_exit, wait_for_group_gone, wait_for_marker, worker_of
+from conftest import (
+    TEST_CONFIG,
+    Daemon,
+    find_tagged,
+    spawn_marker,
+    wait_for_exit,
+    wait_for_group_gone,
+    wait_for_marker,
+    wait_until,
+    worker_of,
+)
 from genvisor.errors import GenerationCanceled, LLMError, NotFound, Overloaded
 
 
 def _wait_idle(daemon: Daemon, spares: int = 1) -> None:
     """Until no run holds a worker slot (a slot is freed once its worker is reaped) and
     the spares are back (a spawn in flight holds sockets of its own)."""
-    deadline = time.monotonic() + 20
     with daemon.client() as client:
-        while (status := client.status()).active_runs or status.spare_workers < spares:
-            assert time.monotonic() < deadline, f"not idle after 20 s: {status}"
+        def idle() -> bool:
+            status = client.status()
+            return not status.active_runs and status.spare_workers >= spares
+
+        wait_until(idle, 20, lambda: f"no active run and {spares} spare workers ({client.status()})")
 
 
 def _fd_table(pid: int) -> list[str]:
@@ -86,20 +98,17 @@ def test_a_worker_killed_at_any_step_is_a_typed_failure_that_changes_nothing(sha
         assert raised.value.details["signal"] == signal.SIGKILL
         assert client.conversation_messages(conv) == before  # no tool message, no reply
         wait_for_group_gone(worker, timeout_s=10)
-        deadline = time.monotonic() + 10
-        while find_tagged(tag) is not None:  # the tool's processes (a group of their own) go too
-            assert time.monotonic() < deadline, "a tool's process outlived its killed worker"
+        # The tool's processes (a group of their own) go too.
+        wait_until(lambda: find_tagged(tag) is None, 10, f"the tool's process {tag} to go with its killed worker")
         _, result = client.send_and_generate(conv, "again")  # the conversation goes on
         assert result.text == "again"
 
 
 def test_a_spare_worker_killed_before_its_run_is_replaced(daemon, conv):
     zygote = next(p for p in daemon.descendants() if p.ppid() == daemon.pid)
-    deadline = time.monotonic() + 10
-    while not (spares := zygote.children()):
-        assert time.monotonic() < deadline, "no spare worker appeared"
+    spares = wait_until(zygote.children, 10, "a spare worker under the zygote")
     spares[0].kill()
-    psutil.wait_procs([spares[0]], timeout=10)
+    assert not wait_for_exit([spares[0].pid], timeout_s=10), "the killed spare did not exit"
     with daemon.client() as client:
         for i in range(3):
             _, result = client.send_and_generate(conv, f"m{i}")
@@ -139,11 +148,10 @@ def test_many_canceled_runs_leave_nothing_and_fds_and_rss_stay_flat(daemon, conv
 def test_under_overload_the_queue_keeps_its_bound_and_admitted_runs_finish(tmp_path):
     config = TEST_CONFIG + "\n[admission]\nmax_active = 2\nmax_queued = 3\n"
     daemon = Daemon(tmp_path, config=config).start()
-    outcomes: list[str] = []
     done = threading.Event()
-    depth: list[int] = []
 
-    def client_thread(n: int) -> None:
+    def client_thread(n: int) -> list[str]:
+        outcomes = []
         with daemon.client() as client:
             for i in range(4):
                 try:
@@ -151,27 +159,32 @@ def test_under_overload_the_queue_keeps_its_bound_and_admitted_runs_finish(tmp_p
                     outcomes.append("completed")
                 except Overloaded:
                     outcomes.append("overloaded")
+        return outcomes
 
-    def watch_depth() -> None:
+    def watch() -> list[tuple[int, int]]:
+        """(queued, active) samples until `done`; the test asserts on them (an assert in
+        a thread would only be a warning)."""
+        samples = []
         with daemon.client() as client:
-            while not done.is_set():
+            while not done.wait(0.005):  # a sample, then a yield to the daemon and the clients
                 status = client.status()
-                depth.append(status.queued_runs)
-                assert status.active_runs <= 2
+                samples.append((status.queued_runs, status.active_runs))
+        return samples
 
     try:
-        watcher = threading.Thread(target=watch_depth)
-        watcher.start()
-        threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        done.set()
-        watcher.join(timeout=30)
+        with futures.ThreadPoolExecutor(max_workers=13) as pool:
+            watcher = pool.submit(watch)
+            clients = [pool.submit(client_thread, n) for n in range(12)]
+            _, running = futures.wait(clients, timeout=120)
+            done.set()
+            assert not running, f"{len(running)} client threads still running after 120 s"
+            outcomes = [outcome for future in clients for outcome in future.result()]  # raises what a thread raised
+            samples = watcher.result(timeout=30)
         assert len(outcomes) == 48
         assert outcomes.count("overloaded") > 0 and outcomes.count("completed") > 0
-        assert max(depth) <= 3
+        assert samples, "the watcher took no sample"
+        assert max(queued for queued, _ in samples) <= 3
+        assert max(active for _, active in samples) <= 2
         with daemon.client() as client:
             status = client.status()
             assert status.admissions_rejected == outcomes.count("overloaded")
@@ -203,9 +216,7 @@ def _stray_of_a_run(client, conv, tmp_path, *, env_stripped: bool = True) -> tup
     client.send_user_message(conv, "go")
     ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
     wait_for_marker(fifo)
-    deadline = time.monotonic() + 10
-    while (stray := find_tagged(tag)) is None:
-        assert time.monotonic() < deadline
+    stray = wait_until(lambda: find_tagged(tag), 10, f"the escaped process {tag}")
     assert os.getsid(stray.pid) == stray.pid  # out of the run's session and group
     return ref, stray
 
@@ -274,7 +285,7 @@ def test_a_daemonized_child_of_a_command_dies_when_its_run_completes(shared_daem
     tag = f"{300000 + os.getpid() % 1000}{len(conv)}"
     # The command returns once the daemonized process is up (it made `ready`).
     command = ["sh", "-c", f"(setsid env -i sh -c 'touch ready; exec sleep {tag}' >/dev/null 2>&1 &); "
-                           "while [ ! -e ready ]; do :; done; echo started"]
+                           "while [ ! -e ready ]; do sleep 0.005; done; echo started"]
     script = [{"tool_calls": [{"name": "run_command", "arguments": {"argv": command, "timeout_ms": 10_000}}]}, {"text": "done"}]
     with shared_daemon.client() as client:
         client.start_conversation(conv, metadata={"workspace": str(workspace)})
@@ -284,6 +295,4 @@ def test_a_daemonized_child_of_a_command_dies_when_its_run_completes(shared_daem
         assert client.await_generation(conv, ref).text == "done"
         assert "started" in client.conversation_messages(conv, roles=["tool"])[0].content
     assert (workspace / "ready").exists()
-    deadline = time.monotonic() + 10
-    while (stray := find_tagged(tag)) is not None:
-        assert time.monotonic() < deadline, f"the daemonized process {stray.pid} outlived its run"
+    wait_until(lambda: find_tagged(tag) is None, 10, f"the daemonized process {tag} to die with its run")
