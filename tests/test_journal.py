@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
+from concurrent import futures
+from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, wait_for_exit
+from conftest import Daemon, wait_for_exit, wait_until
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import (
     AppendEntry,
@@ -20,7 +21,7 @@ from genvisor.daemon.store import (
     StoredOutcome,
     StoreFailed,
 )
-from genvisor.errors import GenerationCanceled, LLMError
+from genvisor.errors import DaemonUnavailable, GenerationCanceled, LLMError
 from genvisor.types import JournalEntry, LLMResult
 
 KEY = ("proj", "c1")
@@ -102,12 +103,9 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(daemon, tmp_path
 
 
 def _restart(daemon: Daemon, *, kill: bool) -> None:
-    family = daemon.descendants()
     if kill:
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait(timeout=30)
         # The zygote dies with the daemon and the workers with the zygote (PDEATHSIG).
-        alive = wait_for_exit([p.pid for p in family], timeout_s=10)
+        alive = wait_for_exit(daemon.kill(), timeout_s=10)
         assert not alive, f"processes outlived a killed daemon: {alive}"
     else:
         assert daemon.stop() == 0
@@ -179,13 +177,65 @@ def test_a_run_in_flight_when_the_daemon_is_killed_is_resolved_once(daemon, conv
 
 
 def test_an_acknowledged_write_survives_kill_9(daemon, conv):
-    """A reply leaves only once its write is durable: kill -9 right after it loses nothing."""
+    """kill -9 right after a reply loses nothing it acknowledged. (Its write is long
+    durable by then, gated or not: the test below is the one that tells.)"""
     for i in range(3):
         with daemon.client() as client:
             client.send_user_message(conv, f"message {i}")
         _restart(daemon, kill=True)
     with daemon.client() as client:
         assert [m.content for m in client.conversation_messages(conv)] == ["message 0", "message 1", "message 2"]
+
+
+class HeldJournalDaemon(Daemon):
+    """The daemon whose journal never commits the batch that appends `hold` (see
+    held_journal_daemon.py); `held` appears once that batch has reached the store."""
+
+    def __init__(self, directory: Path, hold: str) -> None:
+        self.held = directory / "held"
+        super().__init__(directory, env={"GENVISOR_TEST_HOLD": hold, "GENVISOR_TEST_HELD": str(self.held)})
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("held_journal_daemon.py")), *self.serve_arguments()]
+
+
+def test_no_reply_leaves_before_its_write_is_durable(tmp_path, conv):
+    """kill -9 while a change is applied in the daemon's memory, its reply queued, and
+    its journal write not yet durable: the client that asked is not told of the change
+    that the kill takes back. A daemon that answered before its write was durable
+    would answer here, and then lose what it said was done."""
+    daemon = HeldJournalDaemon(tmp_path, hold="HELD").start()
+    try:
+        with daemon.client() as client:
+            assert client.status().journal.startswith("held sqlite:")  # the held store, not the plain one
+            client.send_user_message(conv, "before")  # acknowledged, so durable
+        with futures.ThreadPoolExecutor(max_workers=1) as pool:
+            def send_held() -> None:
+                with daemon.client(timeout_ms=60_000) as client:
+                    client.send_user_message(conv, "HELD")
+
+            told = pool.submit(send_held)
+            wait_until(daemon.held.exists, 30, "the journal write of the held message to start")
+            # Frames leave in the order they were queued. An answer to any request made
+            # now would leave after the reply to HELD: had that been sent, this ping
+            # would be answered too.
+            with daemon.client(timeout_ms=1_500) as other, pytest.raises(DaemonUnavailable, match="no answer"):
+                other.ping()
+            family = daemon.kill()
+            # The connection is lost with no reply on it (a reply that had arrived would be read first).
+            with pytest.raises(DaemonUnavailable, match="closed the connection before answering"):
+                told.result(timeout=60)
+    except BaseException:
+        if daemon.process.poll() is None:
+            daemon.kill()  # its journal holds a write for good: a SIGTERM would wait on it
+        raise
+    assert not wait_for_exit(family, timeout_s=10), f"processes outlived the killed daemon: {family}"
+    daemon.start()
+    try:
+        with daemon.client() as client:
+            assert [m.content for m in client.conversation_messages(conv)] == ["before"]  # HELD was lost, and never acknowledged
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 def test_a_memory_journal_starts_empty(tmp_path):
