@@ -17,7 +17,7 @@ from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import MemoryStore, Store
 from genvisor.daemon.service_dirs import state_directory
-from genvisor.modes.assemble import RunDefaults
+from genvisor.modes.llm import RunDefaults
 from genvisor.modes.llm import BackendConfig
 
 

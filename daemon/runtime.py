@@ -51,9 +51,10 @@ from genvisor.errors import (
 from genvisor.ipc.channel import MAX_CHANNEL_FRAME
 from genvisor.ipc.frames import Locator
 from genvisor.logevent import RateLimit, event
-from genvisor.modes.assemble import RunDefaults, build_run_spec, context_window, transport_keys
+from genvisor.modes.assemble import context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
-from genvisor.modes.llm import RunOutcome, RunSpec, RunSucceeded
+from genvisor.modes.llm import RunDefaults, RunSpec, RunSucceeded
+from genvisor.modes.protocol import AssemblyRequest, MalformedOutcome, decode_outcome
 from genvisor.modes import workspace_snapshot
 from genvisor.modes.registry import registry
 from genvisor.supervisor.admission import Admission, Slot
@@ -99,7 +100,6 @@ log = logging.getLogger("genvisor.daemon")
 MAX_SPEC_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
-_outcome_decoder = msgspec.msgpack.Decoder(RunOutcome)
 _event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
 
 
@@ -436,10 +436,10 @@ class Runtime:
         conversation = conversation or self._create(key, {})
         ref = "gen_" + secrets.token_urlsafe(18)
         run_id = "run_" + secrets.token_hex(8)
-        spec = build_run_spec(
-            ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, raw_options=options,
+        spec = self._assemble(AssemblyRequest(
+            ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, options=options,
             defaults=self._defaults, workspace=self._workspace(conversation),
-        )
+        ))
         if spec.workspace is not None and self._snapshots is not None:
             spec = msgspec.structs.replace(spec, snapshot_store=self._snapshot_store(spec.workspace),
                                            snapshot_excludes=_excludes(conversation.metadata))
@@ -467,6 +467,22 @@ class Runtime:
         self._driving += 1
         self._nursery.start_soon(self._drive, conversation, active)
         return ref
+
+    @staticmethod
+    def _assemble(request: AssemblyRequest) -> RunSpec:
+        """Step 1, the mode's: the run's spec from the conversation and the call. A mode
+        that cannot, or breaks doing it, gives a spec whose run fails with why."""
+        mode = registry().get(request.state.mode)
+        base = dict(ref=request.ref, run_id=request.run_id, conversation_id=request.conversation_id, mode=request.state.mode,
+                    request_id=request.run_id, request=None, workspace=request.workspace)
+        if mode is None:
+            return RunSpec(**base, error=LLMError("config", f"mode {request.state.mode!r} is not registered here").info())
+        try:
+            return mode.assemble(request)
+        except Exception as exc:  # noqa: BLE001 — a plug-in's bug fails its runs, not the daemon
+            log.exception("mode %r failed to assemble run %s", request.state.mode, request.run_id)
+            return RunSpec(**base, error=LLMError("unknown", f"mode {request.state.mode!r} could not assemble the run: {exc}",
+                                                  retryable=False, details={"reason": "assemble_error"}).info())
 
     def find_generation(self, loc: Locator, ref: str, timeout_ms: int | None) -> GenerationRecord:
         """The synchronous half of an await: the generation `ref` names, checked."""
@@ -744,8 +760,8 @@ class Runtime:
             return  # canceled first: the run's result, if any, is dropped
         if isinstance(outcome, Completed):
             try:
-                run_outcome = _outcome_decoder.decode(outcome.outcome)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
+                run_outcome = decode_outcome(outcome.outcome)
+            except MalformedOutcome as exc:
                 self._fail_run(conversation, active, "unknown", f"the worker sent a malformed result: {exc}", "protocol_error")
                 return
             if isinstance(run_outcome, RunSucceeded):
@@ -798,6 +814,9 @@ class Runtime:
         if success is not None:
             for message in success.messages:
                 self._append(conversation, kind="message", role=message.role, content=message.content, data=message.metadata)
+            for artifact in success.artifacts:  # with the messages, in the same transaction
+                self._append(conversation, kind="note", event="artifact_recorded",
+                             data={"run_id": record.run_id, "ref": record.ref, "kind": artifact.kind, "data": artifact.data})
             record.result = success.result
             status = "completed"
         else:

@@ -32,6 +32,7 @@ from genvisor.daemon.store import StoreFailed
 from genvisor.daemon.sd_notify import Notifier
 from genvisor.daemon.service_dirs import runtime_directory
 from genvisor.errors import BadRequest
+from genvisor.modes.loop import TurnTarget
 from genvisor.logevent import event
 from genvisor.ipc import codec
 from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
@@ -52,7 +53,7 @@ from genvisor.supervisor.runs import Supervisor
 
 log = logging.getLogger("genvisor.daemon")
 
-WORKER_TARGET = "genvisor.modes.runtime:execute"
+WORKER_TARGET = TurnTarget  # what every worker runs
 
 
 async def _serve_socket(sock: TrioSocket, front: Front, outbox: RouterOutbox) -> None:

@@ -78,6 +78,7 @@ NoteEvent = Literal[
     "run_finished",
     "workspace_restored",
     "turn_reverted",
+    "artifact_recorded",
 ]
 
 

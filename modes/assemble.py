@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import LLMError
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, BackendConfig, LLMRequest, RunSpec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMRequest, RunDefaults, RunSpec
+from genvisor.modes.protocol import AssemblyRequest
 from genvisor.modes.tools import manifest
 from genvisor.types import ContextMessage, DerivedState, Message
 
@@ -49,15 +50,6 @@ TRANSPORT_KEYS = frozenset({"base_url", "api_key", "api_key_env", "extra_headers
 def transport_keys(options: dict[str, Any]) -> list[str]:
     """The keys of a client's `options` that would say where or how a request travels."""
     return sorted(TRANSPORT_KEYS.intersection(options))
-
-
-class RunDefaults(msgspec.Struct, frozen=True):
-    """The daemon config's part in the precedence: call > conversation > backend > defaults."""
-
-    backend: str
-    timeout_ms: int
-    stream: bool
-    backends: dict[str, BackendConfig]
 
 
 def parse_options(raw: dict[str, Any]) -> GenerationOptions:
@@ -106,16 +98,12 @@ def context_window(messages: list[Message], max_messages: int, include_system: b
     return kept[-max_messages:] if max_messages else []
 
 
-def build_run_spec(
-    *,
-    ref: str,
-    run_id: str,
-    conversation_id: str,
-    state: DerivedState,
-    raw_options: dict[str, Any],
-    defaults: RunDefaults,
-    workspace: str | None = None,
-) -> RunSpec:
+def build_run_spec(assembly: AssemblyRequest, *, tools: frozenset[str] | None = None, system_prompt: str | None = None) -> RunSpec:
+    """The spec of a run of `assembly`: its context, backend, tools (the enabled skills,
+    only those in `tools` if given) and budgets. `system_prompt` is the mode's, used
+    when neither the call nor the mode state gives one."""
+    ref, run_id, conversation_id, state = assembly.ref, assembly.run_id, assembly.conversation_id, assembly.state
+    raw_options, defaults, workspace = assembly.options, assembly.defaults, assembly.workspace
     base: dict[str, Any] = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace)
     try:
         options = parse_options(raw_options)
@@ -133,7 +121,7 @@ def build_run_spec(
     messages = context_window(state.messages, options.max_messages, options.include_system, options.include_tool)
     if not messages:
         return RunSpec(**base, request=None, error=LLMError("config", "the context is empty: nothing to answer").info())
-    system_prompt = options.system_prompt or state.mode_state.get("system_prompt")
+    system_prompt = options.system_prompt or state.mode_state.get("system_prompt") or system_prompt
     if system_prompt:
         messages = [ContextMessage("system", system_prompt), *messages]
     base["max_steps"] = state.mode_state.get("max_steps", DEFAULT_MAX_STEPS)
@@ -161,7 +149,7 @@ def build_run_spec(
         temperature=options.temperature,
         request_options=options.request_options,
         backend_opts=options.backend_opts,
-        tools=manifest(state.skills),
+        tools=manifest([skill for skill in state.skills if tools is None or skill in tools]),
     )
     return RunSpec(**base, request=request)
 

@@ -1,8 +1,8 @@
 """The `coding` mode as a sans-I/O step graph.
 
-A `CodingRun` is a state machine in the style of h11: feed it what happened
-(`start`, `llm_replied`, `llm_failed`, `tools_finished`), get back the next directive
-(`CallLLM`, `RunTools`, `Commit`, `Fail`). It performs no I/O; executors do.
+A `CodingRun` is a state machine in the style of h11 (see `modes.protocol`): feed it
+what happened (`Start`, `LLMReplied`, `LLMFailed`, `ToolsFinished`), get back the next
+directive (`CallLLM`, `RunTools`, `Commit`, `Fail`). It performs no I/O; executors do.
 
     assemble_context ─▶ llm_request ──(tool calls)──▶ execute_tools ─┐
                            ▲                                          │
@@ -13,50 +13,43 @@ A `CodingRun` is a state machine in the style of h11: feed it what happened
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 
-from genvisor.errors import ErrorInfo, LLMError
-from genvisor.modes.llm import LLMReply, LLMRequest, RunSpec, RunSucceeded
-from genvisor.types import ContextMessage, LLMResult, ToolCall, ToolResult, Usage
+from genvisor.errors import Diagnostic, LLMError
+from genvisor.modes.assemble import build_run_spec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMReply, RunSpec, RunSucceeded
+from genvisor.modes.protocol import (
+    AssemblyRequest,
+    CallLLM,
+    Commit,
+    Directive,
+    Event,
+    Fail,
+    LLMFailed,
+    LLMReplied,
+    RunTools,
+    Start,
+    ToolsFinished,
+    Transitions,
+)
+from genvisor.types import ContextMessage, LLMResult, ModeInfo, ToolResult, Usage
 
 
-class CallLLM(msgspec.Struct, frozen=True):
-    request: LLMRequest
-    call_index: int
-
-
-class RunTools(msgspec.Struct, frozen=True):
-    calls: list[ToolCall]
-
-
-class Commit(msgspec.Struct, frozen=True):
-    outcome: RunSucceeded
-
-
-class Fail(msgspec.Struct, frozen=True):
-    error: ErrorInfo
-
-
-Directive = CallLLM | RunTools | Commit | Fail
-
-# The transition table: which inputs each step accepts.
-_ACCEPTS = {
-    "assemble_context": {"start"},
-    "llm_request": {"llm_replied", "llm_failed"},
-    "execute_tools": {"tools_finished"},
-    "done": set(),
+# Which events each step accepts (the graph above, as data).
+STEPS: dict[str, tuple[type, ...]] = {
+    "assemble_context": (Start,),
+    "llm_request": (LLMReplied, LLMFailed),
+    "execute_tools": (ToolsFinished,),
+    "done": (),
 }
-
-
-class ProtocolViolation(Exception):
-    """An executor fed the machine an input its current step does not accept."""
 
 
 class CodingRun:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        self.step = "assemble_context"
+        self._steps = Transitions(STEPS, "assemble_context")
         self._calls = 0
         self._tool_calls = 0
         self._transcript: list[ContextMessage] = []  # tool traffic of this turn
@@ -64,43 +57,51 @@ class CodingRun:
         self._started = time.monotonic()
         self._tool_trace: list[dict[str, str | bool]] = []
 
-    def _enter(self, event: str) -> None:
-        if event not in _ACCEPTS[self.step]:
-            raise ProtocolViolation(f"{event!r} is not accepted in step {self.step!r}")
+    @property
+    def step(self) -> str:
+        return self._steps.step
 
-    def start(self) -> Directive:
-        self._enter("start")
+    def feed(self, event: Event) -> Directive:
+        self._steps.enter(event)
+        if isinstance(event, Start):
+            return self._start()
+        if isinstance(event, LLMReplied):
+            return self._replied(event.reply)
+        if isinstance(event, LLMFailed):
+            return self._done(Fail(event.error))
+        assert isinstance(event, ToolsFinished)
+        return self._tools_finished(event.results)
+
+    def _done(self, directive: Directive) -> Directive:
+        self._steps.step = "done"
+        return directive
+
+    def _start(self) -> Directive:
         if self.spec.request is None:
-            self.step = "done"
-            return Fail(self.spec.error or LLMError("config", "no request could be assembled").info())
+            return self._done(Fail(self.spec.error or LLMError("config", "no request could be assembled").info()))
         return self._call_llm()
 
-    def llm_replied(self, reply: LLMReply) -> Directive:
-        self._enter("llm_replied")
+    def _replied(self, reply: LLMReply) -> Directive:
         self._usage = _add(self._usage, reply.usage)
-        if reply.tool_calls:
-            if self._calls >= self.spec.max_steps:
-                self.step = "done"
-                return Fail(LLMError("unknown", f"step budget of {self.spec.max_steps} LLM calls exhausted").info())
-            self._tool_calls += len(reply.tool_calls)
-            if self._tool_calls > self.spec.max_tool_calls:
-                self.step = "done"
-                return Fail(LLMError("unknown", f"tool-call budget of {self.spec.max_tool_calls} calls exhausted").info())
-            self._transcript.append(
-                ContextMessage("assistant", reply.text, {"tool_calls": [msgspec.to_builtins(c) for c in reply.tool_calls]})
-            )
-            self.step = "execute_tools"
-            return RunTools(reply.tool_calls)
-        self.step = "done"
-        return Commit(self._success(reply))
+        if not reply.tool_calls:
+            return self._final(reply)
+        if self._calls >= self.spec.max_steps:
+            return self._done(Fail(LLMError("unknown", f"step budget of {self.spec.max_steps} LLM calls exhausted").info()))
+        self._tool_calls += len(reply.tool_calls)
+        if self._tool_calls > self.spec.max_tool_calls:
+            return self._done(Fail(LLMError("unknown", f"tool-call budget of {self.spec.max_tool_calls} calls exhausted").info()))
+        self._transcript.append(
+            ContextMessage("assistant", reply.text, {"tool_calls": [msgspec.to_builtins(c) for c in reply.tool_calls]})
+        )
+        self._steps.step = "execute_tools"
+        return RunTools(reply.tool_calls)
 
-    def llm_failed(self, error: LLMError) -> Directive:
-        self._enter("llm_failed")
-        self.step = "done"
-        return Fail(error.info())
+    def _final(self, reply: LLMReply) -> Directive:
+        """A reply with no tool call ends the turn: coding commits it (another mode may
+        check it first, and go on)."""
+        return self._done(Commit(self._success(reply)))
 
-    def tools_finished(self, results: list[ToolResult]) -> Directive:
-        self._enter("tools_finished")
+    def _tools_finished(self, results: list[ToolResult]) -> Directive:
         for result in results:
             self._transcript.append(
                 ContextMessage("tool", result.content, {"tool_call_id": result.call_id, "name": result.name, "is_error": result.is_error})
@@ -113,7 +114,7 @@ class CodingRun:
         assert request is not None
         if self._transcript:
             request = msgspec.structs.replace(request, messages=[*request.messages, *self._transcript])
-        self.step = "llm_request"
+        self._steps.step = "llm_request"
         index = self._calls
         self._calls += 1
         return CallLLM(request, index)
@@ -157,3 +158,35 @@ class CodingRun:
 
 def _add(a: Usage, b: Usage) -> Usage:
     return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens, a.total_tokens + b.total_tokens)
+
+
+class CodingMode:
+    info = ModeInfo(
+        id="coding",
+        summary="Assemble context, call the model, run its tool calls, feed results back, commit the reply.",
+        capabilities=["llm", "tools", "streaming", "cancel"],
+        required_options=[],
+        optional_options=["max_steps", "max_tool_calls", "system_prompt"],
+        defaults={"max_steps": DEFAULT_MAX_STEPS, "max_tool_calls": DEFAULT_MAX_TOOL_CALLS, "system_prompt": None},
+        stability="stable",
+        version="1",
+    )
+    _types = {"max_steps": int, "max_tool_calls": int, "system_prompt": str}
+
+    def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
+        problems = []
+        for key, value in mode_state.items():
+            expected = self._types.get(key)
+            if expected is None:
+                problems.append(Diagnostic("unknown_option", f"/{key}", f"coding has no option {key!r} (options: {', '.join(self._types)})"))
+            elif not isinstance(value, expected) or isinstance(value, bool):
+                problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be {expected.__name__}"))
+            elif key in ("max_steps", "max_tool_calls") and not 1 <= value <= 256:
+                problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within 1..256"))
+        return problems
+
+    def assemble(self, request: AssemblyRequest) -> RunSpec:
+        return build_run_spec(request)
+
+    def new_run(self, spec: RunSpec) -> CodingRun:
+        return CodingRun(spec)

@@ -25,6 +25,15 @@ class BackendConfig(msgspec.Struct, frozen=True):
     settings: dict[str, Any] = {}
 
 
+class RunDefaults(msgspec.Struct, frozen=True):
+    """The daemon config's part in the precedence: call > conversation > backend > defaults."""
+
+    backend: str
+    timeout_ms: int
+    stream: bool
+    backends: dict[str, BackendConfig]
+
+
 class LLMRequest(msgspec.Struct, frozen=True):
     messages: list[ContextMessage]
     backend: BackendConfig
@@ -67,11 +76,20 @@ class RunSpec(msgspec.Struct, frozen=True):
     # takes one before the run's first effect, so that the run can be undone.
     snapshot_store: str | None = None
     snapshot_excludes: list[str] = []  # gitignore-style paths neither captured nor restored
+    mode_options: dict[str, Any] = {}  # what the run's mode set aside for its run (its own keys)
+
+
+class Artifact(msgspec.Struct, frozen=True):
+    """Something a turn made besides its messages (a plan), committed with them."""
+
+    kind: str
+    data: dict[str, Any]
 
 
 class RunSucceeded(msgspec.Struct, frozen=True, tag=True):
     result: LLMResult
     messages: list[ContextMessage]  # what to commit: the turn's tool messages, then the reply
+    artifacts: list[Artifact] = []
 
 
 class RunFailed(msgspec.Struct, frozen=True, tag=True):

@@ -1,42 +1,74 @@
-"""The executor loop: drive a mode's step graph, doing the I/O it asks for.
+"""The executor loop: drive a mode's run, doing the I/O its directives ask for.
 
-`execute` is the worker's run target (see supervisor.worker); the in-process
-executor calls `drive` directly. Neither contains mode logic: they map directives
-to backend and tool calls and feed the answers back.
+`TurnTarget` is the run target of both executors (see supervisor.worker and
+supervisor.inprocess): each hands it the spec, a way to emit progress events, and the
+`Host` it runs on. Nothing here knows a mode's steps or which executor it runs under:
+a mode's run turns events into directives (`modes.protocol`), this loop turns
+directives into backend and tool calls and feeds their answers back, and what differs
+between a worker and the daemon's own process is the host's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 import msgspec
 import trio
 
 from genvisor.errors import LLMError
+from genvisor.host import Host
 from genvisor.ipc.channel import MAX_CHANNEL_FRAME
 from genvisor.modes import scripted
-from genvisor.modes.coding import CallLLM, Commit, Fail, RunTools
+from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
+from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, LLMReplied, RunTools, Start, ToolsFinished
 from genvisor.modes.registry import registry
 from genvisor.modes.tools import Workspace, call_tool
 from genvisor.modes.workspace_snapshot import EFFECT_TOOLS, SnapshotError, SnapshotStore
-from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
 from genvisor.types import ContextMessage, GenerationEvent, ToolResult
 
 Emit = Callable[[GenerationEvent], Awaitable[None]]
-T = TypeVar("T")
 
 _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
-
+_encoder = msgspec.msgpack.Encoder()
 
 # A run's outcome travels back to the daemon as one channel frame (the turn's tool
 # messages included); headroom for the frame around it.
 MAX_RESULT_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
 
+# Dry runs in the zygote: the first builds what a run builds lazily (msgspec's resolved
+# types, trio's and the mode's caches); the next ones let CPython 3.11 finish
+# specializing the bytecode, whose counters are writes — copy-on-write faults in every
+# worker. 20 cut a worker's faults in its first run by ≈9% (865 → 786), ≈20 ms once.
+PREPARE_DRY_RUNS = 20
 
-async def execute(spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]], *, isolated: bool = True) -> RunOutcome:
-    """The run target of both executors; `isolated` is False in-process."""
-    return within_result_limit(await drive(_spec_decoder.decode(spec), emit, isolated=isolated))
+
+class TurnTarget:
+    """What a worker (or the in-process executor) runs: one turn of a conversation."""
+
+    async def run(self, spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]], host: Host) -> RunOutcome:
+        return within_result_limit(await drive(_spec_decoder.decode(spec), emit, host))
+
+    async def warm(self, host: Host) -> None:
+        """A dry run through the scripted backend, events on: its first pass through
+        the code is paid before a run, not during one (see supervisor.worker)."""
+        request = LLMRequest([ContextMessage("user", "warm")], BackendConfig("scripted", "scripted"))
+        spec = RunSpec(ref="warm", run_id="warm", conversation_id="warm", mode="coding", request_id="warm", request=request, events=True)
+
+        async def discard(event: GenerationEvent) -> None:
+            _encoder.encode(event)
+
+        _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard, host))
+
+    def prepare(self, host: Host) -> None:
+        """Run once in the zygote before it forks: read the mode registry's entry
+        points, and make dry runs, so that what a run builds or writes first is done
+        there and shared, not redone in every worker. A Trio run that has returned
+        leaves no loop and, without `to_thread`, no thread behind, so the zygote may
+        still fork."""
+        registry()
+        for _ in range(PREPARE_DRY_RUNS):
+            trio.run(self.warm, host)
 
 
 def within_result_limit(outcome: RunOutcome) -> RunOutcome:
@@ -51,51 +83,17 @@ def within_result_limit(outcome: RunOutcome) -> RunOutcome:
     ).info())
 
 
-async def _warm() -> None:
-    """A dry run through the scripted backend, events on (see supervisor.worker)."""
-    request = LLMRequest([ContextMessage("user", "warm")], BackendConfig("scripted", "scripted"))
-    spec = RunSpec(ref="warm", run_id="warm", conversation_id="warm", mode="coding", request_id="warm", request=request, events=True)
-
-    async def discard(event: GenerationEvent) -> None:
-        _encoder.encode(event)
-
-    _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard))
-
-
-# Dry runs in the zygote: the first builds what a run builds lazily (msgspec's resolved
-# types, trio's and the mode's caches); the next ones let CPython 3.11 finish
-# specializing the bytecode, whose counters are writes — copy-on-write faults in every
-# worker. 20 cut a worker's faults in its first run by ≈9% (865 → 786), ≈20 ms once.
-PREPARE_DRY_RUNS = 20
-
-
-def _prepare() -> None:
-    """Run once in the zygote before it forks (see supervisor.worker): read the mode
-    registry's entry points, and make dry runs, so that what a run builds or writes
-    first is done there and shared, not redone in every worker. A Trio run that has
-    returned leaves no loop and, without `to_thread`, no thread behind, so the zygote
-    may still fork."""
-    registry()
-    for _ in range(PREPARE_DRY_RUNS):
-        trio.run(_warm)
-
-
-execute.warm = _warm  # type: ignore[attr-defined]
-execute.prepare = _prepare  # type: ignore[attr-defined]
-_encoder = msgspec.msgpack.Encoder()
-
-
-async def drive(spec: RunSpec, emit: Emit, *, isolated: bool = True) -> RunOutcome:
+async def drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
     """Run `spec` to its outcome. A bug or an unexpected value anywhere in the run is
     the run's failure, reported as such (cancellation still propagates)."""
     try:
-        return await _drive(spec, emit, isolated)
+        return await _drive(spec, emit, host)
     except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
         return RunFailed(LLMError("unknown", f"the run failed: {type(exc).__name__}: {exc}", retryable=False,
                                   details={"reason": "run_error", "exception": type(exc).__name__}).info())
 
 
-async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
+async def _drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
     events = _Events(spec.ref, emit if spec.events else None)
     mode = registry().get(spec.mode)
     if mode is None:
@@ -103,32 +101,27 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
     run = mode.new_run(spec)
     workspace = None
     if spec.workspace is not None:
-        workspace = Workspace(spec.workspace, isolated=isolated)
-        if isolated:
-            # A worker's loop serves only this run, so a mkdir may block it; a fresh
-            # process's first thread costs more (≈1.5 ms of CPU: start, GIL hand-offs).
-            workspace.root.mkdir(parents=True, exist_ok=True)
-        else:
-            await trio.to_thread.run_sync(lambda: workspace.root.mkdir(parents=True, exist_ok=True))
+        workspace = Workspace(spec.workspace)
+        await host.blocking(lambda: workspace.root.mkdir(parents=True, exist_ok=True))
     await events.send("started")
     snapshotted = False
-    directive = run.start()
+    directive = run.feed(Start())
     while True:
         if isinstance(directive, CallLLM):
             await events.send("step", step=directive.call_index)
             try:
-                reply = await _call_backend(directive.request, directive.call_index, events, isolated)
+                reply = await _call_backend(directive.request, directive.call_index, events, host)
             except LLMError as error:
-                directive = run.llm_failed(error)
+                directive = run.feed(LLMFailed(error.info()))
                 continue
-            directive = run.llm_replied(reply)
+            directive = run.feed(LLMReplied(reply))
         elif isinstance(directive, RunTools):
             results = []
-            enabled = [spec.name for spec in spec.request.tools] if spec.request else []
+            enabled = [tool.name for tool in spec.request.tools] if spec.request else []
             if not snapshotted and workspace is not None and spec.snapshot_store is not None and any(
                 call.name in EFFECT_TOOLS and call.name in enabled for call in directive.calls
             ):
-                failure = await _in_workspace(lambda: _snapshots(spec, workspace).snapshot(spec.run_id), isolated,
+                failure = await _on_snapshots(lambda: _snapshots(spec, workspace).snapshot(spec.run_id), host,
                                               "could not snapshot the workspace before its first change")
                 if isinstance(failure, RunFailed):
                     return failure
@@ -141,14 +134,14 @@ async def _drive(spec: RunSpec, emit: Emit, isolated: bool) -> RunOutcome:
                     result = await call_tool(workspace, call, enabled)
                 await events.send("tool_result", tool_result=result)
                 results.append(result)
-            directive = run.tools_finished(results)
+            directive = run.feed(ToolsFinished(results))
         elif isinstance(directive, Commit):
             outcome = directive.outcome
             if snapshotted and workspace is not None:
                 # The turn's change set is its completion artifact: recorded now, kept
                 # by the daemon once the turn is committed.
-                changes = await _in_workspace(lambda: _snapshots(spec, workspace).record(spec.run_id, spec.run_id, spec.ref),
-                                              isolated, "could not record the turn's changes to the workspace")
+                changes = await _on_snapshots(lambda: _snapshots(spec, workspace).record(spec.run_id, spec.run_id, spec.ref),
+                                              host, "could not record the turn's changes to the workspace")
                 if isinstance(changes, RunFailed):
                     return changes
                 outcome = msgspec.structs.replace(outcome, result=msgspec.structs.replace(outcome.result, changes=changes))
@@ -164,23 +157,21 @@ def _snapshots(spec: RunSpec, workspace: Workspace) -> SnapshotStore:
     return SnapshotStore(Path(spec.snapshot_store), workspace.root, spec.snapshot_excludes)
 
 
-async def _in_workspace(work: Callable[[], T], isolated: bool, failing: str) -> T | RunFailed:
+async def _on_snapshots(work: Callable[[], Any], host: Host, failing: str) -> Any:
     """`work` on the workspace's snapshots, or the run's failure if it cannot be done:
     a run that could not be undone does not go on changing the workspace."""
     try:
-        if isolated:  # a worker's loop serves only this run: git may block it
-            return work()
-        return await trio.to_thread.run_sync(work)
+        return await host.blocking(work)
     except (SnapshotError, OSError) as exc:
         return RunFailed(LLMError("unknown", f"{failing}: {exc}", retryable=False, details={"reason": "snapshot_failed"}).info())
 
 
-async def _call_backend(request: LLMRequest, call_index: int, events: _Events, isolated: bool) -> LLMReply:
+async def _call_backend(request: LLMRequest, call_index: int, events: _Events, host: Host) -> LLMReply:
     async def on_delta(text: str) -> None:
         await events.send("delta", text=text)
 
     if request.backend.kind == "scripted":
-        reply = await scripted.complete(request, call_index, on_delta, isolated=isolated)
+        reply = await scripted.complete(request, call_index, on_delta, host)
     elif request.backend.kind == "openai":
         # Imported on first use (≈1 s); the zygote preloads it when such a backend is configured.
         from genvisor.modes import openai_backend

@@ -1,64 +1,26 @@
-"""The modes a conversation can be in: `coding` built in, more through the
-`genvisor.modes` entry-point group (each entry point names a `Mode` object).
+"""The modes a conversation can be in: `coding` and `planning` built in, more through
+the `genvisor.modes` entry-point group (each entry point names a `Mode` object).
 
-A mode says who it is (`info`), checks its configuration (`validate` → diagnostics,
-empty when valid) and builds the state machine of one run (`new_run`).
+A mode (`modes.protocol.Mode`) says who it is (`info`), checks its configuration
+(`validate` → diagnostics, empty when valid), assembles a run's spec (`assemble`) and
+builds the state machine of one run (`new_run`).
 """
 
 from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
-from typing import Any, Protocol
-
-from genvisor.errors import Diagnostic
-from genvisor.modes.coding import CodingRun
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, RunSpec
+from genvisor.modes.coding import CodingMode
+from genvisor.modes.planning import PlanningMode
+from genvisor.modes.protocol import Mode
 from genvisor.types import ModeInfo
 
 log = logging.getLogger("genvisor.modes")
 ENTRY_POINT_GROUP = "genvisor.modes"
 
 
-class Mode(Protocol):
-    info: ModeInfo
-
-    def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]: ...
-
-    def new_run(self, spec: RunSpec) -> CodingRun: ...
-
-
-class CodingMode:
-    info = ModeInfo(
-        id="coding",
-        summary="Assemble context, call the model, run its tool calls, feed results back, commit the reply.",
-        capabilities=["llm", "tools", "streaming", "cancel"],
-        required_options=[],
-        optional_options=["max_steps", "max_tool_calls", "system_prompt"],
-        defaults={"max_steps": DEFAULT_MAX_STEPS, "max_tool_calls": DEFAULT_MAX_TOOL_CALLS, "system_prompt": None},
-        stability="stable",
-        version="1",
-    )
-    _types = {"max_steps": int, "max_tool_calls": int, "system_prompt": str}
-
-    def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
-        problems = []
-        for key, value in mode_state.items():
-            expected = self._types.get(key)
-            if expected is None:
-                problems.append(Diagnostic("unknown_option", f"/{key}", f"coding has no option {key!r} (options: {', '.join(self._types)})"))
-            elif not isinstance(value, expected) or isinstance(value, bool):
-                problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be {expected.__name__}"))
-            elif key in ("max_steps", "max_tool_calls") and not 1 <= value <= 256:
-                problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within 1..256"))
-        return problems
-
-    def new_run(self, spec: RunSpec) -> CodingRun:
-        return CodingRun(spec)
-
-
 def _load() -> dict[str, Mode]:
-    modes: dict[str, Mode] = {"coding": CodingMode()}
+    modes: dict[str, Mode] = {"coding": CodingMode(), "planning": PlanningMode()}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:
             mode = entry.load()

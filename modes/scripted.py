@@ -8,25 +8,22 @@ own `delay_ms`, `error`, `crash`), and `spawn`
 (an argv started in the run's process group before answering, left running: it
 exercises the cleanup of a run's effects).
 
-`crash` acts on the process it runs in. Outside a worker (`isolated=False`, the
-in-process executor) it raises SystemExit instead, which that executor reports as
-the crash a worker's exit would be; `hang` then simply never answers; `spawn`
-is refused there (nothing would reap what it starts).
+`crash` and `spawn` are the run's host's (`genvisor.host`): in a worker, a crash is
+the worker's; in-process, the exception that executor reports as a worker's exit
+would be (`hang` then simply never answers), and `spawn` is refused (nothing would
+reap what it starts).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from typing import Any, Awaitable, Callable
 
 import msgspec
 import trio
 
 from genvisor.errors import LLMError, LLMErrorCategory
+from genvisor.host import Host, HostRefused
 from genvisor.modes.llm import LLMReply, LLMRequest
 from genvisor.types import ToolCall, Usage
 
@@ -85,22 +82,15 @@ def parse_options(raw: dict[str, Any]) -> ScriptedOptions:
     return options
 
 
-async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta, *, isolated: bool = True) -> LLMReply:
+async def complete(request: LLMRequest, call_index: int, on_delta: OnDelta, host: Host) -> LLMReply:
     options = _for_call(parse_options(request.backend_opts), call_index)
-    if not isolated:
-        return await _complete_in_process(request, call_index, on_delta, options)
     if options.spawn:
-        # Left running on purpose, in our process group: the run's teardown must kill it.
-        subprocess.Popen(options.spawn, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if options.crash == "exit":
-        os._exit(3)
-    if options.crash == "signal":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if options.crash == "hang":
-        # A worker stuck in native code: deaf to the graceful Stop and to SIGTERM.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        while True:
-            time.sleep(3600)
+        try:
+            host.spawn(options.spawn)  # left running on purpose: the run's teardown must kill it
+        except HostRefused as refused:
+            raise LLMError("config", f"scripted `spawn`: {refused}") from None
+    if options.crash is not None:
+        await host.crash(options.crash)
     return await _answer(request, call_index, on_delta, options)
 
 
@@ -111,18 +101,6 @@ def _for_call(options: ScriptedOptions, call_index: int) -> ScriptedOptions:
     turn = options.script[call_index]
     return msgspec.structs.replace(options, delay_ms=turn.delay_ms or options.delay_ms, error=turn.error or options.error,
                                    crash=turn.crash or options.crash)
-
-
-async def _complete_in_process(request: LLMRequest, call_index: int, on_delta: OnDelta, options: ScriptedOptions) -> LLMReply:
-    if options.spawn:
-        raise LLMError("config", "scripted `spawn` needs an isolated worker")
-    if options.crash == "exit":
-        raise SystemExit(3)
-    if options.crash == "signal":
-        raise SystemExit(-signal.SIGKILL)
-    if options.crash == "hang":
-        await trio.sleep_forever()
-    return await _answer(request, call_index, on_delta, options)
 
 
 async def _answer(request: LLMRequest, call_index: int, on_delta: OnDelta, options: ScriptedOptions) -> LLMReply:

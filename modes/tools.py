@@ -106,9 +106,8 @@ class Workspace:
     the root's fd — never a path opened by name after a check, which a symlink swapped
     in between could redirect outside."""
 
-    def __init__(self, root: str | Path, *, isolated: bool = True, opener: Opener = open_beneath) -> None:
+    def __init__(self, root: str | Path, *, opener: Opener = open_beneath) -> None:
         self.root = Path(root).resolve()
-        self.isolated = isolated  # in a worker (the tools behave the same either way)
         self._opener = opener
 
     # ---- opening beneath the root ------------------------------------------------------

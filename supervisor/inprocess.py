@@ -2,31 +2,53 @@
 
 It honours the same contract as `Supervisor` (a `RunHandle`, exactly one outcome,
 a deadline), so the embedded runtime and the parity tests can swap one for the other.
-There is no process to isolate or reap: a target that wants to "exit" raises
-`SystemExit(code)` (negative: "killed by that signal"), reported as `Crashed` with
-the details a worker's exit would have had.
+There is no process to isolate or reap. The run's host (`InProcessHost`) sends
+blocking work to a thread, refuses to leave processes running, and stands a crash
+in with `SystemExit(code)` (negative: "killed by that signal"), which is reported as
+`Crashed` with the details a worker's exit would have had; a target that raises
+anything else is reported as crashed too.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import msgspec
 import trio
 
+from genvisor.host import HostRefused
 from genvisor.supervisor.runs import Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle
+from genvisor.supervisor.worker import RunTarget
+
+T = TypeVar("T")
 
 _encoder = msgspec.msgpack.Encoder()
 
 
+class InProcessHost:
+    """The daemon's own process hosts the run (see genvisor.host)."""
+
+    async def blocking(self, work: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(work)  # the loop is everyone's
+
+    async def crash(self, kind: str) -> None:
+        if kind == "exit":
+            raise SystemExit(3)
+        if kind == "signal":
+            raise SystemExit(-signal.SIGKILL)
+        await trio.sleep_forever()  # "hang": never answers (a deadline or a cancel ends it)
+
+    def spawn(self, argv: list[str]) -> None:
+        raise HostRefused("a process left running needs an isolated worker (nothing here would reap it)")
+
+
 class InProcessExecutor:
-    def __init__(self, target: str) -> None:
-        module_name, _, attribute = target.partition(":")
-        self._target = getattr(importlib.import_module(module_name), attribute)
+    def __init__(self, target: type[RunTarget]) -> None:
+        self._target = target()
+        self._host = InProcessHost()
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.active: dict[int, RunHandle] = {}
@@ -55,7 +77,7 @@ class InProcessExecutor:
         try:
             with handle._scope, trio.move_on_at(deadline if deadline is not None else float("inf")) as deadline_scope:
                 try:
-                    outcome = await self._target(msgspec.Raw(spec), emit, isolated=False)
+                    outcome = await self._target.run(msgspec.Raw(spec), emit, self._host)
                 except SystemExit as exit_:
                     handle._settle(Crashed(_exit_details(exit_.code)))
                 except Exception as exc:  # noqa: BLE001 — what would kill a worker must not kill this process

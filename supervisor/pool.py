@@ -40,6 +40,7 @@ from genvisor.ipc.supervision import (
 )
 from genvisor.logevent import event
 from genvisor.supervisor import linux
+from genvisor.supervisor.worker import RunTarget, target_name
 
 log = logging.getLogger("genvisor.supervisor")
 
@@ -107,8 +108,8 @@ class _Zygote:
 
 
 class WorkerPool:
-    def __init__(self, *, target: str, spares: int, preload: list[str] = [], instance: str | None = None) -> None:  # noqa: B006
-        self._target = target
+    def __init__(self, *, target: type[RunTarget], spares: int, preload: list[str] = [], instance: str | None = None) -> None:  # noqa: B006
+        self._target = target_name(target)
         # Marks every process of this daemon (zygote, workers, what runs exec), so a
         # successor can find what a killed daemon left running.
         self._instance = instance

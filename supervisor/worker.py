@@ -6,22 +6,25 @@ what its run starts, and dies with the zygote (PDEATHSIG). It announces itself (
 under a cancel scope that a `Stop` frame cancels, sends `Finished`, and exits with
 os._exit — a run has nothing worth a slow interpreter shutdown.
 
-The target is `async def target(spec: msgspec.Raw, emit) -> outcome`, where
-`await emit(event)` forwards a progress event; it knows nothing of processes. If the
-target has a `warm` attribute (`async def warm() -> None`), a spare awaits it before
-announcing itself: the first pass through the code copies the pages it touches
-(copy-on-write after fork), and that is better paid before a run than during one.
-If it has a `prepare` attribute (a plain function), the zygote calls it once before
-it forks any worker: what it loads or builds (say, a registry read from package
-metadata, ≈8 ms of CPU, or caches a first run fills) is then inherited by every worker
-instead of redone in each. It must leave no thread running (fork would lose it).
+The target is a `RunTarget`: `await target.run(spec, emit, host)` runs one spec,
+`await emit(event)` forwarding a progress event, and `host` (a `WorkerHost`) is what
+the run may ask of this process; it knows nothing else of processes. A spare awaits
+`target.warm(host)` before announcing itself: the first pass through the code copies
+the pages it touches (copy-on-write after fork), and that is better paid before a run
+than during one. The zygote calls `target.prepare(host)` once before it forks any
+worker: what it loads or builds (say, a registry read from package metadata, ≈8 ms of
+CPU, or caches a first run fills) is then inherited by every worker instead of redone
+in each. It must leave no thread running (fork would lose it).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-from typing import Any, Awaitable, Callable
+import subprocess
+import time
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -31,7 +34,41 @@ from genvisor.ipc.supervision import Finished, Progress, Ready, Start, Stop, ToW
 from genvisor.supervisor import linux
 
 Emit = Callable[[Any], Awaitable[None]]
-RunTarget = Callable[[msgspec.Raw, Emit], Awaitable[Any]]
+T = TypeVar("T")
+
+
+class RunTarget(Protocol):
+    def prepare(self, host: Any) -> None: ...
+
+    async def warm(self, host: Any) -> None: ...
+
+    async def run(self, spec: msgspec.Raw, emit: Emit, host: Any) -> Any: ...
+
+
+def target_name(target: type[RunTarget]) -> str:
+    """How a zygote finds the target class it is given (it runs in a new interpreter)."""
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+class WorkerHost:
+    """A worker's process is its run's own (see genvisor.host)."""
+
+    async def blocking(self, work: Callable[[], T]) -> T:
+        return work()  # the loop serves only this run; a first thread would cost more (≈1.5 ms of CPU)
+
+    async def crash(self, kind: str) -> None:
+        if kind == "exit":
+            os._exit(3)
+        if kind == "signal":
+            os.kill(os.getpid(), signal.SIGKILL)
+        # "hang": stuck in native code, deaf to the graceful Stop and to SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(3600)
+
+    def spawn(self, argv: list[str]) -> None:
+        # In this worker's process group: the run's teardown kills it.
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -51,9 +88,8 @@ def child_main(channel_fd: int, zygote_pid: int, target: RunTarget) -> int:
 async def _serve(sock: socket.socket, target: RunTarget) -> int:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     channel: FramedChannel[ToWorker] = FramedChannel(stream, ToWorker)
-    warm = getattr(target, "warm", None)
-    if warm is not None:
-        await warm()
+    host = WorkerHost()
+    await target.warm(host)
     await channel.send(Ready(pid=os.getpid()))
     start = await channel.receive()
     if not isinstance(start, Start):
@@ -76,7 +112,7 @@ async def _serve(sock: socket.socket, target: RunTarget) -> int:
         nursery.start_soon(listen_for_stop)
         outcome = None
         with run_scope:
-            outcome = await target(start.spec, emit)
+            outcome = await target.run(start.spec, emit, host)
         if not run_scope.cancelled_caught:
             await channel.send(Finished(outcome=msgspec.Raw(_encoder.encode(outcome))))
         # The last frame is in the kernel's buffer; the daemon reads it after we are

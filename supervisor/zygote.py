@@ -45,9 +45,7 @@ def main(argv: list[str]) -> int:
     run_target = _load_target(target)
     for module in preload:  # what workers would otherwise import on first use
         importlib.import_module(module)
-    prepare = getattr(run_target, "prepare", None)
-    if prepare is not None:
-        prepare()  # loaded once here, shared by every worker (see supervisor.worker)
+    run_target.prepare(worker.WorkerHost())  # loaded once here, shared by every worker (see supervisor.worker)
     # Objects that exist now are shared copy-on-write with every worker; keep the
     # collector from touching (and so copying) them in each child.
     gc.freeze()
@@ -182,9 +180,10 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _load_target(target: str):
+def _load_target(target: str) -> worker.RunTarget:
+    """An instance of the target class `target` names (see worker.target_name)."""
     module_name, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    return getattr(importlib.import_module(module_name), attribute)()
 
 
 if __name__ == "__main__":

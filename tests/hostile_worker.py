@@ -24,26 +24,45 @@ def _channel(emit: Any) -> FramedChannel:
     return next(c.cell_contents for c in emit.__closure__ if isinstance(c.cell_contents, FramedChannel))
 
 
-async def undecodable_frame(spec: msgspec.Raw, emit: Any) -> None:
-    await _channel(emit)._stream.send_all(pack_frame(b"\xc1 is no msgpack"))
-    await trio.sleep_forever()
+class _Hostile:
+    """A run target whose `run` breaks the protocol (`prepare` and `warm` do nothing)."""
+
+    def prepare(self, host: Any) -> None:
+        pass
+
+    async def warm(self, host: Any) -> None:
+        pass
+
+    async def run(self, spec: msgspec.Raw, emit: Any, host: Any) -> None:
+        await _channel(emit)._stream.send_all(self.frame())
+        await trio.sleep_forever()
+
+    def frame(self) -> bytes:
+        raise NotImplementedError
 
 
-async def wrong_frame_type(spec: msgspec.Raw, emit: Any) -> None:
-    await _channel(emit)._stream.send_all(pack_frame(msgspec.msgpack.encode({"type": "Promoted", "to": "daemon"})))
-    await trio.sleep_forever()
+class undecodable_frame(_Hostile):  # noqa: N801 — named as the test names the case
+    def frame(self) -> bytes:
+        return pack_frame(b"\xc1 is no msgpack")
 
 
-async def oversized_frame(spec: msgspec.Raw, emit: Any) -> None:
-    await _channel(emit)._stream.send_all((MAX_CHANNEL_FRAME + 1).to_bytes(4, "big"))
-    await trio.sleep_forever()
+class wrong_frame_type(_Hostile):  # noqa: N801
+    def frame(self) -> bytes:
+        return pack_frame(msgspec.msgpack.encode({"type": "Promoted", "to": "daemon"}))
+
+
+class oversized_frame(_Hostile):  # noqa: N801
+    def frame(self) -> bytes:
+        return (MAX_CHANNEL_FRAME + 1).to_bytes(4, "big")
 
 
 async def _drive(target: str) -> str:
     from genvisor.supervisor.pool import WorkerPool
     from genvisor.supervisor.runs import Supervisor
 
-    supervisor = Supervisor(WorkerPool(target=f"hostile_worker:{target}", spares=0), cancel_grace_s=0.2, term_grace_s=0.2)
+    import hostile_worker  # by its module's name, not __main__'s: the zygote imports it so
+
+    supervisor = Supervisor(WorkerPool(target=getattr(hostile_worker, target), spares=0), cancel_grace_s=0.2, term_grace_s=0.2)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         handle = supervisor.start_run(b"\x80", on_progress=lambda raw: None, deadline=trio.current_time() + 20)
@@ -55,5 +74,6 @@ async def _drive(target: str) -> str:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__)) + os.pathsep + os.environ.get("PYTHONPATH", "")
     print(trio.run(_drive, sys.argv[1]))

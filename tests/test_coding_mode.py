@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from genvisor.modes.assemble import RunDefaults, build_run_spec
-from genvisor.modes.coding import CallLLM, CodingRun, Commit, Fail, ProtocolViolation, RunTools
+from genvisor.modes.assemble import build_run_spec
+from genvisor.modes.coding import CodingRun
 from genvisor.modes.conversation import JournalEntry, fold
-from genvisor.modes.llm import BackendConfig, LLMReply
+from genvisor.modes.llm import BackendConfig, LLMReply, RunDefaults
+from genvisor.modes.protocol import (
+    AssemblyRequest, CallLLM, Commit, Fail, LLMFailed, LLMReplied, ProtocolViolation, RunTools, Start, ToolsFinished,
+)
 from genvisor.types import DerivedState, ToolCall, ToolResult
 
 SCRIPTED = BackendConfig("scripted", "scripted", model="scripted")
@@ -23,14 +26,14 @@ def _state_with(*messages):
 
 
 def _spec(state, **options):
-    return build_run_spec(ref="gen_1", run_id="run_1", conversation_id="c", state=state, raw_options=options, defaults=DEFAULTS)
+    return build_run_spec(AssemblyRequest(ref="gen_1", run_id="run_1", conversation_id="c", state=state, options=options, defaults=DEFAULTS))
 
 
 def test_a_plain_answer_is_one_llm_call_then_commit():
     run = CodingRun(_spec(_state_with(("user", "hi"))))
-    call = run.start()
+    call = run.feed(Start())
     assert isinstance(call, CallLLM) and [m.content for m in call.request.messages] == ["hi"]
-    commit = run.llm_replied(LLMReply(text="hello"))
+    commit = run.feed(LLMReplied(LLMReply(text="hello")))
     assert isinstance(commit, Commit)
     assert [m.role for m in commit.outcome.messages] == ["assistant"]
     assert commit.outcome.messages[-1].metadata["run_id"] == "run_1"
@@ -38,33 +41,33 @@ def test_a_plain_answer_is_one_llm_call_then_commit():
 
 def test_tool_calls_are_fed_back_and_committed_with_the_reply():
     run = CodingRun(_spec(_state_with(("user", "read it"))))
-    run.start()
-    tools = run.llm_replied(LLMReply(tool_calls=[ToolCall("t1", "read_file", "{}")], finish_reason="tool_calls"))
+    run.feed(Start())
+    tools = run.feed(LLMReplied(LLMReply(tool_calls=[ToolCall("t1", "read_file", "{}")], finish_reason="tool_calls")))
     assert isinstance(tools, RunTools)
-    again = run.tools_finished([ToolResult("t1", "read_file", "contents")])
+    again = run.feed(ToolsFinished([ToolResult("t1", "read_file", "contents")]))
     assert isinstance(again, CallLLM) and [m.role for m in again.request.messages] == ["user", "assistant", "tool"]
-    commit = run.llm_replied(LLMReply(text="done"))
+    commit = run.feed(LLMReplied(LLMReply(text="done")))
     assert [m.role for m in commit.outcome.messages] == ["assistant", "tool", "assistant"]
 
 
 def test_the_step_budget_ends_a_tool_loop():
     run = CodingRun(_spec(_state_with(("user", "loop"))))
-    directive = run.start()
+    directive = run.feed(Start())
     for _ in range(run.spec.max_steps):
-        directive = run.llm_replied(LLMReply(tool_calls=[ToolCall("t", "x", "{}")]))
+        directive = run.feed(LLMReplied(LLMReply(tool_calls=[ToolCall("t", "x", "{}")])))
         if isinstance(directive, Fail):
             break
-        run.tools_finished([ToolResult("t", "x", "r")])
+        run.feed(ToolsFinished([ToolResult("t", "x", "r")]))
     assert isinstance(directive, Fail) and "budget" in directive.error.message
 
 
 def test_the_tool_call_budget_ends_a_run():
     state = fold([_entry(1, role="user", content="go"), _entry(2, kind="note", event="mode_configured", data={"mode": "coding", "mode_state": {"max_tool_calls": 2}})])
     run = CodingRun(_spec(state))
-    run.start()
-    run.llm_replied(LLMReply(tool_calls=[ToolCall("a", "x", "{}"), ToolCall("b", "x", "{}")]))
-    run.tools_finished([ToolResult("a", "x", "r"), ToolResult("b", "x", "r")])
-    fail = run.llm_replied(LLMReply(tool_calls=[ToolCall("c", "x", "{}")]))
+    run.feed(Start())
+    run.feed(LLMReplied(LLMReply(tool_calls=[ToolCall("a", "x", "{}"), ToolCall("b", "x", "{}")])))
+    run.feed(ToolsFinished([ToolResult("a", "x", "r"), ToolResult("b", "x", "r")]))
+    fail = run.feed(LLMReplied(LLMReply(tool_calls=[ToolCall("c", "x", "{}")])))
     assert isinstance(fail, Fail) and "tool-call budget of 2" in fail.error.message
 
 
@@ -78,10 +81,10 @@ def test_the_manifest_follows_the_skills():
 def test_an_input_the_step_does_not_accept_is_refused():
     run = CodingRun(_spec(_state_with(("user", "hi"))))
     with pytest.raises(ProtocolViolation):
-        run.tools_finished([])
-    run.start()
+        run.feed(ToolsFinished([]))
+    run.feed(Start())
     with pytest.raises(ProtocolViolation):
-        run.start()
+        run.feed(Start())
 
 
 @pytest.mark.parametrize(
@@ -93,7 +96,7 @@ def test_an_input_the_step_does_not_accept_is_refused():
     ],
 )
 def test_bad_options_become_a_config_failure_of_the_run(state, options, needle):
-    fail = CodingRun(_spec(state, **options)).start()
+    fail = CodingRun(_spec(state, **options)).feed(Start())
     assert isinstance(fail, Fail) and fail.error.category == "config" and needle in fail.error.message
 
 
