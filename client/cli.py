@@ -182,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--force", action="store_true")
     mode.add_argument("--cancel-reason")
     conversation_verb("stop", "stop the conversation (cancels its generation first)")
+    plan = conversation_verb("plan", "the latest plan a planning turn made (switch with `mode CONV planning`)")
+    plan.add_argument("--history", action="store_true", help="every plan, oldest first")
     changes = conversation_verb("changes", "what a generation did to the workspace: its files, then the diff")
     changes.add_argument("ref", help="a generation's ref (or a revert's)")
     changes.add_argument("--stat", action="store_true", help="the files only, no diff")
@@ -330,6 +332,18 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return 0
     if args.verb == "skills":
         return _skills(client, loc, args)
+    if args.verb == "plan":
+        plans = client.plans(loc)
+        shown = plans if args.history else plans[-1:]
+        if args.json:
+            _print_json(shown if args.history else (shown[0] if shown else None))
+            return 0
+        if not shown:
+            print(f"no plan yet: `{_command(args, 'mode', 'planning')}`, then send the goal")
+        for record in shown:
+            print(f"# {record.ref} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.at))})")
+            print(record.plan.as_text())
+        return 0
     if args.verb == "changes":
         changes = client.turn_changes(loc, args.ref)
         _print_json(changes) if args.json else _show_changes(changes, diff=not args.stat)

@@ -45,6 +45,7 @@ from genvisor.ipc.frames import (
     GetLLMContext,
     GetMessages,
     GetMode,
+    GetPlans,
     GetStatus,
     GetTelemetry,
     GetThreadEntries,
@@ -75,6 +76,7 @@ from genvisor.types import (
     Message,
     ModeInfo,
     Notification,
+    PlanRecord,
     TimelineEntry,
     WorkspaceChanges,
 )
@@ -308,6 +310,17 @@ class Client:
             raise TypeError(f"unknown await_opts: {', '.join(await_opts)}")
         body = self._call(request, ConversationAndResult, extra_wait_ms=_wait_ms(request.timeout_ms), on_event=on_event)
         return body.conversation, body.result
+
+    # plans (the `planning` mode)
+
+    def plan(self, loc: LocatorLike) -> PlanRecord | None:
+        """The latest plan a `planning` turn of the conversation committed; None if none."""
+        plans = self.plans(loc)
+        return plans[-1] if plans else None
+
+    def plans(self, loc: LocatorLike) -> list[PlanRecord]:
+        """Every plan the conversation's `planning` turns committed, oldest first."""
+        return self._call(GetPlans(to_locator(loc)), list[PlanRecord])
 
     # workspace change sets
 

@@ -265,6 +265,7 @@ class Front:
         f.AwaitGeneration: _await,
         f.SendAndGenerate: _send_and_generate,
         f.TurnChanges: _turn_changes,
+        f.GetPlans: lambda self, o, r: self._runtime.plans(r.loc),
         f.RevertTurn: _revert_turn,
     }
 

@@ -73,6 +73,8 @@ from genvisor.types import (
     LLMResult,
     Message,
     Notification,
+    Plan,
+    PlanRecord,
     TimelineEntry,
     WorkspaceChanges,
 )
@@ -350,6 +352,14 @@ class Runtime:
         return [
             TimelineEntry(e.seq, e.at, "message" if e.kind == "message" else "event", e.role, e.content, e.event, e.data)
             for e in self._fetch(loc).journal
+        ]
+
+    def plans(self, loc: Locator) -> list[PlanRecord]:
+        """The plans the conversation's `planning` turns committed, oldest first."""
+        return [
+            PlanRecord(e.data["ref"], e.data["run_id"], e.at, msgspec.convert(e.data["data"], Plan))
+            for e in self._fetch(loc).journal
+            if e.event == "artifact_recorded" and e.data.get("kind") == "plan"
         ]
 
     def conversation_thread_entries(self, loc: Locator) -> list[JournalEntry]:

@@ -5,7 +5,7 @@ They are frozen msgspec Structs: the wire and the code speak the same types.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -194,6 +194,50 @@ class LLMResult(msgspec.Struct, frozen=True):
     usage: Usage = Usage()
     metadata: dict[str, Any] = {}
     changes: WorkspaceChanges = WorkspaceChanges()  # the turn's completion artifact
+
+
+# ---- plans (the `planning` mode's artifact) ------------------------------------------
+
+NonBlank = Annotated[str, msgspec.Meta(min_length=1, max_length=2_000, pattern=r"\S")]
+TaskStatus = Literal["todo", "in_progress", "done", "blocked"]
+
+
+class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: NonBlank
+    title: NonBlank
+    acceptance: Annotated[list[NonBlank], msgspec.Meta(min_length=1, max_length=20)]  # how to tell it is done
+    status: TaskStatus = "todo"
+
+
+class Phase(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: NonBlank
+    title: NonBlank
+    tasks: Annotated[list[Task], msgspec.Meta(min_length=1, max_length=50)]
+
+
+class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    goal: NonBlank
+    phases: Annotated[list[Phase], msgspec.Meta(min_length=1, max_length=20)]
+
+    def as_text(self) -> str:
+        """The plan as a person reads it."""
+        marks = {"todo": " ", "in_progress": "~", "done": "x", "blocked": "!"}
+        lines = [f"Plan: {self.goal}"]
+        for phase in self.phases:
+            lines.append(f"\n{phase.id}. {phase.title}")
+            for task in phase.tasks:
+                lines.append(f"  [{marks[task.status]}] {task.id} {task.title}")
+                lines.extend(f"      - {criterion}" for criterion in task.acceptance)
+        return "\n".join(lines)
+
+
+class PlanRecord(msgspec.Struct, frozen=True):
+    """A plan as a `planning` turn committed it."""
+
+    ref: str  # the generation that made it
+    run_id: str
+    at: float  # Unix time of the commit
+    plan: Plan
 
 
 class GenerationEvent(msgspec.Struct, frozen=True, tag=True):

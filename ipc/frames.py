@@ -180,6 +180,10 @@ class SendAndGenerate(Request, tag="send_and_generate"):
     cancel_reason: str = "await_timeout"
 
 
+class GetPlans(Request, tag="plans"):
+    loc: Locator
+
+
 class TurnChanges(Request, tag="turn_changes"):
     loc: Locator
     ref: str
@@ -195,7 +199,7 @@ AnyRequest = (
     Ping | StartConversation | EnsureConversation | SendUserMessage | RecordAssistantMessage | ConfigureLLM
     | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
     | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GetStatus | GenerateAssistantReply
-    | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn
+    | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn | GetPlans
 )
 
 

@@ -112,12 +112,16 @@ class CodingRun:
     def _call_llm(self) -> CallLLM:
         request = self.spec.request
         assert request is not None
-        if self._transcript:
-            request = msgspec.structs.replace(request, messages=[*request.messages, *self._transcript])
+        if turn := self._turn_so_far():
+            request = msgspec.structs.replace(request, messages=[*request.messages, *turn])
         self._steps.step = "llm_request"
         index = self._calls
         self._calls += 1
         return CallLLM(request, index)
+
+    def _turn_so_far(self) -> list[ContextMessage]:
+        """What this turn adds to the context of its next LLM call: its tool traffic."""
+        return self._transcript
 
     def _success(self, reply: LLMReply) -> RunSucceeded:
         spec = self.spec

@@ -18,7 +18,7 @@ may look around first with the read-only tools (never a write: a plan changes no
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -27,29 +27,7 @@ from genvisor.modes.assemble import build_run_spec
 from genvisor.modes.coding import CodingRun
 from genvisor.modes.llm import DEFAULT_MAX_STEPS, Artifact, LLMReply, RunSpec
 from genvisor.modes.protocol import AssemblyRequest, Commit, Directive, Fail
-from genvisor.types import ContextMessage, ModeInfo
-
-NonBlank = Annotated[str, msgspec.Meta(min_length=1, max_length=2_000, pattern=r"\S")]
-TaskStatus = Literal["todo", "in_progress", "done", "blocked"]
-
-
-class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    id: NonBlank
-    title: NonBlank
-    acceptance: Annotated[list[NonBlank], msgspec.Meta(min_length=1, max_length=20)]  # how to tell it is done
-    status: TaskStatus = "todo"
-
-
-class Phase(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    id: NonBlank
-    title: NonBlank
-    tasks: Annotated[list[Task], msgspec.Meta(min_length=1, max_length=50)]
-
-
-class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    goal: NonBlank
-    phases: Annotated[list[Phase], msgspec.Meta(min_length=1, max_length=20)]
-
+from genvisor.types import ContextMessage, ModeInfo, Plan
 
 READ_ONLY_TOOLS = frozenset({"read_file", "list_dir", "search_text"})
 DEFAULT_MAX_RETRIES = 2
@@ -82,18 +60,6 @@ def parse_plan(text: str) -> Plan:
     return plan
 
 
-def render(plan: Plan) -> str:
-    """The plan as a person reads it (the assistant message's content)."""
-    lines = [f"Plan: {plan.goal}"]
-    marks = {"todo": " ", "in_progress": "~", "done": "x", "blocked": "!"}
-    for phase in plan.phases:
-        lines.append(f"\n{phase.id}. {phase.title}")
-        for task in phase.tasks:
-            lines.append(f"  [{marks[task.status]}] {task.id} {task.title}")
-            lines.extend(f"      - {criterion}" for criterion in task.acceptance)
-    return "\n".join(lines)
-
-
 class PlanningRun(CodingRun):
     """Coding's tool loop (with read-only tools), but a final reply is a candidate plan:
     checked against `Plan`; one that does not validate is fed back to the model with
@@ -102,13 +68,17 @@ class PlanningRun(CodingRun):
     def __init__(self, spec: RunSpec) -> None:
         super().__init__(spec)
         self._retries_left = int(spec.mode_options.get("max_retries", DEFAULT_MAX_RETRIES))
+        self._feedback: list[ContextMessage] = []  # rejected plans and why: for the model, not the journal
+
+    def _turn_so_far(self) -> list[ContextMessage]:
+        return [*self._transcript, *self._feedback]
 
     def _final(self, reply: LLMReply) -> Directive:
         try:
             plan = parse_plan(reply.text)
         except ValueError as problem:
             return self._rejected(reply, str(problem))
-        text = render(plan)
+        text = plan.as_text()  # the assistant message: the plan as a person reads it
         outcome = self._success(msgspec.structs.replace(reply, text=text))
         return self._done(Commit(msgspec.structs.replace(outcome, artifacts=[Artifact("plan", msgspec.to_builtins(plan))])))
 
@@ -120,7 +90,7 @@ class PlanningRun(CodingRun):
             ).info()))
         self._retries_left -= 1
         # The rejected reply and why, as the next call's last messages: the model sees its mistake.
-        self._transcript.extend([
+        self._feedback.extend([
             ContextMessage("assistant", reply.text[:20_000]),
             ContextMessage("user", f"That plan was rejected: {problem}. Reply with the corrected JSON plan only."),
         ])
