@@ -8,6 +8,11 @@ system-wide CLOCK_MONOTONIC on Linux, so client, daemon and worker stamps compar
 The daemon's stamps are written to TRACE_DIR/daemon.msgpack when it exits; each worker
 appends its run's start and end to TRACE_DIR/workers.txt. A hook whose method has
 gone (the daemon is being changed under us) is skipped and its hop reads n/a.
+
+The workers run `TracedTurnTarget`, the daemon's own target with only its `run`
+stamped: its `prepare` (in the zygote, before any fork) and `warm` (in each spare,
+before it says Ready) are the real ones, inherited, so the worker traced is as warm
+as the worker measured untraced.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from genvisor.modes import runtime as _modes_runtime
+from genvisor.modes.loop import TurnTarget
 
 _TRACE_ENV = "GENVISOR_BENCH_TRACE"
 _stamps: list[tuple[str, float]] = []
@@ -64,7 +69,11 @@ def install() -> list[str]:
     from genvisor.ipc.trio_zmq import TrioSocket
     from genvisor.supervisor import pool, runs
 
-    server.WORKER_TARGET = "bench.traced_daemon:execute"
+    unhooked = []
+    if server.WORKER_TARGET is TurnTarget:
+        server.WORKER_TARGET = TracedTurnTarget
+    else:  # a target this bench does not know: leave it, untraced, rather than run another
+        unhooked.append("worker")
     hooks = [
         (TrioSocket, "recv_multipart", "recv", "exit"),  # a client frame is in
         (runtime.Runtime, "generate", "admitted", "exit"),  # journaled, spec built, run handed over
@@ -72,27 +81,28 @@ def install() -> list[str]:
         (runs.RunHandle, "_settle", "settled", "exit"),  # the worker's Finished is read
         (runtime.Runtime, "_finish", "committed", "exit"),  # outcome applied, its journal writes submitted
         (durable.DurableLog, "_commit", "durable", "exit"),  # a batch of journal writes is durable
-        (TrioSocket, "send_multipart", "sent", "exit"),  # a frame handed to ZeroMQ
+        (TrioSocket, "try_send_multipart", "sent", "exit"),  # a frame handed to ZeroMQ (the outbox's only send; False: not sent)
         (pool.WorkerPool, "_spawn", "spawn_end", "exit"),  # a spare forked and Ready
         (pool.WorkerPool, "_spawn", "spawn_begin", "entry"),
     ]
-    return [label for owner, name, label, at in hooks if not _wrap(owner, name, label, at=at)]
+    return unhooked + [label for owner, name, label, at in hooks if not _wrap(owner, name, label, at=at)]
 
 
-async def execute(spec: msgspec.Raw, emit: Any) -> Any:
-    """The worker's run target, stamped at its start and end."""
-    started = time.perf_counter()
-    outcome = await _modes_runtime.execute(spec, emit)
-    ended = time.perf_counter()
-    fd = os.open(os.environ[_TRACE_ENV] + "/workers.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{started} {ended}\n".encode())  # one small O_APPEND write: atomic
-    finally:
-        os.close(fd)
-    return outcome
+class TracedTurnTarget(TurnTarget):
+    """The daemon's worker target, its run stamped at its start and end. Only `run` is
+    overridden: `prepare` and `warm` are TurnTarget's, so the zygote and the spares do
+    what they do for the daemon untraced."""
 
-
-execute.warm = _modes_runtime.execute.warm  # type: ignore[attr-defined]
+    async def run(self, spec: msgspec.Raw, emit: Any, host: Any) -> Any:
+        started = time.perf_counter()
+        outcome = await super().run(spec, emit, host)
+        ended = time.perf_counter()
+        fd = os.open(os.environ[_TRACE_ENV] + "/workers.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{started} {ended}\n".encode())  # one small O_APPEND write: atomic
+        finally:
+            os.close(fd)
+        return outcome
 
 
 def main(argv: list[str]) -> int:
@@ -109,4 +119,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as the module the zygote will import: the workers' target must be found by
+    # its name, bench.traced_daemon:TracedTurnTarget (not __main__'s copy of it).
+    from bench.traced_daemon import main as traced_main
+
+    sys.exit(traced_main(sys.argv[1:]))
