@@ -65,7 +65,7 @@ def _wrap(owner: Any, name: str, label: str, *, at: str = "exit") -> bool:
 
 def install() -> list[str]:
     """Wrap the hops of a generation; returns the labels that could not be hooked."""
-    from genvisor.daemon import durable, runtime, server
+    from genvisor.daemon import durable, generations, server
     from genvisor.ipc.trio_zmq import TrioSocket
     from genvisor.supervisor import pool, runs
 
@@ -76,10 +76,10 @@ def install() -> list[str]:
         unhooked.append("worker")
     hooks = [
         (TrioSocket, "recv_multipart", "recv", "exit"),  # a client frame is in
-        (runtime.Runtime, "generate", "admitted", "exit"),  # journaled, spec built, run handed over
+        (generations.Generations, "generate", "admitted", "exit"),  # journaled, spec built, run handed over
         (runs.Supervisor, "_converse", "acquired", "entry"),  # a spare in hand, Start about to go
         (runs.RunHandle, "_settle", "settled", "exit"),  # the worker's Finished is read
-        (runtime.Runtime, "_finish", "committed", "exit"),  # outcome applied, its journal writes submitted
+        (generations.Generations, "_finish", "committed", "exit"),  # outcome applied, its journal writes submitted
         (durable.DurableLog, "_commit", "durable", "exit"),  # a batch of journal writes is durable
         (TrioSocket, "try_send_multipart", "sent", "exit"),  # a frame handed to ZeroMQ (the outbox's only send; False: not sent)
         (pool.WorkerPool, "_spawn", "spawn_end", "exit"),  # a spare forked and Ready

@@ -1,11 +1,12 @@
-"""The embedded runtime: the daemon's runtime inside this process, runs in-process.
+"""The embedded daemon: a daemon's service inside this process, its runs in-process.
 
-No daemon, no sockets, no worker processes — for tests and for embedding genvisor in
-a Python program. It is the same `Runtime` behind the same `Front`, driven by the
-same `Client`, through an in-memory pipe; only the executor differs. Trio runs in a
-background thread, so the client side stays synchronous.
+No daemon process, no sockets, no worker processes — for tests and for embedding
+genvisor in a Python program. It is the same `Service` behind the same `Front`,
+driven by the same `Client` through an in-memory pipe (`connect`, the transport a
+client opens); only the executor differs. Trio runs in a background thread, so the
+client side stays synchronous.
 
-    with EmbeddedRuntime() as runtime, runtime.client() as client:
+    with EmbeddedDaemon() as daemon, Client(transport=daemon.connect) as client:
         conversation, result = client.send_and_generate("c1", "hello")
 """
 
@@ -18,20 +19,19 @@ import threading
 import trio
 import zmq
 
-from genvisor.client.client import Client
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
-from genvisor.daemon.runtime import Runtime
+from genvisor.daemon.service import Service
 from genvisor.daemon.server import WORKER_TARGET
 from genvisor.daemon.store import MemoryStore, Store
 from genvisor.supervisor.inprocess import InProcessExecutor
 
 
-class EmbeddedRuntime:
+class EmbeddedDaemon:
     def __init__(self, config: Config | None = None, store: Store | None = None) -> None:
         self._config = config or Config()
-        # In memory unless given: an embedded runtime lives as long as its program.
-        # A store passed in outlives the runtime (a second one over it sees the first's).
+        # In memory unless given: an embedded daemon lives as long as its program.
+        # A store passed in outlives the daemon (a second one over it sees the first's).
         self._store = store or MemoryStore()
         self._inboxes: dict[int, queue.SimpleQueue[bytes]] = {}
         self._owners = itertools.count(1)
@@ -42,14 +42,14 @@ class EmbeddedRuntime:
         self._front: Front | None = None
         self._nursery: trio.Nursery | None = None
         self._failure: BaseException | None = None
-        self.runtime: Runtime | None = None  # for inspection (telemetry) from this thread
+        self.service: Service | None = None  # for inspection (telemetry) from this thread
 
-    def __enter__(self) -> EmbeddedRuntime:
+    def __enter__(self) -> EmbeddedDaemon:
         self._thread = threading.Thread(target=self._main, name="genvisor-embedded", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._failure is not None:
-            raise RuntimeError("the embedded runtime failed to start") from self._failure
+            raise RuntimeError("the embedded daemon failed to start") from self._failure
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -62,9 +62,6 @@ class EmbeddedRuntime:
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         self._thread.join()
         self._thread = None
-
-    def client(self, timeout_ms: int = 10_000) -> Client:
-        return Client(timeout_ms=timeout_ms, transport=self._open_pipe)
 
     # ---- the Trio side -----------------------------------------------------------------
 
@@ -79,18 +76,18 @@ class EmbeddedRuntime:
     async def _serve(self) -> None:
         executor = InProcessExecutor(WORKER_TARGET)
         front = self._front = await open_front(self._config, executor, "embedded", self._store)
-        runtime = self.runtime = front.runtime
+        service = self.service = front.service
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(executor.run)
-            await nursery.start(runtime.run)
+            await nursery.start(service.run)
             nursery.start_soon(front.pump, self._deliver)
             self._ready.set()
             await self._stop.wait()
-            runtime.shutdown()
-            await runtime.drained()
+            service.generations.shutdown()
+            await service.generations.drained()
             await front.flush()
             nursery.cancel_scope.cancel()
 
@@ -103,7 +100,8 @@ class EmbeddedRuntime:
 
     # ---- the client side ---------------------------------------------------------------
 
-    def _open_pipe(self) -> _Pipe:
+    def connect(self) -> _Pipe:
+        """A new client connection: the transport `Client(transport=daemon.connect)` opens."""
         owner = next(self._owners)
         self._inboxes[owner] = queue.SimpleQueue()
         return _Pipe(self, owner)
@@ -112,7 +110,7 @@ class EmbeddedRuntime:
 class _Pipe:
     """A client's end of the in-memory transport (the `Transport` a Client needs)."""
 
-    def __init__(self, runtime: EmbeddedRuntime, owner: int) -> None:
+    def __init__(self, runtime: EmbeddedDaemon, owner: int) -> None:
         self._runtime = runtime
         self._owner = owner
         self._inbox = runtime._inboxes[owner]

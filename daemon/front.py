@@ -1,6 +1,6 @@
-"""The front: client frames in, runtime calls, frames out — whatever carries the bytes.
+"""The front: client frames in, service calls, frames out — whatever carries the bytes.
 
-The ZeroMQ server and the embedded runtime both feed it `(owner, frame bytes)` and
+The ZeroMQ server and the embedded daemon both feed it `(owner, frame bytes)` and
 drain its outbox, so a call behaves the same on either, bad input included. Every
 frame is answered: one that does not decode gets `BadRequest`, a handler bug gets
 `InternalError` with an incident id that is also logged. All replies and
@@ -21,14 +21,15 @@ import trio
 from genvisor import __version__
 from genvisor.daemon.config import Config
 from genvisor.daemon.durable import DurableLog
-from genvisor.daemon.runtime import Executor, Runtime
+from genvisor.daemon.generations import Executor
+from genvisor.daemon.service import Service
 from genvisor.daemon.store import Store
 from genvisor.errors import BadRequest, GenvisorError, InternalError, Overloaded
 from genvisor.ipc import codec
 from genvisor.ipc import frames as f
 from genvisor.logevent import RateLimit, event
 from genvisor.modes.registry import supported_modes
-from genvisor.supervisor.admission import Admission
+from genvisor.daemon.admission import Admission
 from genvisor.types import DaemonInfo, DaemonStatus, GenerationEvent, Notification
 
 log = logging.getLogger("genvisor.daemon")
@@ -38,14 +39,14 @@ Outgoing = tuple[Owner, bytes, int]  # the frame, and how much of the journal mu
 
 
 async def open_front(config: Config, executor: Executor, endpoint: str, store: Store) -> Front:
-    """The runtime `config` describes, restored from `store` and running on `executor`,
+    """The service `config` describes, restored from `store` and running on `executor`,
     behind a front that carries its notifications."""
     retained_since = time.time() - config.generations.outcome_retention_s
     if store.blocking:
         snapshot = await trio.to_thread.run_sync(lambda: store.load(retained_since=retained_since))
     else:
         snapshot = store.load(retained_since=retained_since)
-    runtime = Runtime(
+    service = Service(
         executor=executor,
         journal=DurableLog(store),
         admission=Admission(max_active=config.admission.max_active, max_queued=config.admission.max_queued),
@@ -56,12 +57,12 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
         snapshots=config.state_path() / "snapshots",
         notify=lambda owner, note: front.notify(owner, note),
     )
-    resolved = runtime.restore(snapshot)
-    await runtime.settle_interrupted()
+    resolved = service.restore(snapshot)
+    await service.generations.settle_interrupted()
     if snapshot.conversations:
         log.info("journal %s: %d conversations restored, %d interrupted generations resolved as daemon_restarted",
                  store.describe(), len(snapshot.conversations), resolved)
-    front = Front(runtime, endpoint, max_unread_bytes=config.clients.max_unread_bytes)
+    front = Front(service, endpoint, max_unread_bytes=config.clients.max_unread_bytes)
     return front
 
 
@@ -72,14 +73,14 @@ REFUSALS_BYTES = 1024 * 1024
 
 
 class Front:
-    def __init__(self, runtime: Runtime, endpoint: str, max_unread_bytes: int) -> None:
-        self.runtime = runtime
-        self._runtime = runtime
+    def __init__(self, service: Service, endpoint: str, max_unread_bytes: int) -> None:
+        self.service = service
+        self._service = service
         self._endpoint = endpoint
         self.metrics_address: str | None = None  # set by the server when it serves metrics
         self._started = time.monotonic()
         self._outbox_send, self.outbox = trio.open_memory_channel[Outgoing | trio.Event](math.inf)
-        self._journal = runtime.journal
+        self._journal = service.journal
         # Bytes queued for each connection and not yet handed to its transport. A reply
         # or a terminal notification is never dropped; so that a client that does not
         # read cannot grow this without bound, past the budget its progress events are
@@ -95,7 +96,7 @@ class Front:
         """Handle one client frame. Every handler's synchronous part runs before this
         returns, so calls to one conversation take effect in arrival order; a call that
         then waits (an await) answers later, from a task of `nursery`."""
-        self._runtime.telemetry.requests_received.inc()
+        self._service.telemetry.requests_received.inc()
         try:
             frame = codec.decode_request(data)
         except codec.BadRequestFrame as exc:
@@ -115,13 +116,13 @@ class Front:
             self._reply(owner, frame.id, answer)
 
     def reject(self, owner: Owner, request_id: int, exc: BadRequest) -> None:
-        self._runtime.telemetry.frames_rejected.inc()
+        self._service.telemetry.frames_rejected.inc()
         if (held := self._reject_log.allow()) is not None:  # a fuzzing client must not flood the log
             event(log, "frame.rejected", logging.WARNING, request_id=request_id, detail=str(exc)[:200], suppressed=held)
         self._put(owner, codec.encode_failure(request_id, exc.info()))
 
     def _refuse_unread(self, owner: Owner, request_id: int, unread: int) -> None:
-        telemetry = self._runtime.telemetry
+        telemetry = self._service.telemetry
         if unread > self._max_unread + REFUSALS_BYTES:
             telemetry.requests_unanswered.inc()
             return
@@ -137,13 +138,13 @@ class Front:
     def notify(self, owner: Owner, note: Notification) -> None:
         data = codec.encode_notification(note)
         if isinstance(note, GenerationEvent) and self._unread.get(owner, 0) + len(data) > self._max_unread:
-            self._runtime.telemetry.events_shed.inc()  # progress only: the terminal notification is never shed
+            self._service.telemetry.events_shed.inc()  # progress only: the terminal notification is never shed
             return
         self._put(owner, data)
 
     def _put(self, owner: Owner, data: bytes) -> None:
         self._unread[owner] = self._unread.get(owner, 0) + len(data)
-        # Everything the runtime wrote before this frame was queued must be durable
+        # Everything the service wrote before this frame was queued must be durable
         # before the frame leaves (group commit: one wait covers many frames).
         self._outbox_send.send_nowait((owner, data, self._journal.submitted))
 
@@ -203,69 +204,69 @@ class Front:
         return DaemonInfo(__version__, os.getpid(), time.monotonic() - self._started, self._endpoint)
 
     def _status(self, owner: Owner, r: f.GetStatus) -> DaemonStatus:
-        return self._runtime.status(self._ping(owner, f.Ping()), self.metrics_address)
+        return self._service.status(self._ping(owner, f.Ping()), self.metrics_address)
 
     def _ensure(self, owner: Owner, r: f.EnsureConversation) -> f.Ensured:
-        return f.Ensured(*self._runtime.ensure_conversation(r.id, r.project_id, r.metadata))
+        return f.Ensured(*self._service.conversations.ensure_conversation(r.id, r.project_id, r.metadata))
 
     def _cancel(self, owner: Owner, r: f.CancelGeneration) -> f.Empty:
-        self._runtime.cancel_generation(r.loc, r.reason)
+        self._service.generations.cancel_generation(r.loc, r.reason)
         return f.Empty()
 
     def _stop(self, owner: Owner, r: f.StopConversation) -> f.Empty:
-        self._runtime.stop_conversation(r.loc)
+        self._service.conversations.stop_conversation(r.loc)
         return f.Empty()
 
     def _await(self, owner: Owner, r: f.AwaitGeneration) -> Later:
-        record = self._runtime.find_generation(r.loc, r.ref, r.timeout_ms)
-        return Later(lambda: self._runtime.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason))
+        record = self._service.generations.find_generation(r.loc, r.ref, r.timeout_ms)
+        return Later(lambda: self._service.generations.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason))
 
     def _send_and_generate(self, owner: Owner, r: f.SendAndGenerate) -> Later:
-        record = self._runtime.send_and_generate(r.loc, r.content, r.message_metadata, r.options, owner, r.timeout_ms)
+        record = self._service.generations.send_and_generate(r.loc, r.content, r.message_metadata, r.options, owner, r.timeout_ms)
 
         async def wait() -> f.ConversationAndResult:
-            result = await self._runtime.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason)
-            return f.ConversationAndResult(self._runtime.conversation(r.loc), result)
+            result = await self._service.generations.await_outcome(record, r.timeout_ms, r.cancel_on_timeout, r.cancel_reason)
+            return f.ConversationAndResult(self._service.conversations.conversation(r.loc), result)
 
         return Later(wait)
 
     def _turn_changes(self, owner: Owner, r: f.TurnChanges) -> Later:
-        change_set = self._runtime.find_change_set(r.loc, r.ref)
-        return Later(lambda: self._runtime.turn_changes(change_set))
+        change_set = self._service.change_sets.find_change_set(r.loc, r.ref)
+        return Later(lambda: self._service.change_sets.turn_changes(change_set))
 
     def _revert_turn(self, owner: Owner, r: f.RevertTurn) -> Later:
-        change_set = self._runtime.check_revertible(r.loc, r.ref)
-        return Later(lambda: self._runtime.revert_turn(change_set, r.reason))
+        change_set = self._service.change_sets.check_revertible(r.loc, r.ref)
+        return Later(lambda: self._service.change_sets.revert_turn(change_set, r.reason))
 
     # Each returns the reply's body, or a `Later` for a call that waits.
     _handlers: dict[type, Callable[[Front, Owner, Any], Any]] = {
         f.Ping: _ping,
-        f.StartConversation: lambda self, o, r: self._runtime.start_conversation(r.id, r.project_id, r.metadata),
+        f.StartConversation: lambda self, o, r: self._service.conversations.start_conversation(r.id, r.project_id, r.metadata),
         f.EnsureConversation: _ensure,
-        f.SendUserMessage: lambda self, o, r: self._runtime.send_user_message(r.loc, r.content, r.metadata),
-        f.RecordAssistantMessage: lambda self, o, r: self._runtime.record_assistant_message(r.loc, r.content, r.metadata),
-        f.ConfigureLLM: lambda self, o, r: self._runtime.configure_llm(r.loc, r.backend, r.provider, r.model, r.options),
-        f.ConfigureSkills: lambda self, o, r: self._runtime.configure_skills(r.loc, r.enabled),
-        f.ConfigureMode: lambda self, o, r: self._runtime.configure_mode(
+        f.SendUserMessage: lambda self, o, r: self._service.conversations.send_user_message(r.loc, r.content, r.metadata),
+        f.RecordAssistantMessage: lambda self, o, r: self._service.conversations.record_assistant_message(r.loc, r.content, r.metadata),
+        f.ConfigureLLM: lambda self, o, r: self._service.conversations.configure_llm(r.loc, r.backend, r.provider, r.model, r.options),
+        f.ConfigureSkills: lambda self, o, r: self._service.conversations.configure_skills(r.loc, r.enabled),
+        f.ConfigureMode: lambda self, o, r: self._service.conversations.configure_mode(
             r.loc, r.mode, r.mode_state, reason=r.reason, force=r.force, cancel_reason=r.cancel_reason, cause_id=r.cause_id
         ),
-        f.GetConversation: lambda self, o, r: self._runtime.conversation(r.loc),
-        f.GetDerivedState: lambda self, o, r: self._runtime.derived_state(r.loc),
-        f.GetMessages: lambda self, o, r: self._runtime.conversation_messages(r.loc, r.max_messages, r.roles),
-        f.GetLLMContext: lambda self, o, r: self._runtime.conversation_llm_context(r.loc, r.max_messages, r.include_system, r.include_tool),
-        f.GetTimeline: lambda self, o, r: self._runtime.conversation_timeline(r.loc),
-        f.GetThreadEntries: lambda self, o, r: self._runtime.conversation_thread_entries(r.loc),
-        f.GetMode: lambda self, o, r: f.ModeId(self._runtime.mode(r.loc)),
+        f.GetConversation: lambda self, o, r: self._service.conversations.conversation(r.loc),
+        f.GetDerivedState: lambda self, o, r: self._service.conversations.derived_state(r.loc),
+        f.GetMessages: lambda self, o, r: self._service.conversations.conversation_messages(r.loc, r.max_messages, r.roles),
+        f.GetLLMContext: lambda self, o, r: self._service.conversations.conversation_llm_context(r.loc, r.max_messages, r.include_system, r.include_tool),
+        f.GetTimeline: lambda self, o, r: self._service.conversations.conversation_timeline(r.loc),
+        f.GetThreadEntries: lambda self, o, r: self._service.conversations.conversation_thread_entries(r.loc),
+        f.GetMode: lambda self, o, r: f.ModeId(self._service.conversations.mode(r.loc)),
         f.SupportedModes: lambda self, o, r: supported_modes(),
         f.StopConversation: _stop,
-        f.GetTelemetry: lambda self, o, r: self._runtime.telemetry.snapshot(),
+        f.GetTelemetry: lambda self, o, r: self._service.telemetry.snapshot(),
         f.GetStatus: _status,
-        f.GenerateAssistantReply: lambda self, o, r: f.GenerationRef(self._runtime.generate(r.loc, r.options, o)),
+        f.GenerateAssistantReply: lambda self, o, r: f.GenerationRef(self._service.generations.generate(r.loc, r.options, o)),
         f.CancelGeneration: _cancel,
         f.AwaitGeneration: _await,
         f.SendAndGenerate: _send_and_generate,
         f.TurnChanges: _turn_changes,
-        f.GetPlans: lambda self, o, r: self._runtime.plans(r.loc),
+        f.GetPlans: lambda self, o, r: self._service.conversations.plans(r.loc),
         f.RevertTurn: _revert_turn,
     }
 

@@ -3,7 +3,7 @@
     serve (trio.run)
     └─ nursery
        ├─ supervisor      zygote, spare workers, runs
-       ├─ runtime         conversations, generations, outcome retention
+       ├─ service         conversations, generations, change sets, outcome retention
        ├─ front           ROUTER: receive → dispatch → one outgoing queue → send
        ├─ signals         SIGTERM/SIGINT → graceful shutdown
        └─ watchdog        sd_notify WATCHDOG=1 under systemd (READY/STOPPING too)
@@ -112,17 +112,17 @@ async def serve(config: Config) -> int:
             secure_ipc_socket(endpoint, config.ipc_group_access)
         async with TrioSocket.open(router) as sock:
             outbox = RouterOutbox(sock, on_done=front.delivered)
-            runtime = front.runtime
-            pool.on_spawn = runtime.telemetry.worker_spawn_seconds.observe
+            service = front.service
+            pool.on_spawn = service.telemetry.worker_spawn_seconds.observe
             if config.metrics:
-                metrics = MetricsServer(config.metrics, runtime.telemetry.registry)
+                metrics = MetricsServer(config.metrics, service.telemetry.registry)
                 front.metrics_address = metrics.address
                 event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
             async with trio.open_nursery() as nursery:
                 stop, serving = trio.Event(), trio.Event()
                 await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
                 await nursery.start(supervisor.run)
-                await nursery.start(runtime.run)
+                await nursery.start(service.run)
                 nursery.start_soon(_serve_socket, sock, front, outbox)
                 serving.set()
                 event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
@@ -131,7 +131,7 @@ async def serve(config: Config) -> int:
                 nursery.start_soon(notifier.keep_watchdog)
                 await stop.wait()
                 notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
-                runtime.shutdown()
+                service.generations.shutdown()
                 await _drain_and_stop(nursery, supervisor, front, outbox)
     finally:
         if authenticator is not None:
@@ -186,7 +186,7 @@ async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.Canc
 async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: Front, outbox: RouterOutbox) -> None:
     # Runs are canceled; their teardown (grace + kill) is bounded by the worker config,
     # and then their workspaces are undone and journaled before the journal stops.
-    await front.runtime.drained()
+    await front.service.generations.drained()
     while supervisor.active:
         handle = next(iter(supervisor.active.values()))
         await handle.cleaned_up.wait()

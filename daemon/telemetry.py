@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from genvisor.errors import LLMErrorCategory
-from genvisor.ipc.frames import TelemetryCount
+from genvisor.types import TelemetryCount
 from genvisor.types import LatencySummary
 
 OUTCOMES = ("completed", "failed", "canceled")

@@ -19,6 +19,25 @@ TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cance
 EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "completed"]
 
 
+class Locator(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A conversation address: `id` alone, or `id` under `project_id` (exactly two
+    parts: a third is refused, not ignored)."""
+
+    project_id: str | None
+    id: str
+
+
+class TelemetryCount(msgspec.Struct, frozen=True):
+    """One counter of run telemetry (see daemon.telemetry)."""
+
+    event: str  # "run_started" | "run_finished"
+    mode: str
+    backend: str
+    outcome: str  # "" for run_started
+    category: str  # "" for run_started, "none" for a success
+    count: int
+
+
 class Message(msgspec.Struct, frozen=True):
     entry_id: str
     seq: int

@@ -14,11 +14,11 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import trio
 
+from genvisor.limits import MAX_CHANNEL_FRAME
+
 T = TypeVar("T")
 
 _LENGTH = struct.Struct("!I")
-# A run spec carries the whole context window; same bound as a client frame (ipc.frames).
-MAX_CHANNEL_FRAME = 64 * 1024 * 1024
 
 
 class FrameTooLarge(Exception):

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import ErrorInfo
-from genvisor.types import Conversation, LLMResult, Notification
+from genvisor.types import Conversation, LLMResult, Locator, Notification, TelemetryCount  # noqa: F401 — part of the wire
 
 PROTOCOL_VERSION = 1
 
@@ -24,14 +24,6 @@ PROTOCOL_VERSION = 1
 # are answered BadRequest; above HARD_MAX_FRAME_BYTES ZeroMQ drops the peer unread.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 HARD_MAX_FRAME_BYTES = 4 * MAX_FRAME_BYTES
-
-
-class Locator(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """A conversation address: `id` alone, or `id` under `project_id` (exactly two
-    parts: a third is refused, not ignored)."""
-
-    project_id: str | None
-    id: str
 
 
 # ---- requests -------------------------------------------------------------------------
@@ -247,17 +239,6 @@ class Ensured(msgspec.Struct, frozen=True):
 
 class ModeId(msgspec.Struct, frozen=True):
     mode: str
-
-
-class TelemetryCount(msgspec.Struct, frozen=True):
-    """One counter of run telemetry (see daemon.telemetry)."""
-
-    event: str  # "run_started" | "run_finished"
-    mode: str
-    backend: str
-    outcome: str  # "" for run_started
-    category: str  # "" for run_started, "none" for a success
-    count: int
 
 
 class ConversationAndResult(msgspec.Struct, frozen=True):

@@ -13,10 +13,10 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import LLMError
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMRequest, RunDefaults, RunSpec
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMRequest, RunSpec
 from genvisor.modes.protocol import AssemblyRequest
 from genvisor.modes.tools import manifest
-from genvisor.types import ContextMessage, DerivedState, Message
+from genvisor.types import ContextMessage, Message
 
 
 class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

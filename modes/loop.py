@@ -18,7 +18,7 @@ import trio
 
 from genvisor.errors import LLMError
 from genvisor.host import Host
-from genvisor.ipc.channel import MAX_CHANNEL_FRAME
+from genvisor.limits import MAX_CHANNEL_FRAME
 from genvisor.modes import scripted
 from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
 from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, LLMReplied, RunTools, Start, ToolsFinished

@@ -6,6 +6,7 @@ process behind. The daemon process and the waits are the bench's too
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import shutil
@@ -129,18 +130,19 @@ def shared_daemon(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["in_process", "worker_process"])
 def connect(request, tmp_path_factory):
-    """A client factory for each executor: the embedded runtime (runs in-process) and a
+    """A client factory for each executor: the embedded daemon (runs in-process) and a
     real daemon (a fresh worker process per run). Tests using it run on both."""
     if request.param == "in_process":
+        from genvisor.client import Client
         from genvisor.daemon.config import load_config
-        from genvisor.daemon.embedded import EmbeddedRuntime
+        from genvisor.daemon.embedded import EmbeddedDaemon
 
         directory = tmp_path_factory.mktemp("embedded")
         path = directory / "genvisor.toml"
         path.write_text(TEST_CONFIG)
-        runtime = EmbeddedRuntime(load_config(path, state_dir=str(directory / "state"))).__enter__()
-        request.addfinalizer(runtime.close)
-        return runtime.client
+        embedded = EmbeddedDaemon(load_config(path, state_dir=str(directory / "state"))).__enter__()
+        request.addfinalizer(embedded.close)
+        return functools.partial(Client, transport=embedded.connect)
     return request.getfixturevalue("shared_daemon").client
 
 

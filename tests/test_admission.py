@@ -7,7 +7,7 @@ import trio
 
 from conftest import TEST_CONFIG, Daemon
 from genvisor.errors import GenerationCanceled, NotFound, Overloaded
-from genvisor.supervisor.admission import Admission
+from genvisor.daemon.admission import Admission
 
 # ---- the admission itself ---------------------------------------------------------------
 

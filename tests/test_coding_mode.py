@@ -9,7 +9,7 @@ from genvisor.modes.coding import CodingRun
 from genvisor.modes.conversation import JournalEntry, fold
 from genvisor.modes.llm import BackendConfig, LLMReply, RunDefaults
 from genvisor.modes.protocol import (
-    AssemblyRequest, CallLLM, Commit, Fail, LLMFailed, LLMReplied, ProtocolViolation, RunTools, Start, ToolsFinished,
+    AssemblyRequest, CallLLM, Commit, Fail, LLMReplied, ProtocolViolation, RunTools, Start, ToolsFinished,
 )
 from genvisor.types import DerivedState, ToolCall, ToolResult
 

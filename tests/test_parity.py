@@ -396,26 +396,26 @@ def test_parity(connect, scenario):
 
 def test_shutdown_ends_every_run_exactly_once_in_telemetry(tmp_path):
     from genvisor.daemon.config import Config
-    from genvisor.daemon.embedded import EmbeddedRuntime
+    from genvisor.daemon.embedded import EmbeddedDaemon
 
-    with EmbeddedRuntime(Config(state_dir=str(tmp_path))) as runtime, runtime.client() as client:
+    with EmbeddedDaemon(Config(state_dir=str(tmp_path))) as runtime, Client(transport=runtime.connect) as client:
         for n in range(3):
             client.send_user_message(f"s{n}", "hi")
             client.generate_assistant_reply(f"s{n}", **SLOW)
         client.send_and_generate("done", "hi")
-    counts = {(c.event, c.outcome, c.category): c.count for c in runtime.runtime.telemetry.snapshot()}
+    counts = {(c.event, c.outcome, c.category): c.count for c in runtime.service.telemetry.snapshot()}
     assert counts == {STARTED: 4, COMPLETED: 1, ("run_finished", "canceled", "canceled"): 3}
 
 
 def test_tools_run_in_process_too(tmp_path):
     from genvisor.daemon.config import Config
-    from genvisor.daemon.embedded import EmbeddedRuntime
+    from genvisor.daemon.embedded import EmbeddedDaemon
 
     script = [
         {"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", "echo from-the-command > made.txt; echo done"]}}]},
         {"text": "ok"},
     ]
-    with EmbeddedRuntime(Config(state_dir=str(tmp_path))) as runtime, runtime.client() as client:
+    with EmbeddedDaemon(Config(state_dir=str(tmp_path))) as runtime, Client(transport=runtime.connect) as client:
         client.start_conversation("t", metadata={"workspace": str(tmp_path / "ws")})
         client.configure_skills("t", ["run_command"])
         _, result = client.send_and_generate("t", "go", generation_opts={"backend_opts": {"script": script}})

@@ -1,0 +1,564 @@
+"""A daemon's generations: each run from its admission to its one outcome, and the
+outcomes kept for re-awaits.
+
+A run has exactly one outcome: whichever of commit, failure or cancel settles its
+`GenerationRecord` first (`_settle`, the one place that does); the others find it
+settled and change nothing. Its slot is held until its processes are gone, and its
+workspace is settled (undone, or kept as its change set) before the conversation's
+next run starts. Whatever goes wrong inside a run's handling is that run's failure,
+never the daemon's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from typing import Any, Callable, Hashable, Protocol
+
+import msgspec
+import trio
+
+from genvisor.daemon.admission import Admission, Slot
+from genvisor.daemon.conversations import ConversationKey, ConversationRecord, Conversations, check_limit, key_of
+from genvisor.daemon.durable import DurableLog
+from genvisor.daemon.store import ForgetGenerations, GenerationFinished, GenerationStarted, StoredGeneration, StoredOutcome, StoreFailed
+from genvisor.daemon.telemetry import Telemetry
+from genvisor.daemon.workspaces import Workspaces, excludes
+from genvisor.errors import (
+    AwaitTimeout,
+    ErrorInfo,
+    GenerationCanceled,
+    GenerationInProgress,
+    LLMError,
+    LLMErrorCategory,
+    NoGenerationInProgress,
+    NotFound,
+    Overloaded,
+)
+from genvisor.limits import MAX_CHANNEL_FRAME
+from genvisor.logevent import RateLimit, event
+from genvisor.modes import workspace_snapshot
+from genvisor.modes.llm import RunDefaults, RunSpec, RunSucceeded
+from genvisor.modes.protocol import AssemblyRequest, MalformedOutcome, decode_outcome
+from genvisor.modes.registry import registry
+from genvisor.supervisor.runs import Broken, Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
+from genvisor.types import (
+    GenerationCanceled as CanceledNote,
+    GenerationEvent,
+    GenerationResult,
+    LLMResult,
+    Locator,
+    Notification,
+)
+
+Owner = Hashable
+Notify = Callable[[Owner, Notification], None]
+
+log = logging.getLogger("genvisor.daemon")
+
+# A run's spec travels to its worker as one channel frame; the Start frame around it
+# takes a few bytes, kept well clear of.
+MAX_SPEC_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
+
+_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
+
+
+class Executor(Protocol):
+    """Runs a RunSpec somewhere and reports one outcome on the handle it returns."""
+
+    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle: ...
+
+    def health(self) -> ExecutorHealth: ...
+
+
+class GenerationRecord:
+    """A generation's outcome, kept for re-awaits after the run ends."""
+
+    def __init__(self, ref: str, key: ConversationKey, run_id: str) -> None:
+        self.ref = ref
+        self.key = key
+        self.run_id = run_id
+        self.done = trio.Event()
+        self.result: LLMResult | None = None
+        self.error: ErrorInfo | None = None
+        self.canceled: str | None = None
+        self.finished_at: float | None = None  # wall clock: retention outlives restarts
+
+    def outcome(self) -> LLMResult:
+        if self.canceled is not None:
+            raise GenerationCanceled(self.canceled, self.ref)
+        if self.error is not None:
+            raise self.error.to_exception()
+        assert self.result is not None
+        return self.result
+
+
+class ActiveGeneration:
+    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec, slot: Slot, encoded_spec: bytes) -> None:
+        self.record = record
+        self.owner = owner
+        self.spec = spec
+        self.encoded_spec = encoded_spec
+        self.slot = slot
+        self.queue_scope = trio.CancelScope()  # cancelled when the run ends while still queued
+        self.handle: RunHandle | None = None
+        self.created_at = time.perf_counter()
+        self.started_at: float | None = None  # perf_counter, once admitted to a worker
+        # The error of a run that changed its workspace: its outcome waits for the
+        # workspace to be restored, so that it can say what became of it.
+        self.failure: ErrorInfo | None = None
+
+    def run_seconds(self) -> float | None:
+        return None if self.started_at is None else time.perf_counter() - self.started_at
+
+
+class Generations:
+    def __init__(
+        self, *, executor: Executor, journal: DurableLog, conversations: Conversations, workspaces: Workspaces,
+        admission: Admission, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, notify: Notify,
+        telemetry: Telemetry,
+    ) -> None:
+        self._executor = executor
+        self._journal = journal
+        self._conversations = conversations
+        self._workspaces = workspaces
+        self.admission = admission
+        self._defaults = defaults
+        self._deadline_grace_s = deadline_grace_s
+        self._retention_s = retention_s
+        self._notify = notify
+        self.telemetry = telemetry
+        self._generations: dict[str, GenerationRecord] = {}
+        self._nursery: trio.Nursery | None = None
+        self._admitting = True
+        self._admission_log = RateLimit()
+        self._driving = 0  # runs not yet settled to the end (their workspaces included)
+        self._drained = trio.Event()
+        self._interrupted: list[tuple[ConversationRecord, GenerationRecord]] = []  # by `restore`: workspaces to undo
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._expire_outcomes)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def restore(self, stored: list[StoredGeneration]) -> int:
+        """Take back the generations the store holds; call once, before serving. A
+        generation that was in flight when the daemon died is resolved here, once, as
+        failed with reason `daemon_restarted`: its turn never committed (a commit is one
+        transaction), so nothing is duplicated. Returns how many were resolved."""
+        resolved = 0
+        for stored_generation in stored:
+            record = GenerationRecord(stored_generation.ref, stored_generation.key, stored_generation.run_id)
+            self._generations[record.ref] = record
+            if stored_generation.outcome is None:
+                error = LLMError(
+                    "unknown", "the daemon restarted while the generation was running; nothing of it was committed",
+                    retryable=True, details={"reason": "daemon_restarted"},
+                )
+                conversation = self._conversations.of(record.key)
+                self._conversations.append(conversation, kind="note", event="run_finished",
+                                           data={"run_id": record.run_id, "status": "failed", "reason": "daemon_restarted"})
+                record.error = error.info()
+                store = self._workspaces.store(self._workspaces.directory(conversation.key, conversation.metadata))
+                if store is not None and workspace_snapshot.has_snapshot(store, record.run_id):
+                    self._interrupted.append((conversation, record))  # closed once its workspace is undone
+                else:
+                    record.error = self._workspaces.said(record.error, "unchanged", [])
+                    self._close_record(record)
+                resolved += 1
+            else:
+                outcome = stored_generation.outcome
+                record.result, record.error, record.canceled = outcome.result, outcome.error, outcome.canceled
+                record.finished_at = stored_generation.finished_at
+                record.done.set()
+        return resolved
+
+    async def settle_interrupted(self) -> None:
+        """Undo what the runs a killed daemon left unfinished did to their workspaces
+        (call after `restore`, before serving): they were resolved as failed, and their
+        snapshots, taken before their first change, are still there."""
+        interrupted, self._interrupted = self._interrupted, []
+        for conversation, record in interrupted:
+            workspace = self._workspaces.directory(conversation.key, conversation.metadata)
+            store = self._workspaces.store(workspace)
+            assert store is not None
+            settled = await self._workspaces.settle(store, workspace, record.run_id, completed=False)
+            result, paths = settled or ("unchanged", [])
+            self._record_workspace(conversation, record.run_id, result, paths)
+            assert record.error is not None
+            record.error = self._workspaces.said(record.error, result, paths)
+            self._close_record(record)
+
+    async def drained(self) -> None:
+        """Return once no run is left: each one's processes gone, its workspace settled
+        and journaled (call after `shutdown`)."""
+        while self._driving:
+            await self._drained.wait()
+
+    def shutdown(self) -> None:
+        """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
+        self._admitting = False
+        for conversation in self._conversations:
+            if conversation.active is not None:
+                self.cancel(conversation, "daemon_shutdown")
+
+    # ---- generations -------------------------------------------------------------------
+
+    def generate(self, loc: Locator, options: dict[str, Any], owner: Owner) -> str:
+        key = key_of(loc)
+        conversation = self._conversations.get(key)
+        if conversation is not None and conversation.active is not None:
+            raise GenerationInProgress(f"conversation {key[1]!r} has an active generation")
+        if not self._admitting:
+            raise GenerationCanceled("daemon_shutdown")
+        slot = self._admit()
+        conversation = conversation or self._conversations.create(key, {})
+        ref = "gen_" + secrets.token_urlsafe(18)
+        run_id = "run_" + secrets.token_hex(8)
+        spec = self._assemble(AssemblyRequest(
+            ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, options=options,
+            defaults=self._defaults, workspace=self._workspaces.directory(conversation.key, conversation.metadata),
+        ))
+        if spec.workspace is not None and self._workspaces.transactional:
+            spec = msgspec.structs.replace(spec, snapshot_store=self._workspaces.store(spec.workspace),
+                                           snapshot_excludes=excludes(conversation.metadata))
+        encoded = _encoder.encode(spec)
+        if spec.request is not None and len(encoded) > MAX_SPEC_BYTES:
+            error = LLMError("config", f"the run's context is {len(encoded)} bytes, over the {MAX_SPEC_BYTES}-byte limit of a run: "
+                                       "lower max_messages or start a new conversation",
+                             details={"reason": "context_too_large", "bytes": len(encoded), "limit": MAX_SPEC_BYTES})
+            spec = msgspec.structs.replace(spec, request=None, error=error.info())
+        record = GenerationRecord(ref, key, run_id)
+        self._generations[ref] = record
+        active = ActiveGeneration(record, owner, spec, slot, encoded)
+        conversation.active = active
+        self._journal.submit(GenerationStarted(ref, key, run_id))
+        self._conversations.append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
+        self.telemetry.run_started(spec.mode, _backend_label(spec))
+        event(log, "run.started", **_run_fields(conversation, active))
+        if spec.request is None:
+            assert spec.error is not None
+            slot.release()
+            self._finish_failed(conversation, active, spec.error)
+            self._log_run_end(conversation, active)
+            return ref
+        assert self._nursery is not None
+        self._driving += 1
+        self._nursery.start_soon(self._drive, conversation, active)
+        return ref
+
+    @staticmethod
+    def _assemble(request: AssemblyRequest) -> RunSpec:
+        """Step 1, the mode's: the run's spec from the conversation and the call. A mode
+        that cannot, or breaks doing it, gives a spec whose run fails with why."""
+        mode = registry().get(request.state.mode)
+        base = dict(ref=request.ref, run_id=request.run_id, conversation_id=request.conversation_id, mode=request.state.mode,
+                    request_id=request.run_id, request=None, workspace=request.workspace)
+        if mode is None:
+            return RunSpec(**base, error=LLMError("config", f"mode {request.state.mode!r} is not registered here").info())
+        try:
+            return mode.assemble(request)
+        except Exception as exc:  # noqa: BLE001 — a plug-in's bug fails its runs, not the daemon
+            log.exception("mode %r failed to assemble run %s", request.state.mode, request.run_id)
+            return RunSpec(**base, error=LLMError("unknown", f"mode {request.state.mode!r} could not assemble the run: {exc}",
+                                                  retryable=False, details={"reason": "assemble_error"}).info())
+
+    def find_generation(self, loc: Locator, ref: str, timeout_ms: int | None) -> GenerationRecord:
+        """The synchronous half of an await: the generation `ref` names, checked."""
+        key = key_of(loc)
+        record = self._generations.get(ref)
+        if record is None or record.key != key:
+            raise NotFound(f"no generation {ref!r} for this conversation (unknown or expired)")
+        check_limit("timeout_ms", timeout_ms)
+        return record
+
+    async def await_outcome(self, record: GenerationRecord, timeout_ms: int | None, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
+        """Wait for `record`'s outcome; `timeout_ms` None waits as long as the run takes."""
+        with trio.move_on_after(math.inf if timeout_ms is None else timeout_ms / 1000):
+            await record.done.wait()
+        if not record.done.is_set():
+            conversation = self._conversations.of(record.key)
+            # Ref-checked: a timeout never cancels a newer generation of the conversation.
+            if cancel_on_timeout and conversation.active is not None and conversation.active.record is record:
+                self.cancel(conversation, cancel_reason)
+            raise AwaitTimeout(f"generation {record.ref} did not finish within {timeout_ms} ms")
+        return record.outcome()
+
+    async def await_generation(self, loc: Locator, ref: str, timeout_ms: int | None, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
+        return await self.await_outcome(self.find_generation(loc, ref, timeout_ms), timeout_ms, cancel_on_timeout, cancel_reason)
+
+    def cancel_generation(self, loc: Locator, reason: str) -> None:
+        conversation = self._conversations.fetch(loc)
+        if conversation.active is None:
+            raise NoGenerationInProgress(f"conversation {conversation.key[1]!r} has no active generation")
+        self.cancel(conversation, reason)
+
+    def send_and_generate(
+        self, loc: Locator, content: str, message_metadata: Any, options: dict[str, Any], owner: Owner, timeout_ms: int | None
+    ) -> GenerationRecord:
+        """The synchronous half of send → generate → await: the message is recorded and
+        the run started (or nothing is done) before the next command is looked at."""
+        check_limit("timeout_ms", timeout_ms)
+        self._admit().release()  # full: refused before the user message is recorded
+        self._conversations.send_user_message(loc, content, message_metadata)
+        return self._generations[self.generate(loc, options, owner)]
+
+    # ---- run lifecycle -----------------------------------------------------------------
+
+    def _admit(self) -> Slot:
+        try:
+            return self.admission.admit()
+        except Overloaded:
+            self.telemetry.admissions_rejected.inc()
+            if (held := self._admission_log.allow()) is not None:
+                event(log, "admission.rejected", logging.WARNING, active=self.admission.active, queued=self.admission.queued,
+                      suppressed=held)
+            raise  # nothing has been recorded
+
+    def _on_progress(self, conversation: ConversationRecord, active: ActiveGeneration, raw: msgspec.Raw) -> None:
+        if active.record.done.is_set():
+            return
+        try:
+            progress = _event_decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
+            self._fail_run(conversation, active, "unknown", f"the worker sent a malformed progress event: {exc}", "protocol_error")
+            return
+        if active.spec.events:
+            self._notify(active.owner, progress)
+
+    async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Run one generation to its end. Whatever goes wrong in here is this run's
+        failure, never the daemon's: the run ends with a typed error and its worker is
+        torn down; only a journal failure (the crash-only stop) goes further."""
+        try:
+            await self._run_generation(conversation, active)
+        except StoreFailed:
+            raise
+        except Exception:  # noqa: BLE001 — contained to the run it belongs to
+            incident = secrets.token_hex(4)
+            log.exception("run %s failed inside the daemon (incident %s)", active.record.run_id, incident)
+            self._fail_run(conversation, active, "unknown", f"internal error (incident {incident}; see the daemon log)", "internal_error",
+                           at_once=True)
+            if active.handle is not None:
+                with trio.CancelScope(shield=True):
+                    await active.handle.cleaned_up.wait()
+        finally:
+            self._log_run_end(conversation, active)
+            self._driving -= 1  # counted from `generate`, so that a run not yet begun counts too
+            if not self._driving:
+                self._drained.set()
+                self._drained = trio.Event()
+
+    def _log_run_end(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """One line per run, once its processes are gone: how it ended and how it was cleaned up."""
+        record, handle = active.record, active.handle
+        fields: dict[str, Any] = _run_fields(conversation, active)
+        level = logging.INFO
+        if record.canceled is not None:
+            fields.update(outcome="canceled", reason=record.canceled)
+        elif record.error is not None:
+            fields.update(outcome="failed", category=record.error.category, error=record.error.message[:200])
+            reason = (record.error.details or {}).get("reason")
+            if isinstance(reason, str):
+                fields["reason"] = reason
+        else:
+            fields["outcome"] = "completed"
+        fields["duration_ms"] = round((time.perf_counter() - active.created_at) * 1000, 1)
+        if active.started_at is not None:
+            fields["queue_ms"] = round(active.slot.waited_s * 1000, 1)
+        report = handle.cleanup if handle is not None else None
+        if report is not None:
+            fields.update(pid=report.pid, ended_by=report.ended_by, cleanup="verified" if report.verified else "survivors",
+                          leftovers_killed=len(report.leftovers_killed))
+            if not report.verified:
+                level = logging.ERROR
+        else:
+            fields["cleanup"] = "none"  # no process ran (in-process, or it never started)
+        event(log, "run.finished", level, **fields)
+
+    async def _run_generation(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Wait for admission, run, settle; the slot is held until the worker is gone,
+        so `max_active` bounds processes, not just runs."""
+        with active.slot:
+            with active.queue_scope:
+                await active.slot.acquire()
+                await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
+            if active.record.done.is_set():
+                return  # canceled while queued
+            self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)
+            settled = conversation.workspace_settled = trio.Event()
+            active.started_at = time.perf_counter()
+            assert active.spec.request is not None
+            deadline = trio.current_time() + active.spec.request.timeout_ms / 1000 + self._deadline_grace_s
+            active.handle = self._executor.start_run(
+                active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
+            )
+            try:
+                await self._settle_when_done(conversation, active)
+                await active.handle.cleaned_up.wait()
+                self._observe_cleanup(active.handle)
+                with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
+                    result, paths = await self._settle_workspace(conversation, active)
+                if active.failure is not None and not active.record.done.is_set():
+                    self._finish(conversation, active, error=self._workspaces.said(active.failure, result, paths))
+            finally:
+                settled.set()
+
+    async def _settle_workspace(self, conversation: ConversationRecord, active: ActiveGeneration) -> tuple[str, list[str]]:
+        """Once the run's processes are gone (nothing writes any more): undo its changes
+        to the workspace unless it completed (else keep them as its change set), and
+        journal what became of it."""
+        spec = active.spec
+        if not self._workspaces.changed(spec):
+            return "unchanged", []  # no snapshot was needed
+        assert spec.snapshot_store is not None and spec.workspace is not None
+        settled = await self._workspaces.settle(spec.snapshot_store, spec.workspace, spec.run_id,
+                                               completed=active.record.result is not None)
+        if settled is None:
+            return "unchanged", []
+        self._record_workspace(conversation, spec.run_id, *settled)
+        return settled
+
+    def _record_workspace(self, conversation: ConversationRecord, run_id: str, result: str, paths: list[str]) -> None:
+        self._conversations.append(conversation, kind="note", event="workspace_restored",
+                     data={"run_id": run_id, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
+        self.telemetry.workspace_restores.labels(result).inc()
+        event(log, "workspace.settled", logging.ERROR if result == "restore_failed" else logging.INFO, run_id=run_id,
+              conversation=conversation.key[1], workspace=result, paths=len(paths))
+
+    async def _settle_when_done(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        assert active.handle is not None
+        outcome = await active.handle.wait()
+        if active.record.done.is_set():
+            return  # canceled first: the run's result, if any, is dropped
+        if isinstance(outcome, Completed):
+            try:
+                run_outcome = decode_outcome(outcome.outcome)
+            except MalformedOutcome as exc:
+                self._fail_run(conversation, active, "unknown", f"the worker sent a malformed result: {exc}", "protocol_error")
+                return
+            if isinstance(run_outcome, RunSucceeded):
+                self._finish(conversation, active, success=run_outcome)
+            else:
+                self._finish_failed(conversation, active, run_outcome.error)
+        elif isinstance(outcome, Crashed):
+            event(log, "worker.crashed", logging.WARNING, ref=active.record.ref, run_id=active.record.run_id, **outcome.details)
+            self._finish_failed(conversation, active, LLMError("unknown", "generation worker crashed", details=outcome.details).info())
+        elif isinstance(outcome, Broken):
+            self._fail_run(conversation, active, "unknown", f"the worker broke the run protocol: {outcome.message}", "protocol_error")
+        elif isinstance(outcome, DeadlineExceeded):
+            assert active.spec.request is not None
+            message = f"generation deadline passed ({active.spec.request.timeout_ms} ms + {self._deadline_grace_s * 1000:.0f} ms grace)"
+            self._finish_failed(conversation, active, LLMError("timeout", message).info())
+        elif isinstance(outcome, Unavailable):
+            self._finish_failed(conversation, active, LLMError("unknown", f"no worker could run the generation: {outcome.message}").info())
+        else:
+            assert isinstance(outcome, Canceled)
+            self.cancel(conversation, outcome.reason)
+
+    def _fail_run(self, conversation: ConversationRecord, active: ActiveGeneration, category: LLMErrorCategory, message: str, reason: str,
+                  *, at_once: bool = False) -> None:
+        """End the run with an error the daemon found (not one the run reported), then
+        tear its worker down: it may still be running. `at_once`: do not wait for its
+        workspace to be settled (the daemon could not settle it)."""
+        if not active.record.done.is_set():
+            error = LLMError(category, message, retryable=False, details={"reason": reason}).info()
+            if at_once:  # a workspace it changed is left as it is: say so
+                result = "restore_failed" if self._workspaces.changed(active.spec) else "unchanged"
+                self._finish(conversation, active, error=self._workspaces.said(active.failure or error, result, [message]))
+            else:
+                self._finish_failed(conversation, active, error)
+        if active.handle is not None:
+            active.handle.cancel(reason)
+
+    def _finish_failed(self, conversation: ConversationRecord, active: ActiveGeneration, error: ErrorInfo) -> None:
+        """End the run with `error`: at once if it changed nothing; else once its
+        workspace is restored (`_run_generation`), its outcome saying so. A cancel that
+        comes meanwhile settles it first, as a cancel does."""
+        if active.failure is not None:
+            return  # failed already: the first error is the run's
+        if self._workspaces.changed(active.spec):
+            active.failure = error
+        else:
+            self._finish(conversation, active, error=self._workspaces.said(error, "unchanged", []))
+
+    def _finish(self, conversation: ConversationRecord, active: ActiveGeneration, *, success: RunSucceeded | None = None, error: ErrorInfo | None = None) -> None:
+        record = active.record
+        if success is not None:
+            for message in success.messages:
+                self._conversations.append(conversation, kind="message", role=message.role, content=message.content, data=message.metadata)
+            for artifact in success.artifacts:  # with the messages, in the same transaction
+                self._conversations.append(conversation, kind="note", event="artifact_recorded",
+                             data={"run_id": record.run_id, "ref": record.ref, "kind": artifact.kind, "data": artifact.data})
+            record.result = success.result
+            status = "completed"
+        else:
+            record.error = error
+            status = "failed"
+        self._conversations.append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": status})
+        self.telemetry.run_finished(
+            active.spec.mode, _backend_label(active.spec), status, error.category if error else None, active.run_seconds()
+        )
+        self._settle(conversation, active, GenerationResult(ref=record.ref, result=record.result, error=record.error))
+
+    def cancel(self, conversation: ConversationRecord, reason: str) -> None:
+        active = conversation.active
+        assert active is not None
+        record = active.record
+        record.canceled = reason
+        self._conversations.append(conversation, kind="note", event="cancel_requested", data={"reason": reason, "ref": record.ref})
+        self._conversations.append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason})
+        self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), "canceled", "canceled", active.run_seconds())
+        self._settle(conversation, active, CanceledNote(ref=record.ref, reason=reason))
+        if active.handle is not None:
+            active.handle.cancel(reason)  # termination begins; it completes in the executor
+        else:
+            active.queue_scope.cancel()  # still waiting for admission: leave the queue
+
+    def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification) -> None:
+        self._close_record(active.record)
+        conversation.active = None
+        self._notify(active.owner, note)
+
+    def _observe_cleanup(self, handle: RunHandle) -> None:
+        report = handle.cleanup
+        if report is None:
+            return  # no process ran (in-process executor, or no worker was available)
+        if not report.verified:
+            self.telemetry.cleanup_failures.inc()
+        if isinstance(handle.outcome, Canceled):
+            self.telemetry.cancel_reaped_seconds.observe(report.reaped_after_ms / 1000)
+
+    def _close_record(self, record: GenerationRecord) -> None:
+        record.finished_at = time.time()
+        record.done.set()
+        outcome = StoredOutcome(result=record.result, error=record.error, canceled=record.canceled)
+        self._journal.submit(GenerationFinished(record.ref, record.finished_at, outcome))
+
+    async def _expire_outcomes(self) -> None:
+        while True:
+            await trio.sleep(max(1.0, self._retention_s / 10))
+            horizon = time.time() - self._retention_s
+            expired = [r for r, g in self._generations.items() if g.finished_at is not None and g.finished_at < horizon]
+            for ref in expired:
+                del self._generations[ref]
+            if expired:
+                self._journal.submit(ForgetGenerations(expired))
+
+
+def _backend_label(spec: RunSpec) -> str:
+    return spec.request.backend.name if spec.request is not None else "unknown"
+
+
+def _run_fields(conversation: ConversationRecord, active: ActiveGeneration) -> dict[str, Any]:
+    project, id_ = conversation.key
+    fields: dict[str, Any] = {"ref": active.record.ref, "run_id": active.record.run_id, "conversation": id_}
+    if project is not None:
+        fields["project"] = project
+    fields.update(mode=active.spec.mode, backend=_backend_label(active.spec))
+    return fields

@@ -1,0 +1,88 @@
+"""Where a conversation's runs work, and the workspace side of a run's end: undo what
+a run that did not complete changed, keep what a completed one did as its change set
+(see modes.workspace_snapshot, which does the work; this is the daemon's side of it).
+
+Every git call blocks: they run in a thread, and whatever goes wrong there is a
+`restore_failed` to report, never the daemon's end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from genvisor.errors import ErrorInfo
+from genvisor.modes import workspace_snapshot
+from genvisor.modes.llm import RunSpec
+
+log = logging.getLogger("genvisor.daemon")
+
+ConversationKey = tuple[str | None, str]
+Settled = tuple[str, list[str]]  # what became of the workspace, and the paths concerned
+
+
+class Workspaces:
+    def __init__(self, root: Path, snapshots: Path | None) -> None:
+        self._root = root
+        self._snapshots = snapshots  # None: runs are not transactions (no snapshots taken)
+
+    @property
+    def transactional(self) -> bool:
+        return self._snapshots is not None
+
+    def directory(self, key: ConversationKey, metadata: dict[str, Any]) -> str:
+        """`metadata["workspace"]`, else the conversation's own directory under the state
+        dir (created by the worker, which does every side effect of a run)."""
+        chosen = metadata.get("workspace")
+        if isinstance(chosen, str) and os.path.isabs(chosen):
+            return chosen
+        project, id_ = key
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+        return str(self._root / _safe(project or "_") / f"{_safe(id_)[:40]}-{digest}")
+
+    def store(self, workspace: str) -> str | None:
+        """The snapshots of a workspace: one store per workspace directory, whichever
+        conversations use it (None when runs are not transactions)."""
+        if self._snapshots is None:
+            return None
+        return str(self._snapshots / (hashlib.sha256(os.fsencode(os.path.realpath(workspace))).hexdigest()[:24] + ".git"))
+
+    @staticmethod
+    def changed(spec: RunSpec) -> bool:
+        """Whether the run took a snapshot (it made, or was about to make, a change): one stat."""
+        return spec.snapshot_store is not None and workspace_snapshot.has_snapshot(spec.snapshot_store, spec.run_id)
+
+    async def settle(self, store: str, workspace: str, run_id: str, *, completed: bool) -> Settled | None:
+        """Once a run's processes are gone: undo its changes unless it `completed` (then
+        keep them as its change set). None when it had nothing to undo."""
+        try:
+            return await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=completed))
+        except Exception as exc:  # noqa: BLE001 — a restore that fails is reported, never silent, never the daemon's end
+            log.exception("settling the workspace of run %s failed", run_id)
+            return "restore_failed", [f"{type(exc).__name__}: {exc}"]
+
+    def said(self, error: ErrorInfo, result: str, paths: list[str]) -> ErrorInfo:
+        """`error`, whose details say what became of the run's workspace."""
+        if self._snapshots is None:
+            return error
+        details: dict[str, Any] = {**(error.details or {}), "workspace": result}
+        if result == "restore_failed":
+            details["workspace_paths"] = paths[:100]
+        return msgspec.structs.replace(error, details=details)
+
+
+def excludes(metadata: dict[str, Any]) -> list[str]:
+    """The conversation's `workspace_excludes` (checked when it was started)."""
+    chosen = metadata.get("workspace_excludes")
+    return [p for p in chosen if isinstance(p, str)] if isinstance(chosen, list) else []
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
