@@ -216,9 +216,9 @@ def test_no_reply_leaves_before_its_write_is_durable(tmp_path, conv):
 
             told = pool.submit(send_held)
             wait_until(daemon.held.exists, 30, "the journal write of the held message to start")
-            # Frames leave in the order they were queued. An answer to any request made
-            # now would leave after the reply to HELD: had that been sent, this ping
-            # would be answered too.
+            # This ping's answer is queued behind the reply to HELD and, like it, must
+            # wait for the held write: an answer here is a frame sent before the journal
+            # has made durable what the daemon did before it.
             with daemon.client(timeout_ms=1_500) as other, pytest.raises(DaemonUnavailable, match="no answer"):
                 other.ping()
             family = daemon.kill()
