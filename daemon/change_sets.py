@@ -72,6 +72,7 @@ class ChangeSets:
         # one that outlives the outcome's retention.
         workspace = self._workspaces.directory(conversation.key, conversation.metadata)
         store = self._workspaces.store(workspace)
+        assert store is not None  # transactional: every workspace has its store
 
         def read() -> WorkspaceChanges | None:
             if not workspace_snapshot.has_change_set(store, change_set.name):
@@ -104,6 +105,7 @@ class ChangeSets:
             else:
                 workspace = self._workspaces.directory(conversation.key, conversation.metadata)
                 store = self._workspaces.store(workspace)
+                assert store is not None  # transactional: every workspace has its store
 
                 def work() -> WorkspaceChanges | list[str]:
                     if not workspace_snapshot.has_change_set(store, change_set.name):

@@ -14,11 +14,10 @@ import msgspec
 
 from genvisor.daemon.logs import LogFormat
 from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
+from genvisor.daemon.service_dirs import state_directory
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import MemoryStore, Store
-from genvisor.daemon.service_dirs import state_directory
-from genvisor.modes.llm import RunDefaults
-from genvisor.modes.llm import BackendConfig
+from genvisor.modes.llm import BackendConfig, RunDefaults
 
 
 class Backend(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
+from genvisor.daemon.durable import DurableLog
+from genvisor.daemon.store import AppendEntry, CreateConversation, StoredConversation
 from genvisor.errors import (
     AlreadyStarted,
     Diagnostic,
@@ -30,8 +33,6 @@ from genvisor.errors import (
     RunInProgress,
     UnsupportedMode,
 )
-from genvisor.daemon.durable import DurableLog
-from genvisor.daemon.store import AppendEntry, CreateConversation, StoredConversation
 from genvisor.modes.assemble import context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
 from genvisor.modes.registry import registry

@@ -21,8 +21,8 @@ import zmq
 
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
-from genvisor.daemon.service import Service
 from genvisor.daemon.server import WORKER_TARGET
+from genvisor.daemon.service import Service
 from genvisor.daemon.store import MemoryStore, Store
 from genvisor.supervisor.inprocess import InProcessExecutor
 
@@ -118,6 +118,7 @@ class _Pipe:
 
     def send(self, data: bytes) -> None:
         runtime = self._runtime
+        assert runtime._front is not None and runtime._nursery is not None  # a client connects to a started daemon
         trio.from_thread.run_sync(runtime._front.receive, runtime._nursery, self._owner, data, trio_token=runtime._token)
 
     def poll(self, timeout_ms: int, flags: int = zmq.POLLIN) -> int:

@@ -14,22 +14,22 @@ import math
 import os
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from genvisor import __version__
+from genvisor.daemon.admission import Admission
 from genvisor.daemon.config import Config
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.generations import Executor
 from genvisor.daemon.service import Service
 from genvisor.daemon.store import Store
 from genvisor.errors import BadRequest, GenvisorError, InternalError, Overloaded
-from genvisor.ipc import codec
-from genvisor.ipc import frames as f
+from genvisor.ipc import codec, frames as f
 from genvisor.logevent import RateLimit, event
 from genvisor.modes.registry import supported_modes
-from genvisor.daemon.admission import Admission
 from genvisor.types import DaemonInfo, DaemonStatus, GenerationEvent, Notification
 
 log = logging.getLogger("genvisor.daemon")
@@ -253,7 +253,9 @@ class Front:
         f.GetConversation: lambda self, o, r: self._service.conversations.conversation(r.loc),
         f.GetDerivedState: lambda self, o, r: self._service.conversations.derived_state(r.loc),
         f.GetMessages: lambda self, o, r: self._service.conversations.conversation_messages(r.loc, r.max_messages, r.roles),
-        f.GetLLMContext: lambda self, o, r: self._service.conversations.conversation_llm_context(r.loc, r.max_messages, r.include_system, r.include_tool),
+        f.GetLLMContext: lambda self, o, r: self._service.conversations.conversation_llm_context(
+            r.loc, r.max_messages, r.include_system, r.include_tool
+        ),
         f.GetTimeline: lambda self, o, r: self._service.conversations.conversation_timeline(r.loc),
         f.GetThreadEntries: lambda self, o, r: self._service.conversations.conversation_thread_entries(r.loc),
         f.GetMode: lambda self, o, r: f.ModeId(self._service.conversations.mode(r.loc)),

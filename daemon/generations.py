@@ -15,7 +15,8 @@ import logging
 import math
 import secrets
 import time
-from typing import Any, Callable, Hashable, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -257,7 +258,7 @@ class Generations:
         """Step 1, the mode's: the run's spec from the conversation and the call. A mode
         that cannot, or breaks doing it, gives a spec whose run fails with why."""
         mode = registry().get(request.state.mode)
-        base = dict(ref=request.ref, run_id=request.run_id, conversation_id=request.conversation_id, mode=request.state.mode,
+        base: dict[str, Any] = dict(ref=request.ref, run_id=request.run_id, conversation_id=request.conversation_id, mode=request.state.mode,
                     request_id=request.run_id, request=None, workspace=request.workspace)
         if mode is None:
             return RunSpec(**base, error=LLMError("config", f"mode {request.state.mode!r} is not registered here").info())
@@ -487,7 +488,9 @@ class Generations:
         else:
             self._finish(conversation, active, error=self._workspaces.said(error, "unchanged", []))
 
-    def _finish(self, conversation: ConversationRecord, active: ActiveGeneration, *, success: RunSucceeded | None = None, error: ErrorInfo | None = None) -> None:
+    def _finish(
+        self, conversation: ConversationRecord, active: ActiveGeneration, *, success: RunSucceeded | None = None, error: ErrorInfo | None = None
+    ) -> None:
         record = active.record
         if success is not None:
             for message in success.messages:
@@ -512,7 +515,9 @@ class Generations:
         record = active.record
         record.canceled = reason
         self._conversations.append(conversation, kind="note", event="cancel_requested", data={"reason": reason, "ref": record.ref})
-        self._conversations.append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason})
+        self._conversations.append(
+            conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason}
+        )
         self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), "canceled", "canceled", active.run_seconds())
         self._settle(conversation, active, CanceledNote(ref=record.ref, reason=reason))
         if active.handle is not None:

@@ -9,6 +9,7 @@ them elsewhere puts an authenticated proxy in front.
 from __future__ import annotations
 
 import ipaddress
+
 from prometheus_client import CollectorRegistry, start_http_server
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 import msgspec
 import trio

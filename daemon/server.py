@@ -23,17 +23,15 @@ import trio
 import zmq
 
 from genvisor import __version__
+from genvisor.daemon import logs
 from genvisor.daemon.config import Config
 from genvisor.daemon.front import Front, open_front
-from genvisor.daemon import logs
 from genvisor.daemon.metrics import MetricsServer
 from genvisor.daemon.pidlock import LockHeld, lock_exclusively
-from genvisor.daemon.store import StoreFailed
 from genvisor.daemon.sd_notify import Notifier
 from genvisor.daemon.service_dirs import runtime_directory
+from genvisor.daemon.store import StoreFailed
 from genvisor.errors import BadRequest
-from genvisor.modes.loop import TurnTarget
-from genvisor.logevent import event
 from genvisor.ipc import codec
 from genvisor.ipc.curve import CurveError, secure_server_socket, server_curve
 from genvisor.ipc.endpoint import (
@@ -48,6 +46,8 @@ from genvisor.ipc.endpoint import (
 from genvisor.ipc.frames import HARD_MAX_FRAME_BYTES
 from genvisor.ipc.router import RouterOutbox, configure_router
 from genvisor.ipc.trio_zmq import TrioSocket
+from genvisor.logevent import event
+from genvisor.modes.loop import TurnTarget
 from genvisor.supervisor.pool import WorkerPool
 from genvisor.supervisor.runs import Supervisor
 

@@ -159,6 +159,7 @@ class SqliteStore:
             cursor = db.execute(
                 "INSERT INTO conversations (project, id, metadata) VALUES (?, ?, ?)", (project or "", id_, _encode(write.metadata))
             )
+            assert cursor.lastrowid is not None  # set by the INSERT
             self._rowids[write.key] = cursor.lastrowid
         elif isinstance(write, GenerationStarted):
             db.execute(

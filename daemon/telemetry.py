@@ -14,14 +14,14 @@ from the objects that own the figure.
 from __future__ import annotations
 
 import math
-from typing import Callable, get_args
+from collections.abc import Callable
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from genvisor.errors import LLMErrorCategory
-from genvisor.types import TelemetryCount
-from genvisor.types import LatencySummary
+from genvisor.types import LatencySummary, TelemetryCount
 
 OUTCOMES = ("completed", "failed", "canceled")
 CATEGORIES = (*get_args(LLMErrorCategory), "none")
