@@ -30,7 +30,7 @@ class FrameReader:
         self._buffer = bytearray()
         self._max_frame = max_frame
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_frame(self) -> bytes | None:
@@ -57,12 +57,14 @@ def pack_frame(payload: bytes) -> bytes:
 
 
 class FramedChannel(Generic[T]):
-    """Send any msgspec-encodable value; receive values of the union `receive_type`."""
+    """Send any msgspec-encodable value; receive values of the union `receive_type`
+    (a type form: `type[T]` cannot spell a union, so the channel's T is given where it
+    is declared: `channel: FramedChannel[ToWorker] = ...`)."""
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, receive_type: type[T]) -> None:
+    def __init__(self, stream: trio.SocketStream, receive_type: Any) -> None:
         self._stream = stream
         self._reader = FrameReader()
-        self._decoder = msgspec.msgpack.Decoder(receive_type)
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(receive_type)
         self._encoder = msgspec.msgpack.Encoder()
         self._send_lock = trio.Lock()
 

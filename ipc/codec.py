@@ -74,13 +74,13 @@ def decode_request(data: bytes) -> ClientFrame:
         raise BadRequestFrame(head.id if head else _leading_id(data), f"malformed frame: {exc}") from None
     if frame.v != PROTOCOL_VERSION:
         raise BadRequestFrame(frame.id, f"unsupported protocol version {frame.v} (this daemon speaks {PROTOCOL_VERSION})")
-    for field, value in zip(frame.req.__struct_fields__, msgspec.structs.astuple(frame.req)):
+    for field, value in zip(frame.req.__struct_fields__, msgspec.structs.astuple(frame.req), strict=True):
         if isinstance(value, (dict, list)) and (problem := _not_json_like(value)):
             raise BadRequestFrame(frame.id, f"{field}: {problem}")
     return frame
 
 
-def _not_json_like(value: dict | list) -> str | None:
+def _not_json_like(value: dict[Any, Any] | list[Any]) -> str | None:
     """What keeps a free-form value (metadata, options, mode_state) from being plain
     JSON-like data, or None. Such a value is journaled, handed back in every answer
     about its conversation and sent on to model servers: a mapping key that is not a

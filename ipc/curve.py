@@ -82,11 +82,11 @@ def _check_key(key: bytes, path: Path, what: str, kind: str) -> None:
         raise CurveError(f"{what} {path}: its {kind} key is not a 40-character Z85 CURVE key")
 
 
-def load_public_key(path: str | os.PathLike, what: str) -> bytes:
+def load_public_key(path: str | os.PathLike[str], what: str) -> bytes:
     return _read_certificate(Path(path), what)[0]
 
 
-def load_key_pair(path: str | os.PathLike, what: str) -> KeyPair:
+def load_key_pair(path: str | os.PathLike[str], what: str) -> KeyPair:
     """A secret certificate: both keys, belonging together, readable by its owner only."""
     path = Path(path)
     public, secret = _read_certificate(path, what)
@@ -100,7 +100,7 @@ def load_key_pair(path: str | os.PathLike, what: str) -> KeyPair:
     return KeyPair(public, secret)
 
 
-def count_authorized_keys(directory: str | os.PathLike) -> int:
+def count_authorized_keys(directory: str | os.PathLike[str]) -> int:
     """Check every client certificate in `directory` (pyzmq's loader would skip a bad
     one silently) and return how many there are."""
     directory = Path(directory)
@@ -120,7 +120,7 @@ def count_authorized_keys(directory: str | os.PathLike) -> int:
     return len(files)
 
 
-def write_certificate_pair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+def write_certificate_pair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
     """Write NAME.key (public) and NAME.key_secret (0600) into `directory`, created
     0700 if missing; never overwrite a key."""
     if not name or "/" in name or name.startswith("."):
@@ -160,7 +160,7 @@ def server_curve(endpoint: Endpoint, secret_key_file: str | None, authorized_dir
     return ServerCurve(keys, authorized_dir, count_authorized_keys(authorized_dir))
 
 
-def client_curve(server_key: str | os.PathLike | None = None, client_key: str | os.PathLike | None = None) -> ClientCurve | None:
+def client_curve(server_key: str | os.PathLike[str] | None = None, client_key: str | os.PathLike[str] | None = None) -> ClientCurve | None:
     """A client's CURVE keys: the arguments, else $GENVISOR_SERVER_KEY and
     $GENVISOR_CLIENT_KEY; None when neither names a file."""
     server_key = server_key or os.environ.get(SERVER_KEY_ENV) or None
@@ -173,7 +173,7 @@ def client_curve(server_key: str | os.PathLike | None = None, client_key: str | 
     return ClientCurve(load_public_key(server_key, "server key"), load_key_pair(client_key, "client key"))
 
 
-def secure_server_socket(ctx: zmq.Context, sock: zmq.Socket, curve: ServerCurve) -> ThreadAuthenticator:
+def secure_server_socket(ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], curve: ServerCurve) -> ThreadAuthenticator:
     """Make `sock` a CURVE server whose clients pyzmq's ZAP handler checks against the
     authorized directory. Call before bind; stop the returned handler before ctx.term()."""
     authenticator = ThreadAuthenticator(ctx, log=log)
@@ -187,7 +187,7 @@ def secure_server_socket(ctx: zmq.Context, sock: zmq.Socket, curve: ServerCurve)
     return authenticator
 
 
-def secure_client_socket(sock: zmq.Socket, curve: ClientCurve) -> None:
+def secure_client_socket(sock: zmq.Socket[bytes], curve: ClientCurve) -> None:
     """Make `sock` a CURVE client of the daemon whose public key is in `curve`. Call before connect."""
     sock.curve_serverkey = curve.server_public
     sock.curve_publickey = curve.keys.public

@@ -33,35 +33,35 @@ class Request(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields
     pass
 
 
-class Ping(Request, tag="ping"):
+class Ping(Request, frozen=True, tag="ping"):
     pass
 
 
-class StartConversation(Request, tag="start_conversation"):
+class StartConversation(Request, frozen=True, tag="start_conversation"):
     id: str
     project_id: str | None = None
     metadata: Any = None  # must be a mapping: checked by the daemon (InvalidOptions)
 
 
-class EnsureConversation(Request, tag="ensure_conversation"):
+class EnsureConversation(Request, frozen=True, tag="ensure_conversation"):
     id: str
     project_id: str | None = None
     metadata: Any = None
 
 
-class SendUserMessage(Request, tag="send_user_message"):
+class SendUserMessage(Request, frozen=True, tag="send_user_message"):
     loc: Locator
     content: str
     metadata: Any = None
 
 
-class RecordAssistantMessage(Request, tag="record_assistant_message"):
+class RecordAssistantMessage(Request, frozen=True, tag="record_assistant_message"):
     loc: Locator
     content: str
     metadata: Any = None
 
 
-class ConfigureLLM(Request, tag="configure_llm"):
+class ConfigureLLM(Request, frozen=True, tag="configure_llm"):
     loc: Locator
     backend: str | None = None
     provider: str | None = None
@@ -69,12 +69,12 @@ class ConfigureLLM(Request, tag="configure_llm"):
     options: Any = None
 
 
-class ConfigureSkills(Request, tag="configure_skills"):
+class ConfigureSkills(Request, frozen=True, tag="configure_skills"):
     loc: Locator
     enabled: list[Any]
 
 
-class ConfigureMode(Request, tag="configure_mode"):
+class ConfigureMode(Request, frozen=True, tag="configure_mode"):
     loc: Locator
     mode: str
     mode_state: Any = None
@@ -84,52 +84,52 @@ class ConfigureMode(Request, tag="configure_mode"):
     cause_id: str | None = None
 
 
-class GetConversation(Request, tag="conversation"):
+class GetConversation(Request, frozen=True, tag="conversation"):
     loc: Locator
 
 
-class GetDerivedState(Request, tag="derived_state"):
+class GetDerivedState(Request, frozen=True, tag="derived_state"):
     loc: Locator
 
 
-class GetMessages(Request, tag="conversation_messages"):
+class GetMessages(Request, frozen=True, tag="conversation_messages"):
     loc: Locator
     max_messages: int | None = None
     roles: list[Any] | None = None
 
 
-class GetLLMContext(Request, tag="conversation_llm_context"):
+class GetLLMContext(Request, frozen=True, tag="conversation_llm_context"):
     loc: Locator
     max_messages: int = 40
     include_system: bool = False
     include_tool: bool = False
 
 
-class GetTimeline(Request, tag="conversation_timeline"):
+class GetTimeline(Request, frozen=True, tag="conversation_timeline"):
     loc: Locator
 
 
-class GetThreadEntries(Request, tag="conversation_thread_entries"):
+class GetThreadEntries(Request, frozen=True, tag="conversation_thread_entries"):
     loc: Locator
 
 
-class GetMode(Request, tag="mode"):
+class GetMode(Request, frozen=True, tag="mode"):
     loc: Locator
 
 
-class SupportedModes(Request, tag="supported_modes"):
+class SupportedModes(Request, frozen=True, tag="supported_modes"):
     pass
 
 
-class StopConversation(Request, tag="stop_conversation"):
+class StopConversation(Request, frozen=True, tag="stop_conversation"):
     loc: Locator
 
 
-class GetTelemetry(Request, tag="telemetry"):
+class GetTelemetry(Request, frozen=True, tag="telemetry"):
     pass
 
 
-class GetStatus(Request, tag="status"):
+class GetStatus(Request, frozen=True, tag="status"):
     pass
 
 
@@ -138,7 +138,7 @@ class GetStatus(Request, tag="status"):
 GenerationOptions = dict[str, Any]
 
 
-class GenerateAssistantReply(Request, tag="generate_assistant_reply"):
+class GenerateAssistantReply(Request, frozen=True, tag="generate_assistant_reply"):
     loc: Locator
     options: GenerationOptions = {}
 
@@ -147,7 +147,7 @@ class GenerateAssistantReply(Request, tag="generate_assistant_reply"):
 # own deadline, `timeout_ms` + the deadline grace, bounds it).
 
 
-class AwaitGeneration(Request, tag="await_generation"):
+class AwaitGeneration(Request, frozen=True, tag="await_generation"):
     loc: Locator
     ref: str
     timeout_ms: int | None = 30_000
@@ -155,12 +155,12 @@ class AwaitGeneration(Request, tag="await_generation"):
     cancel_reason: str = "await_timeout"
 
 
-class CancelGeneration(Request, tag="cancel_generation"):
+class CancelGeneration(Request, frozen=True, tag="cancel_generation"):
     loc: Locator
     reason: str = "cancel_requested"
 
 
-class SendAndGenerate(Request, tag="send_and_generate"):
+class SendAndGenerate(Request, frozen=True, tag="send_and_generate"):
     """Send → generate → await → read in one round trip, stopping at the first error."""
 
     loc: Locator
@@ -172,16 +172,16 @@ class SendAndGenerate(Request, tag="send_and_generate"):
     cancel_reason: str = "await_timeout"
 
 
-class GetPlans(Request, tag="plans"):
+class GetPlans(Request, frozen=True, tag="plans"):
     loc: Locator
 
 
-class TurnChanges(Request, tag="turn_changes"):
+class TurnChanges(Request, frozen=True, tag="turn_changes"):
     loc: Locator
     ref: str
 
 
-class RevertTurn(Request, tag="revert_turn"):
+class RevertTurn(Request, frozen=True, tag="revert_turn"):
     loc: Locator
     ref: str
     reason: str | None = None

@@ -15,7 +15,7 @@ here (see daemon.front); this only reports the bytes that left its queue (`on_do
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 import zmq
@@ -31,7 +31,7 @@ TURN_FRAMES = 64
 RETRY_S = 0.05
 
 
-def configure_router(socket: zmq.Socket) -> None:
+def configure_router(socket: zmq.Socket[bytes]) -> None:
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
     socket.setsockopt(zmq.SNDHWM, PEER_PIPE_FRAMES)
 

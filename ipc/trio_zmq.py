@@ -17,25 +17,25 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Sequence
 
 import trio
 import zmq
 
 
 class TrioSocket:
-    def __init__(self, socket: zmq.Socket) -> None:
+    def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self._socket = socket
-        self._fd = socket.getsockopt(zmq.FD)
+        self._fd = socket.fileno()  # zmq.FD
         self._readable = trio.lowlevel.ParkingLot()
         self._writable = trio.lowlevel.ParkingLot()
-        self._writable_callbacks: list[Callable[[], None]] = []
+        self._writable_callbacks: list[Callable[[], object]] = []
         self._closed = False
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, socket: zmq.Socket) -> AsyncIterator[TrioSocket]:
+    async def open(cls, socket: zmq.Socket[bytes]) -> AsyncIterator[TrioSocket]:
         """Adopt `socket` for the life of the block; the socket is closed at its end."""
         adapter = cls(socket)
         try:
@@ -49,7 +49,7 @@ class TrioSocket:
             adapter.close()
 
     @property
-    def zmq_socket(self) -> zmq.Socket:
+    def zmq_socket(self) -> zmq.Socket[bytes]:
         return self._socket
 
     async def send_multipart(self, frames: Sequence[bytes]) -> None:
@@ -76,7 +76,7 @@ class TrioSocket:
         finally:
             self._wake_by_events()
 
-    def on_writable(self, callback: Callable[[], None]) -> None:
+    def on_writable(self, callback: Callable[[], object]) -> None:
         """Call `callback` whenever the socket reports it can send (POLLOUT after a send,
         a receive or a signal on its fd). For a ROUTER_MANDATORY socket that means "some
         peer's pipe has room", which says nothing of any one peer."""
@@ -99,6 +99,7 @@ class TrioSocket:
         if self._closed:
             return
         events = self._socket.getsockopt(zmq.EVENTS)
+        assert isinstance(events, int)  # an int option (pyzmq types every getsockopt as int | bytes)
         if events & zmq.POLLIN:
             self._readable.unpark_all()
         if events & zmq.POLLOUT:
