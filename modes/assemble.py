@@ -116,8 +116,8 @@ def build_run_spec(assembly: AssemblyRequest, *, tools: frozenset[str] | None = 
     backend = defaults.backends.get(backend_name)
     if backend is None:
         known = ", ".join(sorted(defaults.backends)) or "none"
-        error = LLMError("config", f"unknown backend {backend_name!r} (configured: {known})")
-        return RunSpec(**base, request=None, error=error.info())
+        unknown = LLMError("config", f"unknown backend {backend_name!r} (configured: {known})")
+        return RunSpec(**base, request=None, error=unknown.info())
     messages = context_window(state.messages, options.max_messages, options.include_system, options.include_tool)
     if not messages:
         return RunSpec(**base, request=None, error=LLMError("config", "the context is empty: nothing to answer").info())

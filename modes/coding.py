@@ -36,7 +36,6 @@ from genvisor.modes.protocol import (
 )
 from genvisor.types import ContextMessage, LLMResult, ModeInfo, ToolResult, Usage
 
-
 # Which events each step accepts (the graph above, as data).
 STEPS: dict[str, tuple[type, ...]] = {
     "assemble_context": (Start,),
@@ -185,7 +184,7 @@ class CodingMode:
                 problems.append(Diagnostic("unknown_option", f"/{key}", f"coding has no option {key!r} (options: {', '.join(self._types)})"))
             elif not isinstance(value, expected) or isinstance(value, bool):
                 problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be {expected.__name__}"))
-            elif key in ("max_steps", "max_tool_calls") and not 1 <= value <= 256:
+            elif key in ("max_steps", "max_tool_calls") and isinstance(value, int) and not 1 <= value <= 256:
                 problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within 1..256"))
         return problems
 

@@ -31,7 +31,7 @@ def fold(entries: list[JournalEntry], state: DerivedState | None = None) -> Deri
 def apply(state: DerivedState, entry: JournalEntry) -> DerivedState:
     replace = msgspec.structs.replace
     if entry.kind == "message":
-        message = Message(entry.entry_id, entry.seq, entry.role, entry.content or "", entry.data)  # type: ignore[arg-type]
+        message = Message(entry.entry_id, entry.seq, entry.role, entry.content or "", entry.data)  # type: ignore[arg-type]  # a message entry has its role
         state = replace(state, messages=[*state.messages, message])
         if entry.role == "user":
             return replace(state, status="pending_llm", turn=state.turn + 1, last_user_message=entry.content)
@@ -62,7 +62,8 @@ def apply(state: DerivedState, entry: JournalEntry) -> DerivedState:
 def _merge_llm(current: LLMConfig, data: dict[str, Any]) -> LLMConfig:
     def pick(key: str) -> str | None:
         value = data.get(key)
-        return getattr(current, key) if value is None else value  # None keeps; "" is a value
+        picked: str | None = getattr(current, key) if value is None else value  # None keeps; "" is a value
+        return picked
 
     return LLMConfig(
         backend=pick("backend"),

@@ -10,7 +10,6 @@ from genvisor.errors import ErrorInfo
 from genvisor.modes.tools import ToolSpec
 from genvisor.types import ContextMessage, LLMResult, ToolCall, Usage
 
-
 DEFAULT_MAX_STEPS = 8  # LLM calls per run: a tool loop's budget
 DEFAULT_MAX_TOOL_CALLS = 32  # tool calls per run
 

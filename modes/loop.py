@@ -10,8 +10,9 @@ between a worker and the daemon's own process is the host's.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgspec
 import trio
@@ -25,7 +26,7 @@ from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, LLMReplied
 from genvisor.modes.registry import registry
 from genvisor.modes.tools import Workspace, call_tool
 from genvisor.modes.workspace_snapshot import EFFECT_TOOLS, SnapshotError, SnapshotStore
-from genvisor.types import ContextMessage, GenerationEvent, ToolResult
+from genvisor.types import ContextMessage, EventKind, GenerationEvent, ToolResult
 
 Emit = Callable[[GenerationEvent], Awaitable[None]]
 
@@ -199,8 +200,8 @@ class _Events:
         self._emit = emit
         self._seq = 0
 
-    async def send(self, kind: str, **fields: Any) -> None:
+    async def send(self, kind: EventKind, **fields: Any) -> None:
         if self._emit is None:
             return
         self._seq += 1
-        await self._emit(GenerationEvent(ref=self._ref, kind=kind, seq=self._seq, **fields))  # type: ignore[arg-type]
+        await self._emit(GenerationEvent(ref=self._ref, kind=kind, seq=self._seq, **fields))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import openai
 
@@ -136,7 +137,9 @@ async def _streamed(client: openai.AsyncOpenAI, arguments: dict[str, Any], on_de
     if not finished:
         raise LLMError("transport", "malformed stream: it ended without a finish reason")
     tool_calls = [ToolCall(c["id"] or f"call_{i}", c["name"], c["arguments"]) for i, c in sorted(calls.items())]
-    return LLMReply(text="".join(text), tool_calls=tool_calls, finish_reason=finish_reason, usage=usage, model=model, metadata={"response_id": response_id})
+    return LLMReply(
+        text="".join(text), tool_calls=tool_calls, finish_reason=finish_reason, usage=usage, model=model, metadata={"response_id": response_id}
+    )
 
 
 def _usage(usage: Any) -> Usage:
@@ -162,6 +165,6 @@ def _provider_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]
+        if isinstance(inner, dict) and isinstance(message := inner.get("message"), str):
+            return message
     return exc.message

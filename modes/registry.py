@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
+
 from genvisor.modes.coding import CodingMode
 from genvisor.modes.planning import PlanningMode
 from genvisor.modes.protocol import Mode

@@ -285,6 +285,7 @@ class Workspace:
             )
         except OSError as exc:
             raise ToolError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        assert process.stdout is not None and process.stderr is not None  # both are pipes
         stdout, stderr = _Output(), _Output()
         try:
             async with trio.open_nursery() as nursery:
@@ -445,13 +446,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _kind(entry: os.DirEntry) -> str:
+def _kind(entry: os.DirEntry[str]) -> str:
     if entry.is_symlink():
         return "symlink"
     return "dir" if entry.is_dir(follow_symlinks=False) else "file"
 
 
-def _listed_name(entry: os.DirEntry) -> str:
+def _listed_name(entry: os.DirEntry[str]) -> str:
     """`name/` for a directory, `name@` for a symlink (not followed: it may lead out)."""
     return entry.name + {"dir": "/", "symlink": "@", "file": ""}[_kind(entry)]
 

@@ -67,7 +67,7 @@ def openat2_beneath(root_fd: int, path: str | bytes, flags: int, mode: int = 0o6
     creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
     how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0, _RESOLVE)
     for _ in range(_OPENAT2_RETRIES):
-        fd = _syscall(_SYS_OPENAT2, root_fd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        fd: int = _syscall(_SYS_OPENAT2, root_fd, raw, ctypes.byref(how), ctypes.sizeof(how))
         if fd >= 0:
             return fd
         code = ctypes.get_errno()

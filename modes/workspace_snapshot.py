@@ -36,8 +36,9 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import msgspec
 
@@ -144,14 +145,15 @@ class SnapshotStore:
         out = self._git("diff-tree", "-r", "-z", "--no-renames", "--raw", before, after)
         fields = out.split("\0")
         changes = []
-        for meta, path in zip(fields[0::2], fields[1::2]):
+        for meta, path in zip(fields[0::2], fields[1::2], strict=False):
             if not meta:
                 continue
             mode_a, mode_b, blob_a, blob_b, status = meta.lstrip(":").split(" ")
             zero = "0" * len(blob_a)
-            kind = {"A": "added", "D": "deleted"}.get(status[0], "modified")
+            kinds: dict[str, Literal["added", "modified", "deleted"]] = {"A": "added", "D": "deleted"}
+            kind = kinds.get(status[0], "modified")
             changes.append(PathChange(
-                path, kind,  # type: ignore[arg-type]
+                path, kind,
                 None if mode_a == "000000" else mode_a, None if mode_b == "000000" else mode_b,
                 None if blob_a == zero else blob_a, None if blob_b == zero else blob_b,
             ))
