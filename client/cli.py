@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -59,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
     json_errors = False
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         if _Parser.json_errors:
             _print_error({"code": "usage", "message": f"{self.prog}: {message}"}, as_json=True)
             sys.exit(EXIT_USAGE)
@@ -110,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genvisor", description="Drive a genvisor daemon.",
                      epilog="Options that pick the daemon, and --json, go before or after the verb.")
     _add_daemon_options(parser, top=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # a parent: only its arguments are used
     _add_daemon_options(common, top=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -298,7 +299,11 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return 0
     if args.verb == "telemetry":
         counts = client.telemetry()
-        _print_json(counts) if args.json else [print(f"{c.event} mode={c.mode} backend={c.backend} outcome={c.outcome or '-'} category={c.category or '-'} {c.count}") for c in counts]
+        if args.json:
+            _print_json(counts)
+        else:
+            for c in counts:
+                print(f"{c.event} mode={c.mode} backend={c.backend} outcome={c.outcome or '-'} category={c.category or '-'} {c.count}")
         return 0
     if args.verb == "status":
         status = client.status()
@@ -557,7 +562,8 @@ def _show_changes(changes: WorkspaceChanges, *, diff: bool = True) -> None:
         return
     for file in changes.files:
         sizes = f"{file.size_before if file.size_before is not None else '-'} → {file.size_after if file.size_after is not None else '-'} bytes"
-        modes = f", mode {file.mode_before} → {file.mode_after}" if file.mode_before and file.mode_after and file.mode_before != file.mode_after else ""
+        mode_changed = file.mode_before and file.mode_after and file.mode_before != file.mode_after
+        modes = f", mode {file.mode_before} → {file.mode_after}" if mode_changed else ""
         print(f"{_CHANGE_MARKS[file.change]} {file.path} ({sizes}{modes}{', binary' if file.binary else ''})")
     if changes.files_total > len(changes.files):
         print(f"… and {changes.files_total - len(changes.files)} more files")
@@ -620,7 +626,9 @@ def demo() -> int:
                 client.send_and_generate(
                     "demo",
                     "stream something",
-                    generation_opts={"backend_opts": {"chunks": ["Each ", "turn ", "runs ", "in ", "its ", "own ", "process."], "chunk_delay_ms": 60}},
+                    generation_opts={
+                        "backend_opts": {"chunks": ["Each ", "turn ", "runs ", "in ", "its ", "own ", "process."], "chunk_delay_ms": 60}
+                    },
                     on_event=lambda e: print(e.text, end="", flush=True) if e.kind == "delta" else None,
                 )
                 print("\n")

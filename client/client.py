@@ -17,7 +17,8 @@ import collections
 import itertools
 import os
 import time
-from typing import Any, Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import zmq
 
@@ -50,7 +51,6 @@ from genvisor.ipc.frames import (
     GetTelemetry,
     GetThreadEntries,
     GetTimeline,
-    Locator,
     ModeId,
     Notify,
     Ping,
@@ -60,9 +60,8 @@ from genvisor.ipc.frames import (
     SendUserMessage,
     StartConversation,
     StopConversation,
-    TurnChanges,
     SupportedModes,
-    TelemetryCount,
+    TurnChanges,
 )
 from genvisor.types import (
     ContextMessage,
@@ -73,10 +72,12 @@ from genvisor.types import (
     GenerationEvent,
     JournalEntry,
     LLMResult,
+    Locator,
     Message,
     ModeInfo,
     Notification,
     PlanRecord,
+    TelemetryCount,
     TimelineEntry,
     WorkspaceChanges,
 )
@@ -191,7 +192,13 @@ class Client:
         return self._call(RecordAssistantMessage(to_locator(loc), content, metadata), Conversation)
 
     def configure_llm(
-        self, loc: LocatorLike, backend: str | None = None, *, provider: str | None = None, model: str | None = None, options: dict[str, Any] | None = None
+        self,
+        loc: LocatorLike,
+        backend: str | None = None,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> Conversation:
         return self._call(ConfigureLLM(to_locator(loc), backend, provider, model, options), Conversation)
 

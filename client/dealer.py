@@ -18,6 +18,8 @@ can see instead, at once:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -70,14 +72,14 @@ class WatchedDealer:
             probe_ipc(endpoint)
         self._endpoint = endpoint
         self._curve = curve
-        self._socket = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         if endpoint.startswith("tcp://"):
             self._socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if curve is not None:
             secure_client_socket(self._socket, curve)
-        self._monitor = self._socket.get_monitor_socket(_WATCHED)
+        self._monitor: zmq.Socket[bytes] = self._socket.get_monitor_socket(_WATCHED)
         self._socket.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
@@ -137,7 +139,7 @@ class WatchedDealer:
             elif self._refusal is None:
                 self._refusal = self._refused(event)
 
-    def _refused(self, event: dict) -> DaemonUnavailable | None:
+    def _refused(self, event: Mapping[str, Any]) -> DaemonUnavailable | None:
         kind, value = event["event"], event["value"]
         where = f"the daemon at {self._endpoint}"
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 import trio

@@ -22,7 +22,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import trio
@@ -273,7 +274,9 @@ class WorkerPool:
                 _kill(answer[0].pid)
             raise
 
-    async def _start_worker(self, zygote: _Zygote, token: int, done: trio.Event, answer: list[Any], ours: socket.socket, theirs: socket.socket) -> Worker:
+    async def _start_worker(
+        self, zygote: _Zygote, token: int, done: trio.Event, answer: list[Any], ours: socket.socket, theirs: socket.socket
+    ) -> Worker:
         started = time.perf_counter()
         try:
             async with zygote.send_lock:

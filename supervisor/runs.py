@@ -18,15 +18,16 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import psutil
 import trio
 
 from genvisor.ipc.channel import FrameTooLarge
-from genvisor.logevent import event
 from genvisor.ipc.supervision import Finished, Progress, Start, Stop
+from genvisor.logevent import event
 from genvisor.supervisor.pool import Worker, WorkerPool, WorkersUnavailable, wait_for_exit
 
 log = logging.getLogger("genvisor.supervisor")

@@ -24,7 +24,8 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import trio
