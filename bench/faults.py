@@ -27,6 +27,7 @@ import psutil
 from bench.harness import Daemon, daemon_config, readable, wait_for_exit
 from genvisor.errors import GenerationCanceled, LLMError
 
+
 def leftovers(daemon: Daemon) -> int:
     """Processes under the daemon beyond its zygote and the zygote's spare workers."""
     return len(daemon.ps.children(recursive=True)) - len(daemon.workers()) - (daemon.zygote() is not None)

@@ -65,8 +65,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from hypothesis import HealthCheck, Phase, given, seed, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
 from bench.faults import leftovers
 from bench.harness import REPO, Daemon
@@ -255,7 +254,7 @@ RAW_ARGUMENTS = ["", "{", "[]", "5", "null", '"a.txt"', '{"path": 5}', '{"path":
                  '{"argv": ["true"], "timeout_ms": 1e400}', '{"path": "a.txt"} trailing', '{"path": "link_out"}']
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tool_arguments(name: str, json_only: bool) -> st.SearchStrategy:
     table = TOOL_PARAMS[json_only]
     bad = json_values if json_only else anything

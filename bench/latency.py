@@ -137,7 +137,7 @@ def traced_breakdown(ctx, n: int) -> tuple[dict[str, Summary], Summary]:
             if at.get(a) is not None and at.get(b) is not None:
                 hops[hop].append((at[b] - at[a]) * 1000)
     begins, ends = stamps.get("spawn_begin", []), stamps.get("spawn_end", [])
-    refill = summarize([(e - b) * 1000 for b, e in zip(begins, ends) if e >= b])
+    refill = summarize([(e - b) * 1000 for b, e in zip(begins, ends, strict=False) if e >= b])
     return {hop: summarize(s) for hop, s in hops.items()}, refill
 
 

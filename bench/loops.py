@@ -7,13 +7,13 @@ import contextlib
 import itertools
 import threading
 import time
-from typing import Callable, ContextManager
+from collections.abc import Callable
 
 import msgspec
 
 from genvisor.client import Client
 
-OpenCaller = Callable[[int], ContextManager[Callable[[], None]]]
+OpenCaller = Callable[[int], contextlib.AbstractContextManager[Callable[[], None]]]
 
 
 class LoopResult(msgspec.Struct, frozen=True):

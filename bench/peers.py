@@ -12,7 +12,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import threading
-from typing import Callable, ContextManager, Iterator
+from collections.abc import Callable, Iterator
 
 Call = Callable[[str], str]
 
@@ -76,7 +76,7 @@ def trio_parallel_peer(workers: int, worker_type: str = "spawn") -> Iterator[Cal
 
 
 # name → (factory(workers) -> context manager, how slow: samples are scaled by this)
-LATENCY_PEERS: dict[str, tuple[Callable[[int], ContextManager[Call]], int]] = {
+LATENCY_PEERS: dict[str, tuple[Callable[[int], contextlib.AbstractContextManager[Call]], int]] = {
     "ProcessPoolExecutor spawn, max_tasks_per_child=1": (lambda w: ppe("spawn", w), 10),
     "ProcessPoolExecutor forkserver, max_tasks_per_child=1, preloaded": (lambda w: ppe("forkserver", w), 1),
     "multiprocessing.Pool fork, maxtasksperchild=1": (mp_pool_fork, 1),

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<UTC time>)")
     args = parser.parse_args(argv)
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS / stamp
     out.mkdir(parents=True, exist_ok=True)

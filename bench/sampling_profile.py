@@ -54,7 +54,9 @@ def summarize_raw(raw: Path, top: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sampling_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sampling_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if recorder.returncode != 0:
             print(err.decode(errors="replace"), file=sys.stderr)
             return 1
-    summary = f"{loop.completed} generations in {loop.seconds:.1f} s ({loop.per_s:.0f}/s, {args.clients} clients) under py-spy\n\n" + summarize_raw(raw)
+    heading = f"{loop.completed} generations in {loop.seconds:.1f} s ({loop.per_s:.0f}/s, {args.clients} clients) under py-spy"
+    summary = heading + "\n\n" + summarize_raw(raw)
     (args.out / "profile.txt").write_text(summary)
     print(summary)
     return 0

@@ -15,11 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from genvisor.types import GenerationResult
-
 from bench.harness import Daemon, daemon_config, uss_mib
 from bench.report import Result, Table, figure
 from bench.stats import fmt
+from genvisor.types import GenerationResult
 
 
 def run(ctx) -> Result:
@@ -76,9 +75,17 @@ def run(ctx) -> Result:
     all_running_at = next((t for t, w, _ in samples if w >= n), float("nan"))
     rows = [
         ["generations submitted", str(n), f"in {submitted_s:.2f} s"],
-        ["peak workers running a generation (spares not counted)", str(peak_workers), f"all {n} running {all_running_at:.1f} s after the first submit" if peak_workers >= n else "never all at once"],
+        [
+            "peak workers running a generation (spares not counted)",
+            str(peak_workers),
+            f"all {n} running {all_running_at:.1f} s after the first submit" if peak_workers >= n else "never all at once",
+        ],
         ["peak active runs (status)", str(peak_active), f"max_active {n}"],
-        ["completed / failed / no result", f"{n - errors - missing} / {errors} / {missing}", f"last result {finished_s:.1f} s after the first submit (delay {delay_ms / 1000:.0f} s)"],
+        [
+            "completed / failed / no result",
+            f"{n - errors - missing} / {errors} / {missing}",
+            f"last result {finished_s:.1f} s after the first submit (delay {delay_ms / 1000:.0f} s)",
+        ],
         ["daemon RSS at the peak, MiB", fmt(peak_memory.get("daemon_rss_mib"), 1), "–"],
         ["workers' own memory at the peak (sum of USS), MiB", fmt(peak_memory.get("workers_uss_mib"), 0),
          f"{fmt(peak_memory.get('workers_uss_mib', float('nan')) / n, 2)} MiB per worker"],

@@ -57,10 +57,9 @@ class oversized_frame(_Hostile):  # noqa: N801
 
 
 async def _drive(target: str) -> str:
+    import hostile_worker  # by its module's name, not __main__'s: the zygote imports it so
     from genvisor.supervisor.pool import WorkerPool
     from genvisor.supervisor.runs import Supervisor
-
-    import hostile_worker  # by its module's name, not __main__'s: the zygote imports it so
 
     supervisor = Supervisor(WorkerPool(target=getattr(hostile_worker, target), spares=0), cancel_grace_s=0.2, term_grace_s=0.2)
     async with trio.open_nursery() as nursery:

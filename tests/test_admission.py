@@ -6,8 +6,8 @@ import pytest
 import trio
 
 from conftest import TEST_CONFIG, Daemon
-from genvisor.errors import GenerationCanceled, NotFound, Overloaded
 from genvisor.daemon.admission import Admission
+from genvisor.errors import GenerationCanceled, NotFound, Overloaded
 
 # ---- the admission itself ---------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import TEST_CONFIG, Daemon
-from openai_server import FakeOpenAI, text
 from genvisor.errors import InvalidModeConfig, InvalidOptions, LLMError
+from openai_server import FakeOpenAI, text
 
 KEY_ENV = "GENVISOR_TEST_OPENAI_KEY"
 

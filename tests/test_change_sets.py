@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from genvisor.errors import GenerationInProgress, InvalidOptions, NotFound, RevertConflict
+from genvisor.errors import GenerationInProgress, InvalidOptions, LLMError, NotFound, RevertConflict
 
 TOOLS = ["read_file", "write_file", "edit_file", "run_command"]
 KEEP = "line one\nline two\n"
@@ -149,7 +149,7 @@ def test_excluded_paths_are_neither_snapshotted_nor_restored_nor_reported(connec
         assert [f.path for f in result.changes.files] == ["keep.txt"]
         client.send_user_message(conv, "install again, then fail")
         failing = client.generate_assistant_reply(conv, backend_opts={"script": [_sh("echo v3 > node_modules/dep.js; rm keep.txt")]})
-        with pytest.raises(Exception):
+        with pytest.raises(LLMError):
             client.await_generation(conv, failing)
     assert (workspace / "keep.txt").read_text() == "new\n"  # restored
     assert (workspace / "node_modules" / "dep.js").read_text() == "v3\n"  # excluded: left as the run made it

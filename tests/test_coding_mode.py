@@ -9,7 +9,15 @@ from genvisor.modes.coding import CodingRun
 from genvisor.modes.conversation import JournalEntry, fold
 from genvisor.modes.llm import BackendConfig, LLMReply, RunDefaults
 from genvisor.modes.protocol import (
-    AssemblyRequest, CallLLM, Commit, Fail, LLMReplied, ProtocolViolation, RunTools, Start, ToolsFinished,
+    AssemblyRequest,
+    CallLLM,
+    Commit,
+    Fail,
+    LLMReplied,
+    ProtocolViolation,
+    RunTools,
+    Start,
+    ToolsFinished,
 )
 from genvisor.types import DerivedState, ToolCall, ToolResult
 
@@ -62,7 +70,8 @@ def test_the_step_budget_ends_a_tool_loop():
 
 
 def test_the_tool_call_budget_ends_a_run():
-    state = fold([_entry(1, role="user", content="go"), _entry(2, kind="note", event="mode_configured", data={"mode": "coding", "mode_state": {"max_tool_calls": 2}})])
+    configured = _entry(2, kind="note", event="mode_configured", data={"mode": "coding", "mode_state": {"max_tool_calls": 2}})
+    state = fold([_entry(1, role="user", content="go"), configured])
     run = CodingRun(_spec(state))
     run.feed(Start())
     run.feed(LLMReplied(LLMReply(tool_calls=[ToolCall("a", "x", "{}"), ToolCall("b", "x", "{}")])))

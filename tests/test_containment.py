@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from raw_peer import RawPeer
 from genvisor.errors import GenerationInProgress, LLMError
 from genvisor.ipc import codec
 from genvisor.ipc.frames import Failure, Locator, Reply, SendAndGenerate, SendUserMessage
+from raw_peer import RawPeer
 
 
 def _still_serving(daemon_or_connect, conv: str) -> None:

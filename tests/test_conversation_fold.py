@@ -9,11 +9,11 @@ skills, runs). Plain examples below pin the llm merge and sticky cancel rules.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import msgspec
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from genvisor.modes.conversation import RUN_HISTORY_LIMIT, JournalEntry, apply, fold, initial_state
 from genvisor.modes.tools import DEFAULT_SKILLS
@@ -105,7 +105,7 @@ def _materialize(start: tuple[int, int, list[tuple[int, float, tuple]]]) -> list
             emit("note", event="cancel_requested", data={"reason": action[1]})
         elif action[0] == "llm":
             keys = ("backend", "provider", "model", "options")
-            emit("note", event="llm_configured", data={k: v for k, v in zip(keys, action[1:]) if v is not MISSING})
+            emit("note", event="llm_configured", data={k: v for k, v in zip(keys, action[1:], strict=True) if v is not MISSING})
         elif action[0] == "skills":
             emit("note", event="skills_configured", data={"skills": action[1]})
         elif action[0] == "run":
@@ -239,7 +239,7 @@ def test_turn_and_messages_count_the_message_entries_in_seq_order(entries):
         message_entries = [e for e in prefix if e.kind == "message"]
         assert state.turn == sum(1 for e in message_entries if e.role == "user")
         assert len(state.messages) == len(message_entries)
-        assert all(a.seq < b.seq for a, b in zip(state.messages, state.messages[1:]))
+        assert all(a.seq < b.seq for a, b in itertools.pairwise(state.messages))
         assert [(m.entry_id, m.seq, m.role, m.content, m.metadata) for m in state.messages] == [
             (e.entry_id, e.seq, e.role, e.content or "", e.data) for e in message_entries
         ]
@@ -249,7 +249,7 @@ def test_turn_and_messages_count_the_message_entries_in_seq_order(entries):
 @given(journals())
 def test_cancel_requested_once_true_stays_true(entries):
     states = states_by_apply(entries)
-    for before, after in zip(states, states[1:]):
+    for before, after in itertools.pairwise(states):
         if before.cancel_requested:
             assert after.cancel_requested
             assert after.cancel_reason is not None

@@ -14,9 +14,9 @@ import msgspec
 import pytest
 
 from conftest import Daemon, wait_for_exit
-from raw_peer import RawPeer
 from genvisor.errors import BadRequest, NotFound
 from genvisor.ipc.frames import Failure
+from raw_peer import RawPeer
 
 
 def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import zmq
 
-from raw_peer import RawPeer
 from genvisor.errors import BadRequest, NotFound
 from genvisor.ipc import codec, frames
+from raw_peer import RawPeer
 
 LOC = frames.Locator(None, "no-such-conversation")
 

@@ -12,12 +12,11 @@ import typing
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from raw_peer import RawPeer
 from genvisor.errors import NotFound
 from genvisor.ipc import codec, frames
+from raw_peer import RawPeer
 
 V = frames.PROTOCOL_VERSION
 PROBES = [[None, "fz-a"], ["fz-p", "fz-b"]]
@@ -43,7 +42,9 @@ REQUIRED = [("start_conversation", "id"), ("send_user_message", "content"), ("se
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
 ids = ints
 small = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False), st.text(max_size=8), st.binary(max_size=8))
-msgpack_values = st.recursive(small, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=12)
+msgpack_values = st.recursive(
+    small, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=12
+)
 
 not_str = st.one_of(ints, st.booleans(), st.binary(max_size=4), st.lists(ints, max_size=2), st.dictionaries(st.text(max_size=3), ints, max_size=2))
 not_int = st.one_of(st.text(max_size=5), st.booleans(), st.floats(allow_nan=False), st.binary(max_size=4), st.lists(ints, max_size=2))

@@ -4,12 +4,11 @@ with a typed LLMError, and the daemon goes on serving every other conversation."
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import OPENAI_KEY_ENV, Daemon, openai_config
-from openai_server import FakeOpenAI, raw, text
 from genvisor.errors import LLMError
+from openai_server import FakeOpenAI, raw, text
 
 
 def _completion(**overrides):

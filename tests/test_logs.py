@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import TEST_CONFIG, Daemon, spawn_marker, wait_for_marker
-from raw_peer import RawPeer
 from genvisor.errors import GenerationCanceled, LLMError, Overloaded
+from raw_peer import RawPeer
 
 
 def _events(daemon: Daemon, *, finished: int = 0) -> list[dict]:
@@ -91,9 +91,9 @@ def test_an_admission_refusal_is_logged(tmp_path, conv):
 
 def test_rejected_frames_are_logged_at_most_once_a_second_with_a_count(json_daemon):
     with RawPeer(json_daemon.endpoint) as peer:
-        for n in range(50):
+        for _ in range(50):
             peer.send(b"\xc1 not msgpack")
-        for n in range(50):
+        for _ in range(50):
             peer.answer()
     rejected = [e for e in _events(json_daemon) if e["event"] == "frame.rejected"]
     assert 1 <= len(rejected) <= 3, rejected

@@ -10,9 +10,9 @@ import socket
 import pytest
 
 from conftest import OPENAI_KEY_ENV, Daemon, find_tagged, openai_config, wait_for_group_gone, wait_for_marker
-from openai_server import FakeOpenAI, drop_mid_stream, error, hang, text, tool_calls
 from genvisor.errors import GenerationCanceled, LLMError
 from genvisor.types import GenerationEvent
+from openai_server import FakeOpenAI, drop_mid_stream, error, hang, text, tool_calls
 
 ALL_TOOLS = ["read_file", "list_dir", "search_text", "write_file", "edit_file", "run_command"]
 

@@ -13,8 +13,9 @@ import collections
 import itertools
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -139,7 +140,8 @@ def cancel_reason_propagation(cell: Cell):
     cell.client.cancel_generation(cell.conv, reason="user_left")
     state = cell.client.derived_state(cell.conv)
     journaled = [e.data.get("reason") for e in cell.client.conversation_thread_entries(cell.conv) if e.event == "cancel_requested"]
-    return cell.signature(_outcome(lambda: cell.client.await_generation(cell.conv, ref)), state_reason=(state.cancel_requested, state.cancel_reason), journaled=journaled)
+    outcome = _outcome(lambda: cell.client.await_generation(cell.conv, ref))
+    return cell.signature(outcome, state_reason=(state.cancel_requested, state.cancel_reason), journaled=journaled)
 
 
 def concurrency_guard(cell: Cell):
@@ -167,7 +169,7 @@ def cancel_racing_completion(cell: Cell):
             cell.client.cancel_generation(cell.conv, reason="raced")
         except GenvisorError:
             pass  # it finished first: nothing to cancel
-        outcomes.add(_outcome(lambda: cell.client.await_generation(cell.conv, ref))[0])
+        outcomes.add(_outcome(lambda ref=ref: cell.client.await_generation(cell.conv, ref))[0])
     entries = cell.client.conversation_thread_entries(cell.conv)
     finished = [e for e in entries if e.event == "run_finished"]
     notes = _notes(cell.client)

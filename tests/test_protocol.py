@@ -5,8 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from raw_peer import RawPeer
-from genvisor.errors import _BY_CODE, BadRequest, Diagnostic, ErrorInfo, GenvisorError, LLMError, InvalidOptions
+from genvisor.errors import _BY_CODE, BadRequest, Diagnostic, ErrorInfo, GenvisorError, InvalidOptions, LLMError
 from genvisor.ipc import codec, frames
 from genvisor.ipc.channel import FrameReader, FrameTooLarge, pack_frame
 from genvisor.ipc.endpoint import EndpointError, parse_endpoint
@@ -20,6 +19,7 @@ from genvisor.types import (
     LLMResult,
     ToolCall,
 )
+from raw_peer import RawPeer
 
 LOC = frames.Locator("proj", "c1")
 REQUESTS = [

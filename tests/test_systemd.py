@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import psutil
 import pytest
@@ -71,7 +71,7 @@ class NotifyListener:
                 fields = self.sock.recv(4096).decode().split("\n")
             except TimeoutError:
                 if process.poll() is not None:
-                    raise AssertionError(f"the daemon exited {process.returncode} before {field}; got {self.received}")
+                    raise AssertionError(f"the daemon exited {process.returncode} before {field}; got {self.received}") from None
                 continue
             self.received.append(fields)
             if field in fields:

@@ -19,8 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from genvisor.modes import workspace_fs
 from genvisor.modes.tools import (
@@ -310,7 +309,7 @@ def _tree_with_links(top: str, links: list[str]) -> int:
     os.makedirs(f"{top}/root/d/e")
     for name in ("outside", "root/f", "root/d/f"):
         open(f"{top}/{name}", "w").close()
-    for name, target in zip(["l0", "l1", "d/l2"], links):
+    for name, target in zip(["l0", "l1", "d/l2"], links, strict=True):
         os.symlink(target or ".", f"{top}/root/{name}")
     return os.open(f"{top}/root", os.O_PATH | os.O_DIRECTORY)
 
@@ -518,7 +517,7 @@ def test_a_run_fed_hostile_calls_completes_and_the_model_sees_each_error(connect
         result, tools = _run_tools(client, conv, workspace, calls, skills=ALL_TOOLS, excludes=["/huge.bin"])
     assert result.text == "done"
     assert [t.metadata["is_error"] for t in tools] == [True] * 6 + [False] * 3
-    for tool, needle in zip(tools, ["NUL", "symbolic links", "not UTF-8", "lone surrogate", "at most", "not valid JSON"]):
+    for tool, needle in zip(tools[:6], ["NUL", "symbolic links", "not UTF-8", "lone surrogate", "at most", "not valid JSON"], strict=True):
         assert needle in tool.content, (needle, tool.content)
     assert tools[6].content.endswith(f"[truncated: {2 * GIB} bytes, first {READ_LIMIT} shown]")
     assert "name-\\udcff" in tools[7].content.splitlines() and "loop@" in tools[7].content.splitlines()

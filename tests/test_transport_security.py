@@ -16,12 +16,12 @@ import pytest
 import zmq
 
 from conftest import TEST_CONFIG, Daemon
-from raw_peer import RawPeer
 from genvisor.client import Client
 from genvisor.errors import DaemonUnavailable, NotFound
 from genvisor.ipc import codec, frames
 from genvisor.ipc.curve import CurveError, load_key_pair, server_curve, write_certificate_pair
 from genvisor.ipc.endpoint import parse_endpoint
+from raw_peer import RawPeer
 
 
 def free_port() -> int:
