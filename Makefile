@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test bench bench-check clean
+.PHONY: run lint test bench bench-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(PY) -m genvisor demo
 
-test: $(TEST_STAMP)
+# ruff over the tree, mypy over the package (strict on modes/ and ipc/; see pyproject.toml).
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check .
+	$(PY) tools/typecheck.py
+
+test: $(TEST_STAMP) lint
 	$(PY) -m pytest
 
 $(BENCH_STAMP): pyproject.toml | $(PY)
