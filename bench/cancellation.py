@@ -25,19 +25,18 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 import psutil
 import trio
 
-from genvisor.errors import GenerationCanceled
-
 from bench.harness import Daemon, WaitTimedOut, daemon_config, living_in_group, readable, wait_until
 from bench.report import Result, Table, figure
 from bench.stats import Summary, fmt, fmt_ratio, ratio, summarize
+from genvisor.errors import GenerationCanceled
 
 HANG_GRACE_S = 0.05  # cancel and term graces for the hanging case: it ignores both
 
@@ -87,7 +86,8 @@ async def _cancel_runs(supervisor, spec_for: Callable[[int], tuple[bytes, Callab
     for i in range(n + warm):
         spec, ready = spec_for(i)
         started = trio.Event()
-        handle = supervisor.start_run(spec, on_progress=lambda _e: started.set(), deadline=None)
+        # Bound now: a late event of an earlier run must not set this run's `started`.
+        handle = supervisor.start_run(spec, on_progress=lambda _e, started=started: started.set(), deadline=None)
         await started.wait()
         await ready(handle)
         begin = time.perf_counter()
@@ -202,7 +202,8 @@ def daemon_case(scratch: Path, n: int, warm: int) -> EndToEnd:
                     raise WaitTimedOut(f"run {i}'s spawned child did not start within 30 s")
             finally:
                 os.close(fd)
-            worker = os.getsid(wait_until(lambda: _tagged(tag), 10, f"the spawned child tagged {tag}").pid)  # it leads its session
+            child = wait_until(lambda tag=tag: _tagged(tag), 10, f"the spawned child tagged {tag}")
+            worker = os.getsid(child.pid)  # it leads its session
             group = living_in_group(worker)  # the worker and its child
             gone = watcher.submit(_last_exit, group, 30)
             begin = time.perf_counter()
@@ -254,7 +255,8 @@ def run(ctx) -> Result:
     for name, c in cases.items():
         r, v = reaped[name], verified[name]
         ended = ", ".join(f"{k} {v}" for k, v in sorted(c.ended_by.items()))
-        rows.append([name, str(r.n), fmt(r.p50), fmt(r.p99), fmt(r.max), fmt(v.p50), fmt(v.p99), ended, str(c.unverified), fmt_ratio(ratio(r.p50, kill.p50))])
+        rows.append([name, str(r.n), fmt(r.p50), fmt(r.p99), fmt(r.max), fmt(v.p50), fmt(v.p99), ended, str(c.unverified),
+                     fmt_ratio(ratio(r.p50, kill.p50))])
     rows.append(["peer: mp.Process SIGKILL → joined", str(kill.n), fmt(kill.p50), fmt(kill.p99), fmt(kill.max), "–", "–", "sigkill", "–", "1.00×"])
     hang = reaped["hanging (ignores Stop and SIGTERM)"]
     _plot(ctx.out / "cancel.png", reaped, kill, {"daemon: cancel → GenerationCanceled": canceled, "daemon: cancel → group gone": gone})

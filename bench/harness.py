@@ -14,9 +14,8 @@ from typing import Any
 import msgspec
 import psutil
 
-from genvisor.client import Client
-
 from bench.daemon_process import DaemonFailed, DaemonProcess, WaitTimedOut, readable, wait_for_exit, wait_until  # noqa: F401 — the scenarios' too
+from genvisor.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import msgspec
 
-from genvisor.client import Client
-from genvisor.errors import Overloaded
-from genvisor.types import GenerationResult
-
 from bench.harness import Daemon, daemon_config
 from bench.report import Result, Table, figure
 from bench.stats import fmt, fmt_ratio, ratio, summarize
+from genvisor.client import Client
+from genvisor.errors import Overloaded
+from genvisor.types import GenerationResult
 
 MAX_ACTIVE = 4  # two per core: a run is mostly waiting on the other processes
 MAX_QUEUED = 4
@@ -190,8 +189,8 @@ def run(ctx) -> Result:
         name="queue_depth",
         tables=[Table(
             f"Open-loop arrivals (max_active {MAX_ACTIVE}, max_queued {MAX_QUEUED}, {capacity_note})",
-            ["offered (reached × capacity)", "arrivals/s", "arrivals", "admitted", "Overloaded rate", "max queued", "admitted p50 ms", "admitted p99 ms",
-             "p99 × lowest load", "Overloaded p50 ms", "Overloaded p99 ms", "sender lag p99 ms", "errors"],
+            ["offered (reached × capacity)", "arrivals/s", "arrivals", "admitted", "Overloaded rate", "max queued", "admitted p50 ms",
+             "admitted p99 ms", "p99 × lowest load", "Overloaded p50 ms", "Overloaded p99 ms", "sender lag p99 ms", "errors"],
             rows,
             note=f"'Offered': the arrival rate the senders reached, × capacity; a level that fell below "
                  f"{REACHED_SHARE:.0%} of its target says so"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import collections
 import itertools
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import wait_until
 from genvisor.client import Client
 from genvisor.errors import GenerationCanceled, GenvisorError, LLMError
 from genvisor.types import GenerationCanceled as CanceledNote, GenerationResult
@@ -311,9 +311,7 @@ def _workspace_as_it_was(workspace: Path) -> bool:
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
+    wait_until(condition, timeout_s, "the run's change to the workspace")
 
 
 def _cancel_after_effect(how: Callable[[Client, str, str], Any]) -> Callable[[Client, str, str, Path], Any]:

@@ -3,13 +3,11 @@ daemon hold more than its budget."""
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 import pytest
 import zmq
 
-from conftest import TEST_CONFIG, Daemon
+from conftest import TEST_CONFIG, Daemon, wait_until
 from genvisor.errors import Overloaded
 from genvisor.ipc import codec
 from genvisor.ipc.frames import Failure, GetConversation, Locator, Reply
@@ -58,10 +56,8 @@ def _peak_rss(pid: int) -> int:
 
 
 def _wait_received(daemon: Daemon, count: int) -> None:
-    deadline = time.monotonic() + 60
     with daemon.client() as client:
-        while client.status().requests_received < count:
-            assert time.monotonic() < deadline, "the daemon did not read the requests"
+        wait_until(lambda: client.status().requests_received >= count, 60, f"the daemon to read {count} requests")
 
 
 def test_a_client_that_never_reads_is_held_to_its_budget_and_every_request_is_answered(budget_daemon, conv):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker, worker_of
+from conftest import Daemon, find_tagged, spawn_marker, wait_for_group_gone, wait_for_marker, wait_until, worker_of
 from genvisor.errors import DaemonUnavailable, LLMError
 from genvisor.types import GenerationCanceled as CanceledNote
 
@@ -31,9 +30,7 @@ def test_sigterm_with_active_runs_cancels_them_and_exits_zero(daemon, conv, tmp_
         hung_ref = owner.generate_assistant_reply(conv + "_hung", backend_opts={"crash": "hang"})
         wait_for_marker(fifo)
         family = daemon.descendants()
-        deadline = time.monotonic() + 10
-        while find_tagged(tag) is None:  # its command line is briefly empty while it execs
-            assert time.monotonic() < deadline
+        wait_until(lambda: find_tagged(tag), 10, f"the spawned process tagged {tag}")  # its command line is briefly empty while it execs
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=60) == 0
         notes = {owner.next_notification(timeout_ms=5_000), owner.next_notification(timeout_ms=5_000)}

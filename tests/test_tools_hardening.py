@@ -21,6 +21,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
+from conftest import wait_until
 from genvisor.modes import workspace_fs
 from genvisor.modes.tools import (
     EDIT_LIMIT,
@@ -63,9 +64,7 @@ def _sleeping(tag: str) -> list[psutil.Process]:
 
 def _wait_gone(tag: str, timeout_s: float = 5.0) -> None:
     """Poll until no live `sleep TAG` is left (a zombie holds nothing: it counts as gone)."""
-    deadline = time.monotonic() + timeout_s
-    while alive := _sleeping(tag):
-        assert time.monotonic() < deadline, f"still running after {timeout_s}s: {alive}"
+    wait_until(lambda: not _sleeping(tag), timeout_s, lambda: f"sleep {tag} to be gone (still running: {_sleeping(tag)})")
 
 
 def _run_tools(client, conv: str, workspace: Path, calls: list[dict], skills: list[str] = ALL_TOOLS, timeout_ms: int = 20_000,

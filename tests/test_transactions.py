@@ -5,11 +5,10 @@ however the run ended (an error, a cancel, a crash, its deadline, a killed daemo
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
-from conftest import wait_for_exit
+from conftest import wait_for_exit, wait_until
 from genvisor.errors import GenerationCanceled, LLMError
 
 TOOLS = ["read_file", "write_file", "edit_file", "run_command"]
@@ -38,12 +37,9 @@ def _as_it_was(workspace) -> None:
 
 def _settled(client, conv, timeout_s: float = 20) -> dict:
     """The run's `workspace_restored` note, once it is journaled (after its processes are gone)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        notes = [e.data for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"]
-        if notes:
-            return notes[-1]
-        assert time.monotonic() < deadline, "the workspace was not settled"
+    notes = wait_until(lambda: [e.data for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"],
+                       timeout_s, "the workspace_restored note")
+    return notes[-1]
 
 
 def _tool(name, **arguments):
@@ -74,9 +70,7 @@ def test_a_canceled_run_is_undone_after_its_command_is_gone(connect, conv, works
     with connect() as client:
         _start(client, conv, workspace)
         ref = client.generate_assistant_reply(conv, backend_opts={"script": [_tool("run_command", argv=command), {"text": "no"}]})
-        deadline = time.monotonic() + 20
-        while not (workspace / "ready").exists():
-            assert time.monotonic() < deadline, "the command did not start"
+        wait_until((workspace / "ready").exists, 20, "the command to start")
         client.cancel_generation(conv, "changed my mind")  # settles at once, as a cancel does
         with pytest.raises(GenerationCanceled):
             client.await_generation(conv, ref)
@@ -131,9 +125,7 @@ def test_the_changes_of_a_run_a_killed_daemon_left_are_undone_at_restart(daemon,
     with daemon.client() as client:
         _start(client, conv, workspace)
         ref = client.generate_assistant_reply(conv, backend_opts={"script": [_tool("run_command", argv=command), {"text": "no"}]})
-        deadline = time.monotonic() + 20
-        while not (workspace / "ready").exists():
-            assert time.monotonic() < deadline, "the command did not start"
+        wait_until((workspace / "ready").exists, 20, "the command to start")
     family = daemon.descendants()
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(timeout=30)
@@ -154,9 +146,7 @@ def test_a_run_canceled_by_a_daemon_shutdown_is_undone_before_the_daemon_exits(d
     with daemon.client() as client:
         _start(client, conv, workspace)
         client.generate_assistant_reply(conv, backend_opts={"script": script})
-        deadline = time.monotonic() + 20
-        while (workspace / "keep.txt").read_text() != "CHANGED\n":
-            assert time.monotonic() < deadline, "the run made no change"
+        wait_until(lambda: (workspace / "keep.txt").read_text() == "CHANGED\n", 20, "the run's change")
     assert daemon.stop() == 0  # SIGTERM: runs are canceled with reason daemon_shutdown
     _as_it_was(workspace)
     daemon.start()
