@@ -34,6 +34,7 @@ from genvisor.client.client import Client
 from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, GenvisorError
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
 from genvisor.ipc.endpoint import EndpointError
+from genvisor.limits import CONTEXT_MESSAGES
 from genvisor.types import ROLES, Conversation, DaemonStatus, GenerationEvent, LatencySummary, LLMResult, WorkspaceChanges
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 3, 130, 141
@@ -162,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--max", type=int, dest="max_messages")
     messages.add_argument("--role", action="append", dest="roles", choices=ROLES, help="keep only this role (repeatable)")
     context = conversation_verb("context", "the context a generation would send")
-    context.add_argument("--max", type=int, dest="max_messages", default=40)
+    context.add_argument("--max", type=int, dest="max_messages", default=CONTEXT_MESSAGES)
     context.add_argument("--include-system", action="store_true")
     context.add_argument("--include-tool", action="store_true")
     conversation_verb("timeline", "messages and events in order")

@@ -63,6 +63,7 @@ from genvisor.ipc.frames import (
     SupportedModes,
     TurnChanges,
 )
+from genvisor.limits import AWAIT_CANCEL_REASON, AWAIT_TIMEOUT_MS, CONTEXT_MESSAGES
 from genvisor.types import (
     ContextMessage,
     Conversation,
@@ -215,7 +216,7 @@ class Client:
         return self._call(GetMessages(to_locator(loc), max_messages, None if roles is None else list(roles)), list[Message])
 
     def conversation_llm_context(
-        self, loc: LocatorLike, max_messages: int = 40, include_system: bool = False, include_tool: bool = False
+        self, loc: LocatorLike, max_messages: int = CONTEXT_MESSAGES, include_system: bool = False, include_tool: bool = False
     ) -> list[ContextMessage]:
         return self._call(GetLLMContext(to_locator(loc), max_messages, include_system, include_tool), list[ContextMessage])
 
@@ -267,9 +268,9 @@ class Client:
         self,
         loc: LocatorLike,
         ref: str,
-        timeout_ms: int | None = 30_000,
+        timeout_ms: int | None = AWAIT_TIMEOUT_MS,
         cancel_on_timeout: bool = True,
-        cancel_reason: str = "await_timeout",
+        cancel_reason: str = AWAIT_CANCEL_REASON,
         *,
         on_event: Callable[[GenerationEvent], None] | None = None,
     ) -> LLMResult:
@@ -309,9 +310,9 @@ class Client:
             content,
             (message_opts or {}).get("metadata"),
             options,
-            timeout_ms=await_opts.pop("timeout_ms", 30_000),
+            timeout_ms=await_opts.pop("timeout_ms", AWAIT_TIMEOUT_MS),
             cancel_on_timeout=await_opts.pop("cancel_on_timeout", True),
-            cancel_reason=await_opts.pop("cancel_reason", "await_timeout"),
+            cancel_reason=await_opts.pop("cancel_reason", AWAIT_CANCEL_REASON),
         )
         if await_opts:
             raise TypeError(f"unknown await_opts: {', '.join(await_opts)}")

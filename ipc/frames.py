@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import ErrorInfo
+from genvisor.limits import AWAIT_CANCEL_REASON, AWAIT_TIMEOUT_MS, CONTEXT_MESSAGES
 from genvisor.types import Conversation, LLMResult, Locator, Notification, TelemetryCount  # noqa: F401 — part of the wire
 
 PROTOCOL_VERSION = 1
@@ -100,7 +101,7 @@ class GetMessages(Request, frozen=True, tag="conversation_messages"):
 
 class GetLLMContext(Request, frozen=True, tag="conversation_llm_context"):
     loc: Locator
-    max_messages: int = 40
+    max_messages: int = CONTEXT_MESSAGES
     include_system: bool = False
     include_tool: bool = False
 
@@ -150,9 +151,9 @@ class GenerateAssistantReply(Request, frozen=True, tag="generate_assistant_reply
 class AwaitGeneration(Request, frozen=True, tag="await_generation"):
     loc: Locator
     ref: str
-    timeout_ms: int | None = 30_000
+    timeout_ms: int | None = AWAIT_TIMEOUT_MS
     cancel_on_timeout: bool = True
-    cancel_reason: str = "await_timeout"
+    cancel_reason: str = AWAIT_CANCEL_REASON
 
 
 class CancelGeneration(Request, frozen=True, tag="cancel_generation"):
@@ -167,9 +168,9 @@ class SendAndGenerate(Request, frozen=True, tag="send_and_generate"):
     content: str
     message_metadata: Any = None
     options: GenerationOptions = {}
-    timeout_ms: int | None = 30_000
+    timeout_ms: int | None = AWAIT_TIMEOUT_MS
     cancel_on_timeout: bool = True
-    cancel_reason: str = "await_timeout"
+    cancel_reason: str = AWAIT_CANCEL_REASON
 
 
 class GetPlans(Request, frozen=True, tag="plans"):

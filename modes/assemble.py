@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from genvisor.errors import LLMError
+from genvisor.limits import CONTEXT_MESSAGES
 from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMRequest, RunSpec
 from genvisor.modes.protocol import AssemblyRequest
 from genvisor.modes.tools import manifest
@@ -28,7 +29,7 @@ class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     system_prompt: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
-    max_messages: int = 40
+    max_messages: int = CONTEXT_MESSAGES
     include_system: bool = False
     include_tool: bool = False
     request_id: str | None = None

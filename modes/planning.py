@@ -6,13 +6,11 @@ against the schema; one that does not validate goes back to the model with what 
 wrong, a bounded number of times, and then fails the run with a typed error. The model
 may look around first with the read-only tools (never a write: a plan changes nothing).
 
-    assemble_context ─▶ llm_request ──(tool calls)──▶ execute_tools ─┐
-                           ▲   ▲                                     │
-                           │   └──────────── feed_tool_results ◀─────┘
-                           │
-    llm_request ──(text)──▶ validate_plan ──(valid)──▶ commit (the plan, as an artifact)
-                           ▲        ├──(invalid, retries left)──┘ (what is wrong, fed back)
-                                    └──(invalid, none left)──▶ fail (LLMError provider, invalid_plan)
+    assemble_context ─▶ llm_request ──(tool calls)──▶ execute_tools ──▶ llm_request
+                        llm_request ──(text)──▶ validate_plan
+                      validate_plan ──(valid)──▶ commit: the plan, as an artifact
+                      validate_plan ──(invalid, retries left)──▶ llm_request (told what is wrong)
+                      validate_plan ──(invalid, none left)──▶ fail: LLMError provider, invalid_plan
 """
 
 from __future__ import annotations
