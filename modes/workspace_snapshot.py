@@ -129,8 +129,7 @@ class SnapshotStore:
         walker = threading.Thread(target=walk, daemon=True)
         walker.start()
         try:
-            self._git("add", "--all", "--force", "--", *self._pathspec)
-            tree = self._git("write-tree").strip()
+            tree = self._scan()
         finally:
             walker.join()
         if isinstance(found[0], OSError):
@@ -138,6 +137,11 @@ class SnapshotStore:
         meta = _Meta(sorted(found[0]), self.excludes)
         self._git(*_DURABLE, "update-ref", f"refs/genvisor/{name}", self._commit(tree, msgspec.json.encode(meta).decode()))
         return tree
+
+    def _scan(self) -> str:
+        """The tree of the workspace as it is now (its files only; not kept by a ref)."""
+        self._git("add", "--all", "--force", "--", *self._pathspec)
+        return self._git("write-tree").strip()
 
     def changes(self, before: str, after: str) -> list[PathChange]:
         """What differs from tree `before` to tree `after`, path by path (a rename is a
@@ -168,13 +172,11 @@ class SnapshotStore:
         if tree is None:
             raise SnapshotError(f"no snapshot {name!r}")
         had = set(self._meta(name).directories)
-        now = self.snapshot("restoring")
-        undo = self._put_back(self.changes(tree, now), tree)
+        undo = self._put_back(self.changes(tree, self._scan()))
         for directory in sorted(self._directories() - had, key=len, reverse=True):  # the deepest first
             shutil.rmtree(self.workspace / directory)  # what is left in it is the run's too (rmtree follows no link)
         for directory in sorted(had):
             (self.workspace / directory).mkdir(parents=True, exist_ok=True)
-        self.drop("restoring")
         return undo
 
     # ---- kept change sets ------------------------------------------------------------
@@ -219,13 +221,9 @@ class SnapshotStore:
         if conflicts:
             self.drop(f"turns/{revert_name}/before")
             return conflicts
-        # The target: the workspace as it is now, with the change set's paths as they were before it.
-        self._git("read-tree", now)
-        lines = [f"0 {'0' * 40}\t{c.path}" if c.blob_before is None else f"{c.mode_before} {c.blob_before}\t{c.path}"
-                 for c in turn]
-        self._git("update-index", "-z", "--index-info", stdin="\0".join(lines) + "\0")
-        target = self._git("write-tree").strip()
-        self._put_back(self.changes(target, now), target)
+        # Each path is as the change set left it (the index holds the workspace since
+        # the snapshot just taken): what it added goes, the rest is put back as before.
+        self._put_back(turn)
         made = set(self._meta(f"turns/{name}/after").directories) - set(self._meta(f"turns/{name}/before").directories)
         for directory in sorted(made, key=len, reverse=True):
             try:
@@ -257,20 +255,28 @@ class SnapshotStore:
 
     # ---- helpers ---------------------------------------------------------------------
 
-    def _put_back(self, undo: list[PathChange], tree: str) -> list[PathChange]:
-        """Make the workspace's files those of `tree`, given what differs (`undo`:
-        changes from `tree` to the workspace)."""
-        self._git("read-tree", tree)
+    def _put_back(self, undo: list[PathChange]) -> list[PathChange]:
+        """Put back what `undo` lists (changes from the tree to put back, to the
+        workspace as the index holds it now): into the index first, then the files."""
+        # Only the entries that differ are rewritten: the index keeps the stat data of
+        # all the others (a read-tree would forget them, and the next snapshot would
+        # re-read the whole workspace: ≈0.75 s for 10 000 files instead of ≈40 ms).
+        # Removals come first, so that a path turned from a file into a directory (or
+        # back) is free for the entry put back there.
+        entries = [f"0 {'0' * 40}\t{c.path}" for c in undo if c.change == "added"]
+        entries += [f"{c.mode_before} {c.blob_before}\t{c.path}" for c in undo if c.change != "added"]
+        if entries:
+            self._git("update-index", "-z", "--index-info", stdin="\0".join(entries) + "\0")
         # A nested repository (mode 160000) is recorded by its commit, not its files:
         # one the run added is removed with the rest, one it changed cannot be put back.
         back = [c.path for c in undo if c.change != "added" and c.mode_before != "160000"]
-        # Removals first: a path the run turned from a file into a directory (or back)
-        # must be free before the snapshot's version is checked out there.
+        # The same order on disk.
         for change in undo:
             if change.change == "added":
                 self._remove(change.path)
         if back:
-            self._git("checkout-index", "--force", "-z", "--stdin", stdin="\0".join(back) + "\0")
+            # -u: what is written gets fresh stat data, so that it is not read again either.
+            self._git("checkout-index", "--force", "-u", "-z", "--stdin", stdin="\0".join(back) + "\0")
         return undo
 
     def _blob_facts(self, blobs: set[str]) -> dict[str, tuple[int, str, bool]]:
