@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import stat
 import subprocess
@@ -169,19 +168,6 @@ class Stash:
 
 # ---- workspaces ---------------------------------------------------------------------
 
-def make_small_workspace(root: Path, files: int, seed: int = 1) -> int:
-    """make_workspace's layout (so that `change` finds its files), files of 1–7 KB."""
-    rng = random.Random(seed)
-    total = 0
-    for i in range(files):
-        directory = root / f"d{i % 100:02d}" / f"s{(i // 100) % 10}"
-        directory.mkdir(parents=True, exist_ok=True)
-        size = rng.randint(1_000, 7_000)
-        (directory / f"f{i}.txt").write_bytes(rng.randbytes(size // 2 + 1).hex().encode()[:size])
-        total += size
-    return total
-
-
 def tree_manifest(root: Path) -> dict[str, str]:
     """Everything a restore must give back, path by path: each directory, each file's
     executable bit and hash of its bytes, each link's target (not followed); `.git`
@@ -266,7 +252,7 @@ def measure(files: int, repeat: int) -> dict:
         base = Path(tmp)
         workspace = base / "ws"
         small = files > SMALL_FILES_ABOVE
-        size = (make_small_workspace if small else make_workspace)(workspace, files)
+        size = make_workspace(workspace, files, sizes=(1_000, 7_000) if small else (1_000, 39_000))
         figures = {"files": files, "mib": size / 2**20, "file_kb": "1-7" if small else "1-39", "repeat": repeat,
                    "mechanisms": {}}
         # The stash last: it makes the workspace a repository.

@@ -30,13 +30,14 @@ import time
 from pathlib import Path
 
 
-def make_workspace(root: Path, files: int, seed: int = 1) -> int:
+def make_workspace(root: Path, files: int, seed: int = 1, sizes: tuple[int, int] = (1_000, 39_000)) -> int:
+    """`files` files of random text, `sizes` bytes each, 10 directories deep in 100; returns their bytes."""
     rng = random.Random(seed)
     total = 0
     for i in range(files):
         directory = root / f"d{i % 100:02d}" / f"s{(i // 100) % 10}"
         directory.mkdir(parents=True, exist_ok=True)
-        size = rng.randint(1_000, 39_000)
+        size = rng.randint(*sizes)
         (directory / f"f{i}.txt").write_bytes(rng.randbytes(size // 2).hex().encode()[:size])
         total += size
     return total

@@ -29,10 +29,12 @@ from genvisor.modes.protocol import (
     Fail,
     LLMFailed,
     LLMReplied,
+    OptionSchema,
     RunTools,
     Start,
     ToolsFinished,
     Transitions,
+    check_options,
 )
 from genvisor.types import ContextMessage, LLMResult, ModeInfo, ToolResult, Usage
 
@@ -174,19 +176,10 @@ class CodingMode:
         stability="stable",
         version="1",
     )
-    _types = {"max_steps": int, "max_tool_calls": int, "system_prompt": str}
+    _options: OptionSchema = {"max_steps": (1, 256), "max_tool_calls": (1, 256), "system_prompt": str}
 
     def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
-        problems = []
-        for key, value in mode_state.items():
-            expected = self._types.get(key)
-            if expected is None:
-                problems.append(Diagnostic("unknown_option", f"/{key}", f"coding has no option {key!r} (options: {', '.join(self._types)})"))
-            elif not isinstance(value, expected) or isinstance(value, bool):
-                problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be {expected.__name__}"))
-            elif key in ("max_steps", "max_tool_calls") and isinstance(value, int) and not 1 <= value <= 256:
-                problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within 1..256"))
-        return problems
+        return check_options("coding", mode_state, self._options)
 
     def assemble(self, request: AssemblyRequest) -> RunSpec:
         return build_run_spec(request)

@@ -24,7 +24,7 @@ from genvisor.errors import Diagnostic, LLMError
 from genvisor.modes.assemble import build_run_spec
 from genvisor.modes.coding import CodingRun
 from genvisor.modes.llm import DEFAULT_MAX_STEPS, Artifact, LLMReply, RunSpec
-from genvisor.modes.protocol import AssemblyRequest, Commit, Directive, Fail
+from genvisor.modes.protocol import AssemblyRequest, Commit, Directive, Fail, OptionSchema, check_options
 from genvisor.types import ContextMessage, ModeInfo, Plan
 
 READ_ONLY_TOOLS = frozenset({"read_file", "list_dir", "search_text"})
@@ -106,23 +106,10 @@ class PlanningMode:
         stability="experimental",
         version="1",
     )
-    _limits = {"max_retries": (0, 5), "max_steps": (1, 256)}
+    _options: OptionSchema = {"max_retries": (0, 5), "max_steps": (1, 256), "system_prompt": str}
 
     def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
-        problems = []
-        for key, value in mode_state.items():
-            if key == "system_prompt":
-                if not isinstance(value, str):
-                    problems.append(Diagnostic("invalid_type", "/system_prompt", "system_prompt must be str"))
-            elif key not in self._limits:
-                options = ", ".join(self.info.optional_options)
-                problems.append(Diagnostic("unknown_option", f"/{key}", f"planning has no option {key!r} (options: {options})"))
-            elif not isinstance(value, int) or isinstance(value, bool):
-                problems.append(Diagnostic("invalid_type", f"/{key}", f"{key} must be int"))
-            elif not self._limits[key][0] <= value <= self._limits[key][1]:
-                low, high = self._limits[key]
-                problems.append(Diagnostic("out_of_range", f"/{key}", f"{key} must be within {low}..{high}"))
-        return problems
+        return check_options("planning", mode_state, self._options)
 
     def assemble(self, request: AssemblyRequest) -> RunSpec:
         spec = build_run_spec(request, tools=READ_ONLY_TOOLS, system_prompt=SYSTEM_PROMPT)

@@ -87,6 +87,29 @@ class Transitions:
 
 # ---- a mode and its runs -------------------------------------------------------------------
 
+# A mode's options: name → a str, or an int within (low, high).
+OptionSchema = dict[str, type[str] | tuple[int, int]]
+
+
+def check_options(mode: str, mode_state: dict[str, Any], schema: OptionSchema) -> list[Diagnostic]:
+    """What is wrong with `mode_state` for a mode whose options `schema` gives (empty
+    when it is valid): an unknown option, a value of the wrong type (a bool is no int),
+    an int out of its range."""
+    problems = []
+    for key, value in mode_state.items():
+        expected = schema.get(key)
+        path = f"/{key}"
+        if expected is None:
+            problems.append(Diagnostic("unknown_option", path, f"{mode} has no option {key!r} (options: {', '.join(schema)})"))
+        elif expected is str:
+            if not isinstance(value, str):
+                problems.append(Diagnostic("invalid_type", path, f"{key} must be str"))
+        elif not isinstance(value, int) or isinstance(value, bool):
+            problems.append(Diagnostic("invalid_type", path, f"{key} must be int"))
+        elif isinstance(expected, tuple) and not expected[0] <= value <= expected[1]:
+            problems.append(Diagnostic("out_of_range", path, f"{key} must be within {expected[0]}..{expected[1]}"))
+    return problems
+
 
 class AssemblyRequest(msgspec.Struct, frozen=True):
     """What a mode assembles a run's spec from (the daemon fills it in)."""
