@@ -2,14 +2,14 @@
 before a run's first effect, list what a run changed, put it back as it was, and undo
 a turn that completed.
 
-The mechanism, chosen by measuring (`python -m bench.workspace_options`; 10 000 files,
-190 MiB, this 2-core ext4 machine, no reflinks): git's object store and an index of
-genvisor's own, driven by plumbing commands. The store lives under genvisor's state
-dir (`GIT_DIR`, `GIT_INDEX_FILE`), the workspace is only its work tree: the user's own
-`.git`, if any, is never read or written. After the first (cold) snapshot, one when
-nothing changed costs ≈40 ms and one after 120 changes ≈100 ms — an index compares
-stat data, it re-reads only what changed — and restoring those 120 paths ≈75 ms; a
-copy (`cp -a`) costs 2.5 s and 3.8 s. Content is stored once (deduplicated).
+The mechanism, chosen by measuring (`python -m bench.workspace_options`, then
+`python -m bench.workspace`; this 2-core ext4 machine, no reflinks): git's object store
+and an index of genvisor's own, driven by plumbing commands. The store lives under
+genvisor's state dir (`GIT_DIR`, `GIT_INDEX_FILE`), the workspace is only its work
+tree: the user's own `.git`, if any, is never read or written. At 10 000 files
+(192 MiB) a snapshot when nothing changed costs ≈50 ms and the restore of 100 changed
+files ≈130 ms — an index compares stat data, it re-reads only what changed — where a
+copy (`cp -a`) costs 4–6 s. Content is stored once (deduplicated).
 
 What a snapshot holds: every file (new, modified, deleted, renamed), its executable
 bit, symlinks as links (never followed), and the list of directories (git keeps
