@@ -10,7 +10,8 @@ between a worker and the daemon's own process is the host's.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,35 @@ from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, LLMReplied
 from genvisor.modes.registry import registry
 from genvisor.modes.tools import Workspace, call_tool
 from genvisor.modes.workspace_snapshot import EFFECT_TOOLS, SnapshotError, SnapshotStore
-from genvisor.types import ContextMessage, EventKind, GenerationEvent, ToolResult
+from genvisor.types import ContextMessage, EventKind, GenerationEvent, ToolCall, ToolResult
 
 Emit = Callable[[GenerationEvent], Awaitable[None]]
+OnDelta = Callable[[str], Awaitable[None]]
+Backend = Callable[[LLMRequest, int, OnDelta, Host], Awaitable[LLMReply]]
+ToolCaller = Callable[[Workspace, ToolCall, list[str]], Awaitable[ToolResult]]
+
+
+async def _scripted(request: LLMRequest, call_index: int, on_delta: OnDelta, host: Host) -> LLMReply:
+    return await scripted.complete(request, call_index, on_delta, host)
+
+
+async def _openai(request: LLMRequest, call_index: int, on_delta: OnDelta, host: Host) -> LLMReply:
+    # Imported on first use (≈1 s); the zygote preloads it when such a backend is configured.
+    from genvisor.modes import openai_backend
+
+    return await openai_backend.complete(request, on_delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the loop may do for a run: the model backends by kind, and the tools. The
+    host (what the run's process allows) comes from the executor, with each run."""
+
+    backends: Mapping[str, Backend]
+    call_tool: ToolCaller
+
+
+BUILT_IN = Capabilities(backends={"scripted": _scripted, "openai": _openai}, call_tool=call_tool)
 
 _spec_decoder = msgspec.msgpack.Decoder(RunSpec)
 _encoder = msgspec.msgpack.Encoder()
@@ -45,10 +72,13 @@ PREPARE_DRY_RUNS = 20
 
 
 class TurnTarget:
-    """What a worker (or the in-process executor) runs: one turn of a conversation."""
+    """What a worker (or the in-process executor) runs: one turn of a conversation,
+    with the built-in capabilities."""
+
+    capabilities = BUILT_IN
 
     async def run(self, spec: msgspec.Raw, emit: Callable[[Any], Awaitable[None]], host: Host) -> RunOutcome:
-        return within_result_limit(await drive(_spec_decoder.decode(spec), emit, host))
+        return within_result_limit(await drive(_spec_decoder.decode(spec), emit, host, self.capabilities))
 
     async def warm(self, host: Host) -> None:
         """A dry run through the scripted backend, events on: its first pass through
@@ -59,7 +89,7 @@ class TurnTarget:
         async def discard(event: GenerationEvent) -> None:
             _encoder.encode(event)
 
-        _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard, host))
+        _encoder.encode(await drive(_spec_decoder.decode(_encoder.encode(spec)), discard, host, self.capabilities))
 
     def prepare(self, host: Host) -> None:
         """Run once in the zygote before it forks: read the mode registry's entry
@@ -84,17 +114,18 @@ def within_result_limit(outcome: RunOutcome) -> RunOutcome:
     ).info())
 
 
-async def drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
-    """Run `spec` to its outcome. A bug or an unexpected value anywhere in the run is
-    the run's failure, reported as such (cancellation still propagates)."""
+async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilities = BUILT_IN) -> RunOutcome:
+    """Run `spec` to its outcome with `capabilities` on `host`. A bug or an unexpected
+    value anywhere in the run is the run's failure, reported as such (cancellation
+    still propagates)."""
     try:
-        return await _drive(spec, emit, host)
+        return await _drive(spec, emit, host, capabilities)
     except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
         return RunFailed(LLMError("unknown", f"the run failed: {type(exc).__name__}: {exc}", retryable=False,
                                   details={"reason": "run_error", "exception": type(exc).__name__}).info())
 
 
-async def _drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
+async def _drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilities) -> RunOutcome:
     events = _Events(spec.ref, emit if spec.events else None)
     mode = registry().get(spec.mode)
     if mode is None:
@@ -111,7 +142,7 @@ async def _drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
         if isinstance(directive, CallLLM):
             await events.send("step", step=directive.call_index)
             try:
-                reply = await _call_backend(directive.request, directive.call_index, events, host)
+                reply = await _call_backend(directive.request, directive.call_index, events, host, capabilities)
             except LLMError as error:
                 directive = run.feed(LLMFailed(error.info()))
                 continue
@@ -132,7 +163,7 @@ async def _drive(spec: RunSpec, emit: Emit, host: Host) -> RunOutcome:
                 if workspace is None:
                     result = ToolResult(call.id, call.name, "no workspace is configured for this conversation", is_error=True)
                 else:
-                    result = await call_tool(workspace, call, enabled)
+                    result = await capabilities.call_tool(workspace, call, enabled)
                 await events.send("tool_result", tool_result=result)
                 results.append(result)
             directive = run.feed(ToolsFinished(results))
@@ -167,20 +198,14 @@ async def _on_snapshots(work: Callable[[], Any], host: Host, failing: str) -> An
         return RunFailed(LLMError("unknown", f"{failing}: {exc}", retryable=False, details={"reason": "snapshot_failed"}).info())
 
 
-async def _call_backend(request: LLMRequest, call_index: int, events: _Events, host: Host) -> LLMReply:
+async def _call_backend(request: LLMRequest, call_index: int, events: _Events, host: Host, capabilities: Capabilities) -> LLMReply:
     async def on_delta(text: str) -> None:
         await events.send("delta", text=text)
 
-    if request.backend.kind == "scripted":
-        reply = await scripted.complete(request, call_index, on_delta, host)
-    elif request.backend.kind == "openai":
-        # Imported on first use (≈1 s); the zygote preloads it when such a backend is configured.
-        from genvisor.modes import openai_backend
-
-        reply = await openai_backend.complete(request, on_delta)
-    else:
+    backend = capabilities.backends.get(request.backend.kind)
+    if backend is None:
         raise LLMError("config", f"backend kind {request.backend.kind!r} is not available")
-    return checked_reply(reply, request.backend.name)
+    return checked_reply(await backend(request, call_index, on_delta, host), request.backend.name)
 
 
 def checked_reply(reply: LLMReply, backend: str) -> LLMReply:

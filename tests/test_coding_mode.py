@@ -142,3 +142,28 @@ def test_llm_config_merges_and_options_accumulate():
         _entry(2, kind="note", event="llm_configured", data={"model": None, "options": {"x": {"z": 2}}}),
     ])
     assert (state.llm.backend, state.llm.model, state.llm.options) == ("a", "m", {"x": {"y": 1, "z": 2}})
+
+
+async def test_the_loop_uses_only_the_capabilities_it_is_handed(tmp_path):
+    import msgspec
+
+    from genvisor.modes.llm import RunSucceeded
+    from genvisor.modes.loop import Capabilities, drive
+    from genvisor.supervisor.inprocess import InProcessHost
+
+    calls = []
+
+    async def backend(request, call_index, on_delta, host):
+        calls.append(("llm", call_index))
+        if call_index == 0:
+            return LLMReply(tool_calls=[ToolCall("t1", "read_file", '{"path": "x"}')], finish_reason="tool_calls")
+        return LLMReply(text="seen: " + request.messages[-1].content)
+
+    async def call_tool(workspace, call, enabled):
+        calls.append(("tool", call.name))
+        return ToolResult(call.id, call.name, "the tool's answer")
+
+    spec = msgspec.structs.replace(_spec(_state_with(("user", "look"))), workspace=str(tmp_path))
+    outcome = await drive(spec, lambda event: None, InProcessHost(), Capabilities(backends={"scripted": backend}, call_tool=call_tool))
+    assert isinstance(outcome, RunSucceeded) and outcome.result.text == "seen: the tool's answer"
+    assert calls == [("llm", 0), ("tool", "read_file"), ("llm", 1)]
