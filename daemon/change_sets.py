@@ -119,8 +119,9 @@ class ChangeSets:
             done.set()
         if isinstance(result, list):
             raise RevertConflict(change_set.ref, result)
+        paths = [f.path for f in result.files][:100]
         self._conversations.append(conversation, kind="note", event="turn_reverted",
-                     data={"ref": change_set.ref, "revert": revert, "reason": reason, "paths": [f.path for f in result.files][:100],
-                           "paths_total": result.files_total})
+                                   data={"ref": change_set.ref, "revert": revert, "reason": reason, "paths": paths,
+                                         "paths_total": result.files_total})
         event(log, "turn.reverted", ref=change_set.ref, revert=revert, conversation=conversation.key[1], paths=result.files_total)
         return msgspec.structs.replace(result, reverts=change_set.ref)

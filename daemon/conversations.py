@@ -164,7 +164,7 @@ class Conversations:
             raise InvalidOptions(f"options.{named[0]}", "where and how a request travels is the daemon config's, not a client's")
         conversation = self.writable(key)
         self.append(conversation, kind="note", event="llm_configured",
-                     data={"backend": backend, "provider": provider, "model": model, "options": options or {}})
+                    data={"backend": backend, "provider": provider, "model": model, "options": options or {}})
         return conversation.view()
 
     def configure_skills(self, loc: Locator, enabled: list[Any]) -> Conversation:

@@ -419,7 +419,7 @@ class Generations:
             return "unchanged", []  # no snapshot was needed
         assert spec.snapshot_store is not None and spec.workspace is not None
         settled = await self._workspaces.settle(spec.snapshot_store, spec.workspace, spec.run_id,
-                                               completed=active.record.result is not None)
+                                                completed=active.record.result is not None)
         if settled is None:
             return "unchanged", []
         self._record_workspace(conversation, spec.run_id, *settled)
@@ -427,7 +427,7 @@ class Generations:
 
     def _record_workspace(self, conversation: ConversationRecord, run_id: str, result: str, paths: list[str]) -> None:
         self._conversations.append(conversation, kind="note", event="workspace_restored",
-                     data={"run_id": run_id, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
+                                   data={"run_id": run_id, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
         self.telemetry.workspace_restores.labels(result).inc()
         event(log, "workspace.settled", logging.ERROR if result == "restore_failed" else logging.INFO, run_id=run_id,
               conversation=conversation.key[1], workspace=result, paths=len(paths))
@@ -497,7 +497,7 @@ class Generations:
                 self._conversations.append(conversation, kind="message", role=message.role, content=message.content, data=message.metadata)
             for artifact in success.artifacts:  # with the messages, in the same transaction
                 self._conversations.append(conversation, kind="note", event="artifact_recorded",
-                             data={"run_id": record.run_id, "ref": record.ref, "kind": artifact.kind, "data": artifact.data})
+                                           data={"run_id": record.run_id, "ref": record.ref, "kind": artifact.kind, "data": artifact.data})
             record.result = success.result
             status = "completed"
         else:
