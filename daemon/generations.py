@@ -111,9 +111,42 @@ class ActiveGeneration:
         # The error of a run that changed its workspace: its outcome waits for the
         # workspace to be restored, so that it can say what became of it.
         self.failure: ErrorInfo | None = None
+        self.partial = PartialOutput()  # what it streamed: kept if it does not complete
 
     def run_seconds(self) -> float | None:
         return None if self.started_at is None else time.perf_counter() - self.started_at
+
+
+PARTIAL_TEXT_LIMIT = 64 * 1024  # characters of a run's streamed text kept when it does not complete
+PARTIAL_TOOLS_LIMIT = 256
+
+
+class PartialOutput:
+    """What a run streamed before its end: its text (deltas, bounded) and its tool trace."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._size = 0
+        self.truncated = False
+        self.tools: list[dict[str, Any]] = []
+
+    def add(self, event: GenerationEvent) -> None:
+        if event.kind == "delta" and event.text:
+            room = PARTIAL_TEXT_LIMIT - self._size
+            self.truncated = self.truncated or len(event.text) > room
+            if room > 0:
+                self._text.append(event.text[:room])
+                self._size += min(len(event.text), room)
+        elif event.kind == "tool_result" and event.tool_result is not None and len(self.tools) < PARTIAL_TOOLS_LIMIT:
+            result = event.tool_result
+            self.tools.append({"call_id": result.call_id, "name": result.name, "is_error": result.is_error})
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def __bool__(self) -> bool:
+        return bool(self._text or self.tools)
 
 
 class Generations:
@@ -329,6 +362,7 @@ class Generations:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
             self._fail_run(conversation, active, "unknown", f"the worker sent a malformed progress event: {exc}", "protocol_error")
             return
+        active.partial.add(progress)
         if active.spec.events:
             self._notify(active.owner, progress)
 
@@ -501,7 +535,7 @@ class Generations:
             record.result = success.result
             status = "completed"
         else:
-            record.error = error
+            record.error = error = self._keep_partial(conversation, active, error)
             status = "failed"
         self._conversations.append(conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": status})
         self.telemetry.run_finished(
@@ -514,6 +548,7 @@ class Generations:
         assert active is not None
         record = active.record
         record.canceled = reason
+        self._keep_partial(conversation, active, None)
         self._conversations.append(conversation, kind="note", event="cancel_requested", data={"reason": reason, "ref": record.ref})
         self._conversations.append(
             conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason}
@@ -524,6 +559,19 @@ class Generations:
             active.handle.cancel(reason)  # termination begins; it completes in the executor
         else:
             active.queue_scope.cancel()  # still waiting for admission: leave the queue
+
+    def _keep_partial(self, conversation: ConversationRecord, active: ActiveGeneration, error: ErrorInfo | None) -> ErrorInfo | None:
+        """A run that does not complete keeps what it streamed: journaled as a note
+        (never as a message: the history does not change), and in its error's details."""
+        partial = active.partial
+        if not partial:
+            return error
+        self._conversations.append(conversation, kind="note", event="partial_output",
+                                   data={"run_id": active.record.run_id, "ref": active.record.ref, "text": partial.text,
+                                         "truncated": partial.truncated, "tool_trace": partial.tools})
+        if error is None or not partial.text:
+            return error
+        return msgspec.structs.replace(error, details={**(error.details or {}), "partial_text": partial.text})
 
     def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification) -> None:
         self._close_record(active.record)

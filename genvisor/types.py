@@ -98,6 +98,7 @@ NoteEvent = Literal[
     "workspace_restored",
     "turn_reverted",
     "artifact_recorded",
+    "partial_output",
 ]
 
 

@@ -126,7 +126,9 @@ async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilitie
 
 
 async def _drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilities) -> RunOutcome:
-    events = _Events(spec.ref, emit if spec.events else None)
+    # Every event goes to the daemon (it keeps a run's partial output); it forwards them
+    # to the run's owner only if asked to (`spec.events`).
+    events = _Events(spec.ref, emit)
     mode = registry().get(spec.mode)
     if mode is None:
         return RunFailed(LLMError("config", f"mode {spec.mode!r} is not registered here").info())
@@ -200,6 +202,9 @@ async def _on_snapshots(work: Callable[[], Any], host: Host, failing: str) -> An
 
 async def _call_backend(request: LLMRequest, call_index: int, events: _Events, host: Host, capabilities: Capabilities) -> LLMReply:
     async def on_delta(text: str) -> None:
+        if not isinstance(text, str):  # built from what a model server sent: checked like a reply
+            raise LLMError("provider", f"backend {request.backend.name!r} streamed a malformed delta: {type(text).__name__}",
+                           retryable=False, details={"reason": "malformed_reply"})
         await events.send("delta", text=text)
 
     backend = capabilities.backends.get(request.backend.kind)

@@ -127,6 +127,8 @@ async def _scripted_turn(options: ScriptedOptions, call_index: int, on_delta: On
     if call_index >= len(script):
         raise LLMError("config", f"scripted script has {len(script)} turns; call {call_index + 1} has none")
     turn = script[call_index]
+    if turn.text:
+        await on_delta(turn.text)  # a model streams its text, before its tool calls too
     if turn.tool_calls is not None:
         calls = [
             ToolCall(
@@ -137,8 +139,6 @@ async def _scripted_turn(options: ScriptedOptions, call_index: int, on_delta: On
             for n, call in enumerate(turn.tool_calls)
         ]
         return LLMReply(text=turn.text, tool_calls=calls, finish_reason="tool_calls", model="scripted")
-    if turn.text:
-        await on_delta(turn.text)
     return LLMReply(text=turn.text, finish_reason="stop", model="scripted", usage=_usage(turn.text))
 
 
