@@ -164,6 +164,12 @@ async def test_the_loop_uses_only_the_capabilities_it_is_handed(tmp_path):
         return ToolResult(call.id, call.name, "the tool's answer")
 
     spec = msgspec.structs.replace(_spec(_state_with(("user", "look"))), workspace=str(tmp_path))
-    outcome = await drive(spec, lambda event: None, InProcessHost(), Capabilities(backends={"scripted": backend}, call_tool=call_tool))
+    events = []
+
+    async def emit(event):
+        events.append(event.kind)
+
+    outcome = await drive(spec, emit, InProcessHost(), Capabilities(backends={"scripted": backend}, call_tool=call_tool))
     assert isinstance(outcome, RunSucceeded) and outcome.result.text == "seen: the tool's answer"
     assert calls == [("llm", 0), ("tool", "read_file"), ("llm", 1)]
+    assert events == ["started", "step", "tool_call", "tool_result", "step", "completed"]
