@@ -126,9 +126,9 @@ async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilitie
 
 
 async def _drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilities) -> RunOutcome:
-    # Every event goes to the daemon (it keeps a run's partial output); it forwards them
-    # to the run's owner only if asked to (`spec.events`).
-    events = _Events(spec.ref, emit)
+    # The daemon forwards events to the run's owner if asked to (`spec.events`); it gets
+    # a run's deltas and tool results in any case, to keep its partial output.
+    events = _Events(spec.ref, emit, all_kinds=spec.events)
     mode = registry().get(spec.mode)
     if mode is None:
         return RunFailed(LLMError("config", f"mode {spec.mode!r} is not registered here").info())
@@ -224,14 +224,20 @@ def checked_reply(reply: LLMReply, backend: str) -> LLMReply:
                        details={"reason": "malformed_reply"}) from None
 
 
+# What the daemon keeps of a run that does not complete (its partial output): these
+# events reach it even when the run's owner asked for none.
+_ALWAYS = frozenset({"delta", "tool_result"})
+
+
 class _Events:
-    def __init__(self, ref: str, emit: Emit | None) -> None:
+    def __init__(self, ref: str, emit: Emit, *, all_kinds: bool) -> None:
         self._ref = ref
         self._emit = emit
+        self._all_kinds = all_kinds
         self._seq = 0
 
     async def send(self, kind: EventKind, **fields: Any) -> None:
-        if self._emit is None:
+        if not (self._all_kinds or kind in _ALWAYS):
             return
         self._seq += 1
         await self._emit(GenerationEvent(ref=self._ref, kind=kind, seq=self._seq, **fields))
