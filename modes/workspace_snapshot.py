@@ -86,7 +86,9 @@ class SnapshotStore:
         self.workspace = workspace
         self.excludes = list(excludes)
         self._pathspec = ["."] + [spec for pattern in excludes for spec in _exclude_pathspecs(pattern)]
-        self._exclude_names = [p.strip().strip("/") for p in excludes if p.strip().strip("/")]
+        # For the directory walk, as git reads the patterns (`_exclude_pathspecs`): an
+        # anchored one (`/build`) names a path from the root, any other a name at any depth.
+        self._exclude_names = [(p.strip().startswith("/"), p.strip().strip("/")) for p in excludes if p.strip().strip("/")]
         # An index per exclude list: a path one list excludes must not linger in the
         # index another's snapshots are written from.
         index = "genvisor-index" + (f"-{hashlib.sha256(repr(self.excludes).encode()).hexdigest()[:12]}" if excludes else "")
@@ -373,8 +375,9 @@ class SnapshotStore:
         return found
 
     def _excluded(self, relative: str) -> bool:
-        return any(fnmatch.fnmatchcase(relative, pattern) or fnmatch.fnmatchcase(relative.rsplit("/", 1)[-1], pattern)
-                   for pattern in self._exclude_names)
+        name = relative.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(relative, pattern) or (not anchored and fnmatch.fnmatchcase(name, pattern))
+                   for anchored, pattern in self._exclude_names)
 
     def _meta(self, name: str) -> _Meta:
         message = self._git("log", "-1", "--format=%B", f"refs/genvisor/{name}").strip()

@@ -204,3 +204,15 @@ def test_a_restore_keeps_what_the_index_knows_of_the_files_it_did_not_touch(tmp_
     store.restore("run_1")
     stale = subprocess.run(["git", "diff-files", "--name-only"], env=store._env, cwd=workspace, capture_output=True, text=True)
     assert stale.returncode == 0 and stale.stdout == "", stale.stdout  # every entry's stat data matches its file
+
+
+def test_an_anchored_exclude_is_the_root_one_only_and_a_deeper_namesake_is_restored(tmp_path, workspace):
+    (workspace / "build").mkdir()
+    (workspace / "src" / "build").mkdir()  # empty: only the directory list knows it
+    store = store_for(tmp_path, workspace, excludes=["/build"])
+    store.snapshot("r")
+    (workspace / "src" / "build").rmdir()
+    (workspace / "build" / "out.o").write_text("object")  # excluded: left alone
+    store.restore("r")
+    assert (workspace / "src" / "build").is_dir()  # a run's removal of it was undone
+    assert (workspace / "build" / "out.o").read_text() == "object"
