@@ -34,6 +34,7 @@ class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: str = "scripted"
     timeout_ms: int = 60_000
     stream: bool = False
+    coalesce_ms: int = 5  # a run's consecutive text deltas within this window travel as one event; 0: each alone
 
 
 class Workers(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -112,6 +113,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             timeout_ms=self.defaults.timeout_ms,
             stream=self.defaults.stream,
             backends=self.backend_table(),
+            coalesce_ms=self.defaults.coalesce_ms,
         )
 
     def backend_table(self) -> dict[str, BackendConfig]:
@@ -144,6 +146,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+    if not 0 <= config.defaults.coalesce_ms <= 1_000:
+        raise ConfigError("defaults.coalesce_ms must be within 0..1000 (0: deltas are not coalesced)")
     if config.defaults.backend not in config.backend_table():
         raise ConfigError(f"defaults.backend {config.defaults.backend!r} is not a configured backend")
     for name, backend in config.backends.items():

@@ -105,7 +105,8 @@ def build_run_spec(assembly: AssemblyRequest, *, tools: frozenset[str] | None = 
     when neither the call nor the mode state gives one."""
     ref, run_id, conversation_id, state = assembly.ref, assembly.run_id, assembly.conversation_id, assembly.state
     raw_options, defaults, workspace = assembly.options, assembly.defaults, assembly.workspace
-    base: dict[str, Any] = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace)
+    base: dict[str, Any] = dict(ref=ref, run_id=run_id, conversation_id=conversation_id, mode=state.mode, workspace=workspace,
+                                coalesce_ms=defaults.coalesce_ms)
     try:
         options = parse_options(raw_options)
     except LLMError as error:

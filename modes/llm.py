@@ -31,6 +31,7 @@ class RunDefaults(msgspec.Struct, frozen=True):
     timeout_ms: int
     stream: bool
     backends: dict[str, BackendConfig]
+    coalesce_ms: int = 0
 
 
 class LLMRequest(msgspec.Struct, frozen=True):
@@ -76,6 +77,7 @@ class RunSpec(msgspec.Struct, frozen=True):
     snapshot_store: str | None = None
     snapshot_excludes: list[str] = []  # gitignore-style paths neither captured nor restored
     mode_options: dict[str, Any] = {}  # what the run's mode set aside for its run (its own keys)
+    coalesce_ms: int = 0  # consecutive text deltas within this window are sent as one event (0: each alone)
 
 
 class Artifact(msgspec.Struct, frozen=True):

@@ -118,17 +118,21 @@ async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilitie
     """Run `spec` to its outcome with `capabilities` on `host`. A bug or an unexpected
     value anywhere in the run is the run's failure, reported as such (cancellation
     still propagates)."""
-    try:
-        return await _drive(spec, emit, host, capabilities)
-    except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
-        return RunFailed(LLMError("unknown", f"the run failed: {type(exc).__name__}: {exc}", retryable=False,
-                                  details={"reason": "run_error", "exception": type(exc).__name__}).info())
+    async with trio.open_nursery() as nursery:
+        # The daemon forwards events to the run's owner if asked to (`spec.events`); it
+        # gets a run's deltas and tool results in any case, to keep its partial output.
+        events = _Events(spec.ref, emit, nursery, all_kinds=spec.events, coalesce_s=spec.coalesce_ms / 1000)
+        try:
+            outcome = await _run(spec, events, host, capabilities)
+        except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
+            outcome = RunFailed(LLMError("unknown", f"the run failed: {type(exc).__name__}: {exc}", retryable=False,
+                                         details={"reason": "run_error", "exception": type(exc).__name__}).info())
+        await events.close()
+        nursery.cancel_scope.cancel()  # a window still to close has nothing left to send
+    return outcome
 
 
-async def _drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilities) -> RunOutcome:
-    # The daemon forwards events to the run's owner if asked to (`spec.events`); it gets
-    # a run's deltas and tool results in any case, to keep its partial output.
-    events = _Events(spec.ref, emit, all_kinds=spec.events)
+async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabilities) -> RunOutcome:
     mode = registry().get(spec.mode)
     if mode is None:
         return RunFailed(LLMError("config", f"mode {spec.mode!r} is not registered here").info())
@@ -230,14 +234,47 @@ _ALWAYS = frozenset({"delta", "tool_result"})
 
 
 class _Events:
-    def __init__(self, ref: str, emit: Emit, *, all_kinds: bool) -> None:
+    """A run's events, numbered in order. Consecutive text deltas that come within
+    `coalesce_s` of the first of them travel as one delta event, their texts joined
+    (the window closes at the next event of another kind, or when it has passed)."""
+
+    def __init__(self, ref: str, emit: Emit, nursery: trio.Nursery, *, all_kinds: bool, coalesce_s: float) -> None:
         self._ref = ref
         self._emit = emit
+        self._nursery = nursery
         self._all_kinds = all_kinds
+        self._coalesce_s = coalesce_s
         self._seq = 0
+        self._pending: list[str] = []  # delta texts held for the window
+        self._lock = trio.Lock()  # one event at a time: a window closing must not overtake a send
 
     async def send(self, kind: EventKind, **fields: Any) -> None:
         if not (self._all_kinds or kind in _ALWAYS):
             return
+        if kind == "delta" and self._coalesce_s > 0:
+            if not self._pending:
+                self._nursery.start_soon(self._close_window)
+            self._pending.append(fields["text"])
+            return
+        async with self._lock:
+            await self._flush()
+            await self._put(kind, **fields)
+
+    async def close(self) -> None:
+        """Send what the window still holds (the run is ending)."""
+        async with self._lock:
+            await self._flush()
+
+    async def _close_window(self) -> None:
+        await trio.sleep(self._coalesce_s)
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            await self._put("delta", text=text)
+
+    async def _put(self, kind: EventKind, **fields: Any) -> None:
         self._seq += 1
         await self._emit(GenerationEvent(ref=self._ref, kind=kind, seq=self._seq, **fields))

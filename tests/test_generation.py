@@ -52,7 +52,7 @@ def test_streamed_deltas_arrive_in_order_before_the_result(shared_daemon, conv):
             conv, "x", generation_opts={"backend_opts": {"chunks": ["a", "b", "c"]}}, on_event=events.append
         )
     assert result.text == "abc"
-    assert [e.text for e in events if e.kind == "delta"] == ["a", "b", "c"]
+    assert "".join(e.text for e in events if e.kind == "delta") == "abc"  # coalesced or not, in order
     assert events[0].kind == "started" and events[-1].kind == "completed"
     assert [e.seq for e in events] == sorted(e.seq for e in events)
 
@@ -188,3 +188,36 @@ def test_unknown_ref_and_unknown_conversation_are_not_found(shared_daemon, conv)
             client.await_generation(conv, "gen_nope")
         with pytest.raises(NotFound):
             client.cancel_generation(conv)
+
+
+def test_deltas_within_the_window_travel_as_one_event_and_lose_nothing(tmp_path, conv):
+    from genvisor.client import Client
+    from genvisor.daemon.config import Config, Defaults
+    from genvisor.daemon.embedded import EmbeddedDaemon
+
+    chunks = [f"c{i} " for i in range(300)]
+    spaced = [f"s{i} " for i in range(4)]
+
+    def deltas(coalesce_ms: int, backend_opts: dict) -> list[str]:
+        events: list[GenerationEvent] = []
+        config = Config(state_dir=str(tmp_path / f"state{coalesce_ms}"), defaults=Defaults(coalesce_ms=coalesce_ms))
+        with EmbeddedDaemon(config) as daemon, Client(transport=daemon.connect) as client:
+            _, result = client.send_and_generate(conv, "go", generation_opts={"backend_opts": backend_opts}, on_event=events.append)
+        assert "".join(e.text for e in events if e.kind == "delta") == result.text  # order and content, exactly
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        return [e.text for e in events if e.kind == "delta"]
+
+    burst = deltas(5, {"chunks": chunks})
+    assert len(burst) < len(chunks) / 10  # a burst goes as a few events
+    assert deltas(0, {"chunks": chunks}) == chunks  # off: each delta its own event
+    assert deltas(5, {"chunks": spaced, "chunk_delay_ms": 40}) == spaced  # further apart than the window: each alone
+
+
+@pytest.mark.parametrize("value", [-1, 1001])
+def test_a_coalescing_window_out_of_range_is_refused_at_start(tmp_path, value):
+    from genvisor.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "genvisor.toml"
+    path.write_text(f"[defaults]\ncoalesce_ms = {value}\n")
+    with pytest.raises(ConfigError, match="coalesce_ms must be within 0..1000"):
+        load_config(path)

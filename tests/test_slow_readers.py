@@ -16,9 +16,17 @@ from genvisor.types import GenerationEvent, GenerationResult
 DELTAS = 5_000
 
 
-def test_a_client_that_reads_late_gets_every_event_its_terminal_notification_and_its_next_reply(shared_daemon, conv):
+@pytest.fixture(scope="module")
+def uncoalesced(tmp_path_factory):
+    """A daemon that sends every delta as an event of its own: 5 000 frames to queue."""
+    d = Daemon(tmp_path_factory.mktemp("uncoalesced"), TEST_CONFIG + "\n[defaults]\ncoalesce_ms = 0\n").start()
+    yield d
+    assert d.stop() == 0
+
+
+def test_a_client_that_reads_late_gets_every_event_its_terminal_notification_and_its_next_reply(uncoalesced, conv):
     chunks = [f"d{n} " for n in range(DELTAS)]
-    with shared_daemon.client() as slow, shared_daemon.client() as watcher:
+    with uncoalesced.client() as slow, uncoalesced.client() as watcher:
         slow.send_user_message(conv, "stream a lot")
         ref = slow.generate_assistant_reply(conv, events=True, backend_opts={"chunks": chunks})
         # The slow client reads nothing until the run is over (another client awaits it):
