@@ -79,10 +79,13 @@ class InProcessExecutor:
             with handle._scope, trio.move_on_at(deadline if deadline is not None else float("inf")) as deadline_scope:
                 try:
                     outcome = await self._target.run(msgspec.Raw(spec), emit, self._host)
-                except SystemExit as exit_:
-                    handle._settle(Crashed(_exit_details(exit_.code)))
                 except Exception as exc:  # noqa: BLE001 — what would kill a worker must not kill this process
                     handle._settle(Crashed({"pid": os.getpid(), "exception": repr(exc)}))
+                except BaseException as exc:
+                    exit_ = _stood_in_exit(exc)
+                    if exit_ is None:
+                        raise  # a cancellation, or a real exit: not the run's
+                    handle._settle(Crashed(_exit_details(exit_.code)))
                 else:
                     handle._settle(Completed(msgspec.Raw(_encoder.encode(outcome))))
             if deadline_scope.cancelled_caught:
@@ -90,6 +93,18 @@ class InProcessExecutor:
         finally:
             self.active.pop(handle.run_id, None)
             handle.cleaned_up.set()
+
+
+def _stood_in_exit(exc: BaseException) -> SystemExit | None:
+    """The host's stand-in for a crash (a SystemExit), raised alone or from inside a
+    nursery (an exception group holding nothing else)."""
+    if isinstance(exc, SystemExit):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        exits, rest = exc.split(SystemExit)
+        if exits is not None and rest is None:
+            return _stood_in_exit(exits.exceptions[0])
+    return None
 
 
 def _exit_details(code: Any) -> dict[str, Any]:
