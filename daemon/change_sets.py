@@ -40,6 +40,24 @@ class ChangeSets:
         self._conversations = conversations
         self._workspaces = workspaces
 
+    async def settle_interrupted(self) -> None:
+        """Undo the reverts a killed daemon left half done (call before serving): each
+        workspace goes back as it was before its revert began, journaled as a
+        `workspace_restored` note under the revert's id (it was never journaled itself)."""
+        seen: set[str] = set()
+        for conversation in self._conversations:
+            workspace = self._workspaces.directory(conversation.key, conversation.metadata)
+            store = self._workspaces.store(workspace)
+            if store is None or store in seen:
+                continue
+            seen.add(store)
+            for revert in workspace_snapshot.interrupted_reverts(store):
+                result, paths = await trio.to_thread.run_sync(workspace_snapshot.undo_revert, store, workspace, revert)
+                self._conversations.append(conversation, kind="note", event="workspace_restored",
+                                           data={"run_id": revert, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
+                event(log, "revert.undone", logging.ERROR if result == "restore_failed" else logging.WARNING, revert=revert,
+                      conversation=conversation.key[1], workspace=result, paths=len(paths))
+
     def find_change_set(self, loc: Locator, ref: str) -> ChangeSet:
         """The synchronous half of `turn_changes` and `revert_turn`: what `ref` names —
         a generation of this conversation that has ended, or a revert of it."""

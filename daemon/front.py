@@ -59,6 +59,7 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
     )
     resolved = service.restore(snapshot)
     await service.generations.settle_interrupted()
+    await service.change_sets.settle_interrupted()
     if snapshot.conversations:
         log.info("journal %s: %d conversations restored, %d interrupted generations resolved as daemon_restarted",
                  store.describe(), len(snapshot.conversations), resolved)

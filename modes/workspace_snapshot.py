@@ -450,6 +450,29 @@ def has_change_set(store: str, name: str) -> bool:
     return os.path.exists(os.path.join(store, "refs", "genvisor", "turns", name, "before"))
 
 
+def interrupted_reverts(store: str) -> list[str]:
+    """The reverts begun in `store` and never finished (a before-state and no
+    after-state: the daemon died in the middle of one)."""
+    turns = os.path.join(store, "refs", "genvisor", "turns")
+    if not os.path.isdir(turns):
+        return []
+    return sorted(name for name in os.listdir(turns) if name.startswith("rev_")
+                  and os.path.exists(os.path.join(turns, name, "before")) and not os.path.exists(os.path.join(turns, name, "after")))
+
+
+def undo_revert(store: str, workspace: str, revert: str) -> tuple[WorkspaceSettled, list[str]]:
+    """Put the workspace back as it was before interrupted revert `revert` began, and
+    let the revert go."""
+    name = f"turns/{revert}/before"
+    try:
+        snapshots = SnapshotStore.of(Path(store), Path(workspace), name)
+        undone = snapshots.restore(name)
+    except (SnapshotError, OSError) as exc:
+        return "restore_failed", [str(exc)]
+    snapshots.drop(name)
+    return ("restored" if undone else "unchanged"), [change.path for change in undone]
+
+
 def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple[WorkspaceSettled, list[str]] | None:
     """After a run's processes are gone: undo its changes unless it `completed` (then
     keep them as a change set, if it recorded one). None when the run took no snapshot

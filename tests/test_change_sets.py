@@ -179,3 +179,27 @@ def test_a_change_set_outlives_a_restart(daemon, conv, workspace):
         assert client.turn_changes(conv, ref) == result.changes
         client.revert_turn(conv, ref)
     assert (workspace / "keep.txt").read_text() == KEEP and (workspace / "gone.txt").exists()
+
+
+def test_a_revert_a_killed_daemon_left_half_done_is_undone_at_restart(daemon, conv, workspace):
+    from pathlib import Path
+
+    from genvisor.modes.workspace_snapshot import SnapshotStore
+
+    with daemon.client() as client:
+        _start(client, conv, workspace)
+        client.send_user_message(conv, "change things")
+        _turn(client, conv, *TURN)
+    daemon.stop()
+    # The state a daemon killed in the middle of a revert leaves: the revert's before-state
+    # kept, some paths already put back, no after-state, nothing journaled.
+    [store] = (daemon.directory / "state" / "snapshots").glob("*.git")
+    SnapshotStore(Path(store), workspace).snapshot("turns/rev_interrupted/before")
+    as_the_turn_left_it = (workspace / "keep.txt").read_text()
+    (workspace / "keep.txt").write_text(KEEP)  # half reverted
+    daemon.start()
+    with daemon.client() as client:
+        note = [e.data for e in client.conversation_thread_entries(conv) if e.event == "workspace_restored"][-1]
+    assert note["run_id"] == "rev_interrupted" and note["workspace"] == "restored" and note["paths"] == ["keep.txt"]
+    assert (workspace / "keep.txt").read_text() == as_the_turn_left_it  # back as before the revert began
+    assert not (Path(store) / "refs" / "genvisor" / "turns" / "rev_interrupted").exists()
