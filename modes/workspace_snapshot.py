@@ -463,7 +463,12 @@ def interrupted_reverts(store: str) -> list[str]:
 def undo_revert(store: str, workspace: str, revert: str) -> tuple[WorkspaceSettled, list[str]]:
     """Put the workspace back as it was before interrupted revert `revert` began, and
     let the revert go."""
-    name = f"turns/{revert}/before"
+    return _undo(store, workspace, f"turns/{revert}/before")
+
+
+def _undo(store: str, workspace: str, name: str) -> tuple[WorkspaceSettled, list[str]]:
+    """Put the workspace back as snapshot `name` has it, then let the snapshot go: what
+    became of the workspace, and the paths put back (or what went wrong)."""
     try:
         snapshots = SnapshotStore.of(Path(store), Path(workspace), name)
         undone = snapshots.restore(name)
@@ -487,12 +492,7 @@ def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple
         if not plain.keep(run_id, run_id):
             plain.drop(run_id)
         return None
-    try:
-        snapshots = SnapshotStore.of(Path(store), Path(workspace), run_id)
-        undone = snapshots.restore(run_id)
-    except (SnapshotError, OSError) as exc:
-        return "restore_failed", [str(exc)]
-    snapshots.drop(run_id)
-    if snapshots.tree(f"turns/{run_id}/after") is not None:
-        snapshots.drop(f"turns/{run_id}/after")  # recorded by a run that then failed: not a change set
-    return ("restored" if undone else "unchanged"), [change.path for change in undone]
+    settled = _undo(store, workspace, run_id)
+    if plain.tree(f"turns/{run_id}/after") is not None:
+        plain.drop(f"turns/{run_id}/after")  # recorded by a run that then failed: not a change set
+    return settled
