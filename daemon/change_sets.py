@@ -51,7 +51,7 @@ class ChangeSets:
             if store is None or store in seen:
                 continue
             seen.add(store)
-            for revert in workspace_snapshot.interrupted_reverts(store):
+            for revert in await trio.to_thread.run_sync(workspace_snapshot.interrupted_reverts, store):
                 result, paths = await trio.to_thread.run_sync(workspace_snapshot.undo_revert, store, workspace, revert)
                 self._conversations.append(conversation, kind="note", event="workspace_restored",
                                            data={"run_id": revert, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from genvisor.daemon.durable import DurableLog
@@ -35,6 +34,7 @@ from genvisor.errors import (
 )
 from genvisor.modes.assemble import context_window, transport_keys
 from genvisor.modes.conversation import apply, initial_state
+from genvisor.modes.planning import plans_in
 from genvisor.modes.registry import registry
 from genvisor.types import (
     ROLES,
@@ -44,7 +44,6 @@ from genvisor.types import (
     JournalEntry,
     Locator,
     Message,
-    Plan,
     PlanRecord,
     TimelineEntry,
 )
@@ -141,11 +140,7 @@ class Conversations:
 
     def plans(self, loc: Locator) -> list[PlanRecord]:
         """The plans the conversation's `planning` turns committed, oldest first."""
-        return [
-            PlanRecord(e.data["ref"], e.data["run_id"], e.at, msgspec.convert(e.data["data"], Plan))
-            for e in self.fetch(loc).journal
-            if e.event == "artifact_recorded" and e.data.get("kind") == "plan"
-        ]
+        return plans_in(self.fetch(loc).journal)
 
     def conversation_thread_entries(self, loc: Locator) -> list[JournalEntry]:
         return list(self.fetch(loc).journal)

@@ -25,7 +25,7 @@ from genvisor.modes.assemble import build_run_spec
 from genvisor.modes.coding import CodingRun
 from genvisor.modes.llm import DEFAULT_MAX_STEPS, Artifact, LLMReply, RunSpec
 from genvisor.modes.protocol import AssemblyRequest, Commit, Directive, Fail, OptionSchema, check_options
-from genvisor.types import ContextMessage, ModeInfo, Plan
+from genvisor.types import ContextMessage, JournalEntry, ModeInfo, Plan, PlanRecord
 
 READ_ONLY_TOOLS = frozenset({"read_file", "list_dir", "search_text"})
 DEFAULT_MAX_RETRIES = 2
@@ -56,6 +56,16 @@ def parse_plan(text: str) -> Plan:
     if duplicates := sorted({i for i in ids if ids.count(i) > 1}):
         raise ValueError(f"ids must be unique; repeated: {', '.join(duplicates)}")
     return plan
+
+
+def plans_in(journal: list[JournalEntry]) -> list[PlanRecord]:
+    """The plans a conversation's planning turns committed (its `artifact_recorded`
+    notes of kind "plan"), oldest first."""
+    return [
+        PlanRecord(e.data["ref"], e.data["run_id"], e.at, msgspec.convert(e.data["data"], Plan))
+        for e in journal
+        if e.event == "artifact_recorded" and e.data.get("kind") == "plan"
+    ]
 
 
 class PlanningRun(CodingRun):

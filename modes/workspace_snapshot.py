@@ -44,8 +44,6 @@ import msgspec
 
 from genvisor.types import FileChange, WorkspaceChanges
 
-EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's id of the empty tree
-
 # A snapshot's ref must survive a daemon's kill -9 once it is taken: git writes objects
 # and refs through temp files and renames; these make it fsync them too.
 _DURABLE = ["-c", "core.fsync=objects,reference", "-c", "core.fsyncMethod=fsync"]
