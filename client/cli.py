@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from genvisor.client.client import Client
-from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, GenvisorError
+from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, GenerationCanceled, GenvisorError
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
 from genvisor.ipc.endpoint import EndpointError
 from genvisor.limits import CONTEXT_MESSAGES
@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
                             help="more generation options as a JSON object (e.g. '{\"timeout_ms\": 120000}')")
     wait = conversation_verb("await", "wait for a generation's outcome")
     wait.add_argument("ref")
+    follow = conversation_verb("follow", "re-attach to a generation (say, after Ctrl-C of `send --detach`): print its "
+                                         "events as they come, from the first (or after --after SEQ), to its end")
+    follow.add_argument("ref")
+    follow.add_argument("--after", type=int, default=0, metavar="SEQ", help="only the events after this seq")
+    follow.add_argument("--await-timeout-ms", type=int, default=None, metavar="MS",
+                        help="stop following after MS ms (exit 1, await_timeout; the run goes on). Default: to its end")
     for parsed in (send, wait):
         parsed.add_argument("--await-timeout-ms", type=int, default=None, metavar="MS",
                             help="stop waiting after MS ms: the run is then canceled (reason await_timeout) unless "
@@ -336,6 +342,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             return _interrupted(client, loc, args.ref, args)
         _print_json(result) if args.json else print(result.text)
         return 0
+    if args.verb == "follow":
+        return _follow(client, loc, args)
     if args.verb == "skills":
         return _skills(client, loc, args)
     if args.verb == "plan":
@@ -389,17 +397,8 @@ def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
         options.setdefault("events", True)
 
     def on_event(event: GenerationEvent) -> None:
-        if args.json:
-            return
-        if event.kind == "delta" and event.text:
-            streamed.append(event.text)
-            print(event.text, end="", flush=True)
-        elif event.kind == "tool_call" and event.tool_call:
-            print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr, flush=True)
-        elif event.kind == "tool_result" and event.tool_result:
-            result = event.tool_result
-            first_line = result.content.splitlines()[0] if result.content else ""
-            print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
+        if not args.json:
+            _show_event(event, streamed)
 
     ref: str | None = None
     try:
@@ -436,6 +435,46 @@ def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_event(event: GenerationEvent, streamed: list[str]) -> None:
+    """Print a run's event as `send` and `follow` do: text to stdout as it streams, the
+    rest to stderr. `streamed` collects the text printed."""
+    if event.kind == "delta" and event.text:
+        streamed.append(event.text)
+        print(event.text, end="", flush=True)
+    elif event.kind == "tool_call" and event.tool_call:
+        print(f"\n[tool] {event.tool_call.name} {event.tool_call.arguments}", file=sys.stderr, flush=True)
+    elif event.kind == "tool_result" and event.tool_result:
+        result = event.tool_result
+        first_line = result.content.splitlines()[0] if result.content else ""
+        print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
+    elif event.kind == "gap":
+        print(f"\n[events {event.first_seq}–{event.last_seq} were shed: this client read too slowly]", file=sys.stderr, flush=True)
+
+
+def _follow(client: Client, loc: Any, args: argparse.Namespace) -> int:
+    """Print generation `ref`'s events (after --after) as they come, until its terminal
+    event; its failure or cancel is the exit's, as for `await`. Ctrl-C stops following
+    only: the run goes on."""
+    streamed: list[str] = []
+    last = None
+    try:
+        for event in client.stream_events(loc, args.ref, after_seq=args.after, timeout_ms=args.await_timeout_ms):
+            last = event
+            _print_json(event) if args.json else _show_event(event, streamed)
+    except KeyboardInterrupt:
+        seen = f" after event {last.seq}" if last is not None else ""
+        return _report_interrupt(args, args.ref, f"\nstopped following {args.ref}{seen}; it keeps running: "
+                                                 f"`{_command(args, 'follow', args.ref, '--after', str(last.seq if last else 0))}` "
+                                                 "picks up from there", canceled=False, detached=True)
+    if streamed:
+        print(flush=True)
+    if last is not None and last.kind == "failed" and last.error is not None:
+        raise last.error.to_exception()
+    if last is not None and last.kind == "canceled":
+        raise GenerationCanceled(last.reason or "canceled", args.ref)
+    return 0
+
+
 def _await(client: Client, loc: Any, ref: str, args: argparse.Namespace, on_event: Any = None) -> LLMResult:
     return client.await_generation(loc, ref, args.await_timeout_ms, cancel_on_timeout=not args.no_cancel_on_timeout,
                                    on_event=on_event)
@@ -447,8 +486,8 @@ def _interrupted(client: Client, loc: Any, ref: str, args: argparse.Namespace) -
     leave it running."""
     follow = _command(args, "await", ref)
     if args.detach:
-        return _report_interrupt(args, ref, f"interrupted: {ref} keeps running (--detach); `{follow}` waits for its outcome",
-                                 canceled=False, detached=True)
+        return _report_interrupt(args, ref, f"interrupted: {ref} keeps running (--detach); `{_command(args, 'follow', ref)}` "
+                                            f"re-attaches to it, `{follow}` waits for its outcome", canceled=False, detached=True)
     canceled = False
     try:
         if not args.json:

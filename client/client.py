@@ -17,13 +17,13 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import zmq
 
 from genvisor.client.dealer import WatchedDealer
-from genvisor.errors import BadRequest, DaemonUnavailable, InvalidLocator
+from genvisor.errors import AwaitTimeout, BadRequest, DaemonUnavailable, InvalidLocator, InvalidOptions
 from genvisor.ipc import codec
 from genvisor.ipc.curve import client_curve
 from genvisor.ipc.endpoint import default_endpoint, parse_endpoint
@@ -38,6 +38,7 @@ from genvisor.ipc.frames import (
     Empty,
     EnsureConversation,
     Ensured,
+    EventBatch,
     Failure,
     GenerateAssistantReply,
     GenerationRef,
@@ -60,6 +61,7 @@ from genvisor.ipc.frames import (
     SendUserMessage,
     StartConversation,
     StopConversation,
+    StreamEvents,
     SupportedModes,
     TurnChanges,
 )
@@ -85,6 +87,7 @@ from genvisor.types import (
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_MS = 10_000
+STREAM_WAIT_MS = 30_000  # how long one `stream_events` request waits for an event
 
 LocatorLike = str | tuple[str, str]
 
@@ -288,6 +291,32 @@ class Client:
                 else:
                     self._notifications.append(note)
         return self._call(request, LLMResult, extra_wait_ms=_wait_ms(timeout_ms), on_event=on_event)
+
+    def stream_events(
+        self, loc: LocatorLike, ref: str, after_seq: int = 0, timeout_ms: int | None = AWAIT_TIMEOUT_MS
+    ) -> Iterator[GenerationEvent]:
+        """Iterate generation `ref`'s events after `after_seq`, from any client: those
+        kept first, then live ones, until its terminal event (`completed`, `failed` or
+        `canceled`), which is always the last one yielded. Works while the run is
+        active and for the outcome retention time after it ended, also after a daemon
+        restart. `timeout_ms` bounds the whole stream (None: as long as the run takes):
+        past it, `AwaitTimeout` (the run goes on). Nothing is shed: a slow reader only
+        reads later. `NotFound` for an unknown or expired ref."""
+        locator = to_locator(loc)
+        if timeout_ms is not None and (not isinstance(timeout_ms, int) or timeout_ms < 0):
+            raise InvalidOptions("timeout_ms", "must be an int >= 0, or None")
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            left_ms = STREAM_WAIT_MS if deadline is None else int((deadline - time.monotonic()) * 1000)
+            wait_ms = max(0, min(STREAM_WAIT_MS, left_ms))
+            batch = self._call(StreamEvents(locator, ref, after_seq, wait_ms), EventBatch, extra_wait_ms=wait_ms)
+            for event in batch.events:
+                yield event
+                after_seq = max(after_seq, event.seq)
+            if batch.ended:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise AwaitTimeout(f"the events of generation {ref} did not end within {timeout_ms} ms")
 
     def cancel_generation(self, loc: LocatorLike, reason: str = "cancel_requested") -> None:
         self._call(CancelGeneration(to_locator(loc), reason), Empty)

@@ -46,6 +46,9 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
         snapshot = await trio.to_thread.run_sync(lambda: store.load(retained_since=retained_since))
     else:
         snapshot = store.load(retained_since=retained_since)
+    def notify(owner: Owner, note: Notification, frame: bytes | None = None) -> None:
+        front.notify(owner, note, frame)  # the front is made below, before anything runs
+
     service = Service(
         executor=executor,
         journal=DurableLog(store),
@@ -55,7 +58,7 @@ async def open_front(config: Config, executor: Executor, endpoint: str, store: S
         retention_s=config.generations.outcome_retention_s,
         workspaces=config.state_path() / "workspaces",
         snapshots=config.state_path() / "snapshots",
-        notify=lambda owner, note: front.notify(owner, note),
+        notify=notify,
     )
     resolved = service.restore(snapshot)
     await service.generations.settle_interrupted()
@@ -88,6 +91,7 @@ class Front:
         # shed and its new requests refused (Overloaded) until it reads.
         self._max_unread = max_unread_bytes
         self._unread: dict[Owner, int] = {}
+        self._shed: dict[tuple[Owner, str], tuple[int, int]] = {}  # (owner, ref) → the seqs shed since its last event
         self._reject_log = RateLimit()
         self._backlog_log = RateLimit()
 
@@ -136,11 +140,24 @@ class Front:
 
     # ---- out -------------------------------------------------------------------------
 
-    def notify(self, owner: Owner, note: Notification) -> None:
-        data = codec.encode_notification(note)
-        if isinstance(note, GenerationEvent) and self._unread.get(owner, 0) + len(data) > self._max_unread:
-            self._service.telemetry.events_shed.inc()  # progress only: the terminal notification is never shed
+    def notify(self, owner: Owner, note: Notification, frame: bytes | None = None) -> None:
+        """Queue `note` for `owner`; a run's event may come encoded already (`frame`).
+        Past the connection's budget a run's progress events are shed, never its
+        terminal event or notification; the next event that goes is preceded by a `gap`
+        event naming the seqs shed (the reader can fetch them with `stream_events`)."""
+        if not isinstance(note, GenerationEvent):
+            self._put(owner, codec.encode_notification(note))
             return
+        data = codec.encode_notification(note) if frame is None else codec.encode_event_notification(frame)
+        key = (owner, note.ref)
+        if not note.terminal and self._unread.get(owner, 0) + len(data) > self._max_unread:
+            self._service.telemetry.events_shed.inc()
+            first = self._shed[key][0] if key in self._shed else note.seq
+            self._shed[key] = (first, note.seq)
+            return
+        if (shed := self._shed.pop(key, None)) is not None:
+            gap = GenerationEvent(note.ref, "gap", first_seq=shed[0], last_seq=shed[1])
+            self._put(owner, codec.encode_notification(gap))
         self._put(owner, data)
 
     def _put(self, owner: Owner, data: bytes) -> None:
@@ -235,6 +252,10 @@ class Front:
         change_set = self._service.change_sets.find_change_set(r.loc, r.ref)
         return Later(lambda: self._service.change_sets.turn_changes(change_set))
 
+    def _stream_events(self, owner: Owner, r: f.StreamEvents) -> Later:
+        record = self._service.generations.find_events(r.loc, r.ref, r.after_seq, r.wait_ms)
+        return Later(lambda: self._service.generations.stream_events(record, r.after_seq, r.wait_ms))
+
     def _revert_turn(self, owner: Owner, r: f.RevertTurn) -> Later:
         change_set = self._service.change_sets.check_revertible(r.loc, r.ref)
         return Later(lambda: self._service.change_sets.revert_turn(change_set, r.reason))
@@ -271,6 +292,7 @@ class Front:
         f.TurnChanges: _turn_changes,
         f.GetPlans: lambda self, o, r: self._service.conversations.plans(r.loc),
         f.RevertTurn: _revert_turn,
+        f.StreamEvents: _stream_events,
     }
 
 

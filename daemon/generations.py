@@ -24,6 +24,7 @@ import trio
 from genvisor.daemon.admission import Admission, Slot
 from genvisor.daemon.conversations import ConversationKey, ConversationRecord, Conversations, check_limit, key_of
 from genvisor.daemon.durable import DurableLog
+from genvisor.daemon.run_events import EventStreams, RunEvents
 from genvisor.daemon.store import ForgetGenerations, GenerationFinished, GenerationStarted, StoredGeneration, StoredOutcome, StoreFailed
 from genvisor.daemon.telemetry import Telemetry
 from genvisor.daemon.workspaces import Workspaces, excludes
@@ -32,12 +33,14 @@ from genvisor.errors import (
     ErrorInfo,
     GenerationCanceled,
     GenerationInProgress,
+    InvalidOptions,
     LLMError,
     LLMErrorCategory,
     NoGenerationInProgress,
     NotFound,
     Overloaded,
 )
+from genvisor.ipc.frames import RawEventBatch
 from genvisor.limits import MAX_CHANNEL_FRAME
 from genvisor.logevent import RateLimit, event
 from genvisor.modes import workspace_snapshot
@@ -55,13 +58,22 @@ from genvisor.types import (
 )
 
 Owner = Hashable
-Notify = Callable[[Owner, Notification], None]
+
+
+class Notify(Protocol):
+    """Send `note` to `owner`; a run's event comes with its frame, as encoded."""
+
+    def __call__(self, owner: Owner, note: Notification, frame: bytes | None = None) -> None: ...
 
 log = logging.getLogger("genvisor.daemon")
 
 # A run's spec travels to its worker as one channel frame; the Start frame around it
 # takes a few bytes, kept well clear of.
 MAX_SPEC_BYTES = MAX_CHANNEL_FRAME - 64 * 1024
+
+# How long one `stream_events` call may wait for an event (a client's stream waits
+# longer by asking again).
+MAX_EVENT_WAIT_MS = 60_000
 
 _encoder = msgspec.msgpack.Encoder()
 _event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
@@ -87,6 +99,7 @@ class GenerationRecord:
         self.error: ErrorInfo | None = None
         self.canceled: str | None = None
         self.finished_at: float | None = None  # wall clock: retention outlives restarts
+        self.events: RunEvents | None = None  # while its events are not all journaled
 
     def outcome(self) -> LLMResult:
         if self.canceled is not None:
@@ -155,6 +168,7 @@ class Generations:
         admission: Admission, defaults: RunDefaults, deadline_grace_s: float, retention_s: float, notify: Notify,
         telemetry: Telemetry,
     ) -> None:
+        self.streams = EventStreams(journal)
         self._executor = executor
         self._journal = journal
         self._conversations = conversations
@@ -177,6 +191,7 @@ class Generations:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expire_outcomes)
+            await nursery.start(self.streams.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -190,6 +205,7 @@ class Generations:
             record = GenerationRecord(stored_generation.ref, stored_generation.key, stored_generation.run_id)
             self._generations[record.ref] = record
             if stored_generation.outcome is None:
+                record.events = self.streams.open(record.ref, stored_generation.last_seq)
                 error = LLMError(
                     "unknown", "the daemon restarted while the generation was running; nothing of it was committed",
                     retryable=True, details={"reason": "daemon_restarted"},
@@ -268,6 +284,7 @@ class Generations:
                              details={"reason": "context_too_large", "bytes": len(encoded), "limit": MAX_SPEC_BYTES})
             spec = msgspec.structs.replace(spec, request=None, error=error.info())
         record = GenerationRecord(ref, key, run_id)
+        record.events = self.streams.open(ref)
         self._generations[ref] = record
         active = ActiveGeneration(record, owner, spec, slot, encoded)
         conversation.active = active
@@ -323,6 +340,18 @@ class Generations:
             raise AwaitTimeout(f"generation {record.ref} did not finish within {timeout_ms} ms")
         return record.outcome()
 
+    def find_events(self, loc: Locator, ref: str, after_seq: int, wait_ms: int) -> GenerationRecord:
+        """The synchronous half of `stream_events`: the generation, and the call, checked."""
+        check_limit("after_seq", after_seq)
+        check_limit("wait_ms", wait_ms)
+        if wait_ms > MAX_EVENT_WAIT_MS:
+            raise InvalidOptions("wait_ms", f"must be <= {MAX_EVENT_WAIT_MS}")
+        return self.find_generation(loc, ref, None)
+
+    async def stream_events(self, record: GenerationRecord, after_seq: int, wait_ms: int) -> RawEventBatch:
+        """Run `record`'s events after `after_seq`, waiting up to `wait_ms` for one."""
+        return await self.streams.read(record.ref, after_seq, wait_ms / 1000)
+
     async def await_generation(self, loc: Locator, ref: str, timeout_ms: int | None, cancel_on_timeout: bool, cancel_reason: str) -> LLMResult:
         return await self.await_outcome(self.find_generation(loc, ref, timeout_ms), timeout_ms, cancel_on_timeout, cancel_reason)
 
@@ -362,9 +391,17 @@ class Generations:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a worker's frame is hostile too
             self._fail_run(conversation, active, "unknown", f"the worker sent a malformed progress event: {exc}", "protocol_error")
             return
+        events = active.record.events
+        assert events is not None
+        if progress.ref != active.record.ref or progress.seq != events.last_seq + 1 or progress.terminal or progress.kind == "gap":
+            self._fail_run(conversation, active, "unknown", f"the worker sent an event out of turn: {progress.kind} #{progress.seq} "
+                           f"of {progress.ref!r} (expected #{events.last_seq + 1} of {active.record.ref!r})", "protocol_error")
+            return
+        frame = bytes(raw)
+        events.append(frame)
         active.partial.add(progress)
         if active.spec.events:
-            self._notify(active.owner, progress)
+            self._notify(active.owner, progress, frame)
 
     async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Run one generation to its end. Whatever goes wrong in here is this run's
@@ -574,8 +611,10 @@ class Generations:
         return msgspec.structs.replace(error, details={**(error.details or {}), "partial_text": partial.text})
 
     def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification) -> None:
-        self._close_record(active.record)
+        terminal, frame = self._close_record(active.record)
         conversation.active = None
+        if active.spec.events:
+            self._notify(active.owner, terminal, frame)
         self._notify(active.owner, note)
 
     def _observe_cleanup(self, handle: RunHandle) -> None:
@@ -587,11 +626,23 @@ class Generations:
         if isinstance(handle.outcome, Canceled):
             self.telemetry.cancel_reaped_seconds.observe(report.reaped_after_ms / 1000)
 
-    def _close_record(self, record: GenerationRecord) -> None:
+    def _close_record(self, record: GenerationRecord) -> tuple[GenerationEvent, bytes]:
+        """Settle `record`: its terminal event ends its events, journaled with its outcome."""
         record.finished_at = time.time()
         record.done.set()
+        if record.canceled is not None:
+            terminal = GenerationEvent(record.ref, "canceled", reason=record.canceled)
+        elif record.error is not None:
+            terminal = GenerationEvent(record.ref, "failed", error=record.error)
+        else:
+            terminal = GenerationEvent(record.ref, "completed")
+        assert record.events is not None
+        frame = self.streams.end(record.events, terminal)
+        terminal = msgspec.structs.replace(terminal, seq=record.events.last_seq)
+        record.events = None
         outcome = StoredOutcome(result=record.result, error=record.error, canceled=record.canceled)
         self._journal.submit(GenerationFinished(record.ref, record.finished_at, outcome))
+        return terminal, frame
 
     async def _expire_outcomes(self) -> None:
         while True:

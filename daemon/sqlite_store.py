@@ -6,6 +6,7 @@ Every call blocks; the `DurableLog` makes them from a worker thread, one at a ti
     conversations(rowid, project, id, metadata)     project '' stands for None
     entries(conversation, seq, body)                 body: a msgpack JournalEntry
     generations(ref, conversation, run_id, finished_at, outcome)
+    events(ref, first_seq, last_seq, frames)         frames: a msgpack list of encoded events
 
 `synchronous=NORMAL` (the default) makes a commit survive a crash of the daemon, the
 case that matters here; `FULL` adds an fsync per batch, for power loss too.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import msgspec
@@ -25,6 +27,7 @@ from genvisor.daemon.store import (
     ConversationKey,
     CreateConversation,
     ForgetGenerations,
+    GenerationEvents,
     GenerationFinished,
     GenerationStarted,
     Snapshot,
@@ -33,10 +36,11 @@ from genvisor.daemon.store import (
     StoredOutcome,
     StoreFailed,
     Write,
+    within,
 )
 from genvisor.types import JournalEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -59,12 +63,20 @@ CREATE TABLE IF NOT EXISTS generations (
     finished_at REAL,
     outcome BLOB
 );
+CREATE TABLE IF NOT EXISTS events (
+    ref TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    frames BLOB NOT NULL,
+    PRIMARY KEY (ref, first_seq)
+) WITHOUT ROWID;
 """
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_entry = msgspec.msgpack.Decoder(JournalEntry).decode
 _decode_outcome = msgspec.msgpack.Decoder(StoredOutcome).decode
 _decode_metadata = msgspec.msgpack.Decoder(dict).decode
+_decode_frames = msgspec.msgpack.Decoder(list[bytes]).decode
 
 
 class SqliteStore:
@@ -89,6 +101,7 @@ class SqliteStore:
             os.umask(old_umask)
         self.path = path
         self._rowids: dict[ConversationKey, int] = {}
+        self._reader: sqlite3.Connection | None = None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
@@ -97,6 +110,10 @@ class SqliteStore:
                 raise StoreFailed(f"{path} has journal schema {version}; this genvisor knows up to {SCHEMA_VERSION}")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # Events are read while the writer thread writes: WAL lets a second
+            # connection read the last commit meanwhile; reads take turns on it.
+            self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._reading = threading.Lock()
         except sqlite3.Error as exc:
             self.close()
             raise StoreFailed(f"cannot open the journal {path}: {exc}") from exc
@@ -119,13 +136,39 @@ class SqliteStore:
         for rowid, body in self._db.execute("SELECT conversation, body FROM entries ORDER BY conversation, seq"):
             conversations[rowid].entries.append(_decode_entry(body))
         self._db.execute("DELETE FROM generations WHERE finished_at < ?", (retained_since,))
+        self._db.execute("DELETE FROM events WHERE ref NOT IN (SELECT ref FROM generations)")
         generations = [
-            StoredGeneration(ref, keys[rowid], run_id, finished_at, _decode_outcome(outcome) if outcome is not None else None)
-            for ref, rowid, run_id, finished_at, outcome in self._db.execute(
-                "SELECT ref, conversation, run_id, finished_at, outcome FROM generations"
+            StoredGeneration(ref, keys[rowid], run_id, finished_at, _decode_outcome(outcome) if outcome is not None else None,
+                             last_seq or 0)
+            for ref, rowid, run_id, finished_at, outcome, last_seq in self._db.execute(
+                "SELECT ref, conversation, run_id, finished_at, outcome, "
+                "(SELECT MAX(last_seq) FROM events WHERE events.ref = generations.ref) FROM generations"
             )
         ]
         return Snapshot(list(conversations.values()), generations)
+
+    def read_events(self, ref: str, after_seq: int, max_bytes: int) -> list[bytes]:
+        assert self._reader is not None
+        frames: list[bytes] = []
+        size = 0
+        try:
+            with self._reading:
+                rows = self._reader.execute(
+                    "SELECT first_seq, frames FROM events WHERE ref = ? AND last_seq > ? ORDER BY first_seq", (ref, after_seq)
+                )
+                for first_seq, body in rows:
+                    batch = _decode_frames(body)[max(0, after_seq + 1 - first_seq):]
+                    frames.extend(batch)
+                    size += sum(map(len, batch))
+                    if size >= max_bytes:
+                        break
+                if not frames:  # none after it: the last one
+                    row = self._reader.execute("SELECT frames FROM events WHERE ref = ? ORDER BY first_seq DESC LIMIT 1",
+                                               (ref,)).fetchone()
+                    frames = _decode_frames(row[0])[-1:] if row else []
+        except (sqlite3.Error, msgspec.DecodeError) as exc:
+            raise StoreFailed(f"cannot read the journal {self.path}: {exc}") from exc
+        return within(frames, max_bytes)
 
     def write(self, batch: list[Write]) -> None:
         try:
@@ -144,6 +187,8 @@ class SqliteStore:
         return f"sqlite:{self.path}"
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._db.close()
         os.close(self._lock)  # and with it the lock
 
@@ -165,6 +210,11 @@ class SqliteStore:
             db.execute(
                 "INSERT INTO generations (ref, conversation, run_id) VALUES (?, ?, ?)", (write.ref, self._rowids[write.key], write.run_id)
             )
+        elif isinstance(write, GenerationEvents):
+            db.execute(
+                "INSERT INTO events (ref, first_seq, last_seq, frames) VALUES (?, ?, ?, ?)",
+                (write.ref, write.first_seq, write.first_seq + len(write.frames) - 1, _encode(write.frames)),
+            )
         elif isinstance(write, GenerationFinished):
             db.execute(
                 "UPDATE generations SET finished_at = ?, outcome = ? WHERE ref = ?", (write.finished_at, _encode(write.outcome), write.ref)
@@ -172,3 +222,4 @@ class SqliteStore:
         else:
             assert isinstance(write, ForgetGenerations)
             db.executemany("DELETE FROM generations WHERE ref = ?", [(ref,) for ref in write.refs])
+            db.executemany("DELETE FROM events WHERE ref = ?", [(ref,) for ref in write.refs])

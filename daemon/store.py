@@ -55,11 +55,20 @@ class GenerationFinished(msgspec.Struct, frozen=True):
     outcome: StoredOutcome
 
 
+class GenerationEvents(msgspec.Struct, frozen=True):
+    """Events `first_seq` … `first_seq + len(frames) - 1` of a generation, each as the
+    msgpack of its `GenerationEvent`."""
+
+    ref: str
+    first_seq: int
+    frames: list[bytes]
+
+
 class ForgetGenerations(msgspec.Struct, frozen=True):
     refs: list[str]
 
 
-Write = CreateConversation | AppendEntry | GenerationStarted | GenerationFinished | ForgetGenerations
+Write = CreateConversation | AppendEntry | GenerationStarted | GenerationEvents | GenerationFinished | ForgetGenerations
 
 
 # ---- what is read back --------------------------------------------------------------
@@ -77,6 +86,7 @@ class StoredGeneration(msgspec.Struct):
     run_id: str
     finished_at: float | None  # None: it was running when the daemon stopped
     outcome: StoredOutcome | None
+    last_seq: int = 0  # of its events, the last one stored
 
 
 class Snapshot(msgspec.Struct):
@@ -92,6 +102,11 @@ class Store(Protocol):
 
     def write(self, batch: list[Write]) -> None:
         """Apply `batch` in order, atomically."""
+
+    def read_events(self, ref: str, after_seq: int, max_bytes: int) -> list[bytes]:
+        """Generation `ref`'s stored events after `after_seq`, in order, as many as fit
+        in `max_bytes` (at least one); none after it: its last one (none stored: []).
+        May be called while `write` runs in another thread."""
 
     def describe(self) -> str: ...
 
@@ -112,12 +127,13 @@ class MemoryStore:
     def __init__(self) -> None:
         self._conversations: dict[ConversationKey, StoredConversation] = {}
         self._generations: dict[str, StoredGeneration] = {}
+        self._events: dict[str, list[bytes]] = {}
 
     def load(self, *, retained_since: float) -> Snapshot:
         generations = [g for g in self._generations.values() if g.finished_at is None or g.finished_at >= retained_since]
         return Snapshot(
             conversations=[StoredConversation(c.key, dict(c.metadata), list(c.entries)) for c in self._conversations.values()],
-            generations=[msgspec.structs.replace(g) for g in generations],
+            generations=[msgspec.structs.replace(g, last_seq=len(self._events.get(g.ref, ()))) for g in generations],
         )
 
     def write(self, batch: list[Write]) -> None:
@@ -128,15 +144,34 @@ class MemoryStore:
                 self._conversations[write.key].entries.append(write.entry)
             elif isinstance(write, GenerationStarted):
                 self._generations[write.ref] = StoredGeneration(write.ref, write.key, write.run_id, None, None)
+            elif isinstance(write, GenerationEvents):
+                events = self._events.setdefault(write.ref, [])
+                assert len(events) + 1 == write.first_seq, "events are stored in order, once"
+                events.extend(write.frames)
             elif isinstance(write, GenerationFinished):
                 generation = self._generations[write.ref]
                 generation.finished_at, generation.outcome = write.finished_at, write.outcome
             else:
                 for ref in write.refs:
                     self._generations.pop(ref, None)
+                    self._events.pop(ref, None)
+
+    def read_events(self, ref: str, after_seq: int, max_bytes: int) -> list[bytes]:
+        events = self._events.get(ref, [])
+        return within(events[after_seq:] or events[-1:], max_bytes)
 
     def describe(self) -> str:
         return "memory"
 
     def close(self) -> None:
         pass
+
+
+def within(frames: list[bytes], max_bytes: int) -> list[bytes]:
+    """The first of `frames` that fit in `max_bytes` together; at least one."""
+    size = 0
+    for count, frame in enumerate(frames):
+        size += len(frame)
+        if size > max_bytes and count:
+            return frames[:count]
+    return frames

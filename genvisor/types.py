@@ -16,7 +16,9 @@ ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
 Status = Literal["idle", "pending_llm", "responding", "canceled"]
 RunStatus = Literal["queued", "running", "completed", "failed", "canceled"]
 TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
-EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "completed"]
+EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "completed", "failed", "canceled", "gap"]
+# A run's last event, appended by the daemon when the run settles: exactly one per run.
+TERMINAL_KINDS = frozenset({"completed", "failed", "canceled"})
 
 
 class Locator(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -260,8 +262,12 @@ class PlanRecord(msgspec.Struct, frozen=True):
     plan: Plan
 
 
-class GenerationEvent(msgspec.Struct, frozen=True, tag=True):
-    """A progress event of a run (sent to its owner only with `events=True`)."""
+class GenerationEvent(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+    """An event of a run. A run's events are numbered by `seq`, contiguous from 1, and
+    end with exactly one terminal event (`completed`, `failed` with `error`, or
+    `canceled` with `reason`). A `gap` event is no event of the run: it tells a
+    reader that the events `first_seq`…`last_seq` were shed on its way (its `seq` is
+    0); `stream_events` can fetch them."""
 
     ref: str
     kind: EventKind
@@ -270,6 +276,14 @@ class GenerationEvent(msgspec.Struct, frozen=True, tag=True):
     step: int | None = None
     tool_call: ToolCall | None = None
     tool_result: ToolResult | None = None
+    error: ErrorInfo | None = None  # `failed`
+    reason: str | None = None  # `canceled`
+    first_seq: int | None = None  # `gap`
+    last_seq: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
 
 
 class GenerationResult(msgspec.Struct, frozen=True, tag=True):

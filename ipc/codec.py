@@ -21,6 +21,7 @@ from genvisor.ipc.frames import (
     ClientFrame,
     Failure,
     Notify,
+    RawNotify,
     Reply,
     ServerFrame,
 )
@@ -179,6 +180,11 @@ def encode_failure(request_id: int, error: ErrorInfo) -> bytes:
 
 def encode_notification(note: Notification) -> bytes:
     return _encoder.encode(Notify(v=PROTOCOL_VERSION, note=note))
+
+
+def encode_event_notification(event_frame: bytes) -> bytes:
+    """The `Notify` frame of an event already encoded (as a worker sent it)."""
+    return _encoder.encode(RawNotify(v=PROTOCOL_VERSION, note=msgspec.Raw(event_frame)))
 
 
 def decode_server_frame(data: bytes) -> ServerFrame:

@@ -15,7 +15,7 @@ import msgspec
 
 from genvisor.errors import ErrorInfo
 from genvisor.limits import AWAIT_CANCEL_REASON, AWAIT_TIMEOUT_MS, CONTEXT_MESSAGES
-from genvisor.types import Conversation, LLMResult, Locator, Notification, TelemetryCount  # noqa: F401 — part of the wire
+from genvisor.types import Conversation, GenerationEvent, LLMResult, Locator, Notification, TelemetryCount  # noqa: F401 — part of the wire
 
 PROTOCOL_VERSION = 1
 
@@ -173,6 +173,15 @@ class SendAndGenerate(Request, frozen=True, tag="send_and_generate"):
     cancel_reason: str = AWAIT_CANCEL_REASON
 
 
+class StreamEvents(Request, frozen=True, tag="stream_events"):
+    """A run's events after `after_seq`; none yet: wait up to `wait_ms` for some."""
+
+    loc: Locator
+    ref: str
+    after_seq: int = 0
+    wait_ms: int = 0
+
+
 class GetPlans(Request, frozen=True, tag="plans"):
     loc: Locator
 
@@ -192,7 +201,7 @@ AnyRequest = (
     Ping | StartConversation | EnsureConversation | SendUserMessage | RecordAssistantMessage | ConfigureLLM
     | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
     | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GetStatus | GenerateAssistantReply
-    | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn | GetPlans
+    | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn | GetPlans | StreamEvents
 )
 
 
@@ -230,6 +239,14 @@ class Notify(msgspec.Struct, frozen=True, tag="notify"):
     note: Notification
 
 
+class RawNotify(msgspec.Struct, frozen=True, tag="notify"):
+    """A `Notify` whose note is already encoded: a run's event is relayed as its worker
+    encoded it, not decoded and encoded again."""
+
+    v: int
+    note: msgspec.Raw
+
+
 ServerFrame = Reply | Failure | Notify
 
 
@@ -247,3 +264,18 @@ class ConversationAndResult(msgspec.Struct, frozen=True):
 
     conversation: Conversation
     result: LLMResult
+
+
+class EventBatch(msgspec.Struct, frozen=True):
+    """The body of a `StreamEvents` reply: events in seq order; `ended` once the last
+    of them is the run's terminal event."""
+
+    events: list[GenerationEvent]
+    ended: bool
+
+
+class RawEventBatch(msgspec.Struct, frozen=True):
+    """An `EventBatch` as the daemon sends it: its events as they were encoded."""
+
+    events: list[msgspec.Raw]
+    ended: bool

@@ -119,9 +119,9 @@ async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilitie
     value anywhere in the run is the run's failure, reported as such (cancellation
     still propagates)."""
     async with trio.open_nursery() as nursery:
-        # The daemon forwards events to the run's owner if asked to (`spec.events`); it
-        # gets a run's deltas and tool results in any case, to keep its partial output.
-        events = _Events(spec.ref, emit, nursery, all_kinds=spec.events, coalesce_s=spec.coalesce_ms / 1000)
+        # Every run sends all its events: the daemon keeps them for `stream_events` and
+        # partial output, and forwards them to the run's owner if asked to (`spec.events`).
+        events = _Events(spec.ref, emit, nursery, coalesce_s=spec.coalesce_ms / 1000)
         try:
             outcome = await _run(spec, events, host, capabilities)
         except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
@@ -183,8 +183,7 @@ async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabil
                 if isinstance(changes, RunFailed):
                     return changes
                 outcome = msgspec.structs.replace(outcome, result=msgspec.structs.replace(outcome.result, changes=changes))
-            await events.send("completed")
-            return outcome
+            return outcome  # its `completed` event is the daemon's, once the turn is committed
         else:
             assert isinstance(directive, Fail)
             return RunFailed(directive.error)
@@ -228,29 +227,21 @@ def checked_reply(reply: LLMReply, backend: str) -> LLMReply:
                        details={"reason": "malformed_reply"}) from None
 
 
-# What the daemon keeps of a run that does not complete (its partial output): these
-# events reach it even when the run's owner asked for none.
-_ALWAYS = frozenset({"delta", "tool_result"})
-
-
 class _Events:
     """A run's events, numbered in order. Consecutive text deltas that come within
     `coalesce_s` of the first of them travel as one delta event, their texts joined
     (the window closes at the next event of another kind, or when it has passed)."""
 
-    def __init__(self, ref: str, emit: Emit, nursery: trio.Nursery, *, all_kinds: bool, coalesce_s: float) -> None:
+    def __init__(self, ref: str, emit: Emit, nursery: trio.Nursery, *, coalesce_s: float) -> None:
         self._ref = ref
         self._emit = emit
         self._nursery = nursery
-        self._all_kinds = all_kinds
         self._coalesce_s = coalesce_s
         self._seq = 0
         self._pending: list[str] = []  # delta texts held for the window
         self._lock = trio.Lock()  # one event at a time: a window closing must not overtake a send
 
     async def send(self, kind: EventKind, **fields: Any) -> None:
-        if not (self._all_kinds or kind in _ALWAYS):
-            return
         if kind == "delta" and self._coalesce_s > 0:
             if not self._pending:
                 self._nursery.start_soon(self._close_window)

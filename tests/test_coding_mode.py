@@ -172,4 +172,6 @@ async def test_the_loop_uses_only_the_capabilities_it_is_handed(tmp_path):
     outcome = await drive(spec, emit, InProcessHost(), Capabilities(backends={"scripted": backend}, call_tool=call_tool))
     assert isinstance(outcome, RunSucceeded) and outcome.result.text == "seen: the tool's answer"
     assert calls == [("llm", 0), ("tool", "read_file"), ("llm", 1)]
-    assert events == ["tool_result"]  # with events off, what the daemon keeps of a run that does not complete
+    # Every run sends all its events (the daemon keeps them for stream_events); the
+    # terminal one is the daemon's.
+    assert events == ["started", "step", "tool_call", "tool_result", "step"]
