@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,31 @@ def test_genvisor_follow_prints_a_running_turn_to_its_end(daemon, conv):
         failed = subprocess.run([*base, "follow", conv, ref, "--json"], capture_output=True, text=True, timeout=60)
         assert failed.returncode == 1 and "bad key" in failed.stderr
         assert '"kind":"failed"' in failed.stdout.splitlines()[-1]
+
+
+class UnrulyEventsDaemon(Daemon):
+    """A daemon whose workers break the event protocol as the user message says (see
+    unruly_events_daemon.py)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("unruly_events_daemon.py")), *self.serve_arguments()]
+
+
+def test_a_worker_event_out_of_turn_ends_its_run_alone(tmp_path):
+    daemon = UnrulyEventsDaemon(tmp_path).start()
+    try:
+        with daemon.client() as client:
+            for how in ("wrong_ref", "repeated_seq", "skipped_seq", "terminal_kind", "gap_kind"):
+                client.send_user_message(how, how)
+                ref = client.generate_assistant_reply(how, events=True)
+                with pytest.raises(LLMError) as raised:
+                    client.await_generation(how, ref)
+                assert raised.value.details["reason"] == "protocol_error", how
+                assert "out of turn" in raised.value.message
+                events = list(client.stream_events(how, ref))
+                assert [e.kind for e in events] == ["started", "failed"], how  # what it sent in turn, then its end
+                _checked(events, ref)
+            _, result = client.send_and_generate("fine", "a well-behaved turn")  # the daemon serves on
+            assert result.text == "a well-behaved turn"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
