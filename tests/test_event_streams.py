@@ -58,6 +58,23 @@ def _stream_all(client, conv, ref, after_seq=0):
     return list(client.stream_events(conv, ref, after_seq=after_seq, timeout_ms=30_000))
 
 
+def test_an_owner_that_disconnects_mid_stream_picks_the_run_up_again_on_a_new_connection(connect, conv):
+    chunks = [f"o{n} " for n in range(40)]
+    owner = connect()
+    owner.send_user_message(conv, "stream to me")
+    ref = owner.generate_assistant_reply(conv, events=True, backend_opts={"chunks": chunks, "chunk_delay_ms": 10})
+    pushed = []
+    while len(pushed) < 8:
+        note = owner.next_notification(timeout_ms=10_000)
+        assert isinstance(note, GenerationEvent), note
+        pushed.append(note)
+    owner.close()  # gone mid-stream: its run goes on, with nobody to push to
+    with connect() as again:
+        rest = _stream_all(again, conv, ref, after_seq=pushed[-1].seq)
+        assert _checked(pushed + rest, ref).kind == "completed"
+        assert "".join(e.text or "" for e in pushed + rest if e.kind == "delta") == again.await_generation(conv, ref).text
+
+
 def test_a_reader_follows_a_live_run_and_resumes_from_any_seq_on_a_new_connection(connect, conv):
     chunks = [f"c{n} " for n in range(40)]
     with connect() as owner:
