@@ -53,7 +53,6 @@ if __name__ == "__main__":
     os.environ["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")
     sys.path.insert(0, here)
     import unruly_events_daemon  # by its module's name, not __main__'s: the zygote imports it so
-
     from genvisor.daemon import server
 
     server.WORKER_TARGET = unruly_events_daemon.UnrulyTurn
