@@ -20,7 +20,7 @@ from bench.report import Result, Run, markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # In this order: queue_depth offers load relative to the capacity throughput measured.
-SCENARIOS = ["latency", "throughput", "queue_depth", "cancellation", "memory", "scale"]
+SCENARIOS = ["latency", "throughput", "queue_depth", "cancellation", "memory", "scale", "streaming"]
 
 
 class Context:

@@ -1,87 +1,591 @@
-"""`python -m bench.streaming [--streams 10] [--deltas 400] [--delay-ms 1] [--rounds 3]`:
-what relaying a streamed turn costs the daemon, with delta coalescing off and on, side
-by side in one run (issue 14's `streaming` scenario, its first part).
+"""Scenario — streaming (issue 14): what relaying streamed deltas costs the daemon, how
+many it delivers, and what it adds to each delta's latency, side by side with the
+same stream read directly from the model server. `python -m bench.streaming
+[--quick] [--part …]` runs it alone and prints its tables.
 
-Two daemons, one with `[defaults] coalesce_ms = 0`, one with the default 5 ms. Each
-round, on each daemon in turn, `--streams` clients each send a turn whose scripted
-reply streams `--deltas` deltas `--delay-ms` apart, events on, and read every event.
-Printed per daemon (median of the rounds): the daemon's CPU time (user + system) per
-delta the model streamed, and the delta events a client received per stream. The
-client threads run in this process: at high stream counts they, not the daemon, are
-the bottleneck (the issue's 1 000-stream load needs generators in processes of their
-own: not built yet).
+The load comes from processes of their own (bench.streaming_load: 4 `python -m
+bench.streaming_load` processes, started once for the scenario and handed a job per
+measurement), never from the scenario's process, so that one Python process's GIL is
+not what a figure measures. Each load process starts its share of the streams at the
+instant the scenario gives all of them, and its CPU is sampled with the daemon's.
+
+**Delivery at 50 deltas/s a stream** (`deliver`). N concurrent generations (full: 10,
+100, 1 000; quick: 10, 100) on a daemon with the default config (`coalesce_ms` 5,
+`max_active` ≥ N), the scripted backend streaming 250 deltas (quick: 150) 20 ms apart
+each, `events=True`. A load process reads all its streams off one `Client` (one
+socket, one thread). Every stream is checked: the delta texts joined are the result's
+text, which is the chunks joined; a missing delta is counted, never hidden. The
+generations start paced (N over N × 15 ms, the pace the pool forks workers at) and
+each waits before its first chunk for the rest of that ramp (`delay_ms`), so that the
+streams run at once rather than one ramp apart. Measured over the middle 80 % of all
+deltas (from the moment a tenth of them had arrived to the moment nine tenths had:
+the steady state, without the ramp or the last runs' commits): deltas/s delivered (at
+the clients), the daemon's CPU (user + system, psutil on its pid) per delta relayed,
+delta events per delta (coalescing joins deltas only when they bunch), the streams
+active at once, the machine's CPU busy and the load processes' share of it; and over
+the whole run, the workers' CPU per delta (the zygote's reaped children, their
+start-up included).
+
+**Coalescing off and on** (`coalescing`, the comparison docs/performance.md quotes).
+Two daemons side by side, `coalesce_ms` 0 and 5, rounds alternating between them: 10
+streams of 400 scripted deltas 1 ms apart; the daemon's CPU per delta over the whole
+round and the delta events per stream.
+
+**Added latency** (`latency`). A FakeOpenAI (tests/openai_server.py) in this process
+streams `text(…, chunk_delay_s=0.02)` replies — 150 pieces (quick: 75), 50 a second —
+and notes when it writes each piece (`record_chunk_times`). Three readers of it, in
+turns (rounds alternate their order): *direct*, the `openai` SDK (`OpenAI`, sync, one
+client and keep-alive connection per slot) reading the stream; and genvisor with its
+`openai` backend pointed at the fake (`stream` on), coalescing *off* and *on* (two
+daemons), `generate_assistant_reply(events=True)` and the events read with
+`next_notification`. N slots (10, 100), one thread and connection each, spread over
+the load processes; a slot runs 2 streams back to back, its first started at a
+staggered offset over one stream's length, so that the second streams run while N
+others do: the figures are the second streams'. What is compared, per delta: its
+arrival at the reader (a monotonic stamp as the SDK yields it, or as
+`next_notification` returns its event) minus the moment the server wrote it — the
+same server, the same clock — as a distribution per reader; the added latency is
+genvisor's percentile minus direct's (p50, p99). A coalesced event carries several
+pieces: each is counted from its own write, so the window's hold is in the figure.
+Time to first delta: from just before the request (the SDK's `create`, genvisor's
+`generate_assistant_reply`) to the first content delta's arrival; through genvisor it
+includes admission, handing the run to a spare worker, the worker's LLM call setup
+(an `AsyncOpenAI` client, a fresh connection) and the relay; genvisor's p50 minus
+direct's. The fake's queue is FIFO: one reply is queued per stream, each with pieces
+of its own, so a piece's write time is found by its text whichever request took it.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import statistics
+import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from bench.harness import Daemon, daemon_config
-from genvisor.client import Client
-from genvisor.types import GenerationEvent
+import psutil
+
+from bench.harness import REPO, Daemon, cpu, daemon_config
+from bench.report import Result, Table, figure, table_markdown
+from bench.stats import fmt, fmt_ratio, percentile, ratio
+from bench.streaming_load import BIN_S, LatencyJob, LoadPool, ScriptedJob, ScriptedReport, StreamTrace
+
+PROCESSES = 4  # load processes
+CHUNK_DELAY_MS = 20  # 50 deltas/s a stream
+FORK_PACE_S = 0.015  # the pace generations are started at in `deliver` (≈ the pool's fork rate under load)
+PARTS = ("coalescing", "deliver", "latency")
 
 
-def one_round(daemon: Daemon, streams: int, deltas: int, delay_ms: int) -> tuple[float, float]:
-    """The daemon's CPU µs per streamed delta, and the delta events per stream."""
-    received: list[int] = []
-    failures: list[BaseException] = []
+def run(ctx: Any, parts: tuple[str, ...] = PARTS) -> Result:
+    quick = ctx.quick
+    points = [10, 100] if quick else [10, 100, 1000]
+    latency_points = [10, 100] if quick else [10, 30, 100]
+    tables: list[Table] = []
+    metrics: dict[str, float] = {}
+    notes: list[str] = []
+    data: dict[str, Any] = {}
+    missing = 0
+    plots: list[str] = []
+    with LoadPool(PROCESSES) as pool:
+        if "coalescing" in parts:
+            table, figures, lost = _coalescing(ctx, pool, rounds=1 if quick else 3)
+            tables.append(table)
+            missing += lost
+            data["coalescing"] = figures
+            metrics["streaming.coalesce_on_vs_off_cpu"] = ratio(figures["on"]["cpu_us"], figures["off"]["cpu_us"])
+        deliver: list[dict[str, Any]] = []
+        if "deliver" in parts:
+            deltas = 150 if quick else 200
+            max_n = max(points)
+            config = daemon_config(max_active=max_n + 16, max_queued=max_n + 64)
+            with Daemon(ctx.dir("streaming-deliver"), config) as daemon:
+                for n in points:
+                    print(f"[streaming] deliver: {n} streams × {deltas} deltas …", file=sys.stderr, flush=True)
+                    deliver.append(_deliver(daemon, pool, n, deltas))
+            # The same 100 streams with coalescing off: at 50 deltas/s nothing is joined, and the window costs a wake-up
+            with Daemon(ctx.dir("streaming-deliver-off"), config + "\n[defaults]\ncoalesce_ms = 0\n") as daemon:
+                print(f"[streaming] deliver: 100 streams × {deltas} deltas, coalesce_ms 0 …", file=sys.stderr, flush=True)
+                deliver_off = _deliver(daemon, pool, 100, deltas) | {"coalesce_ms": 0}
+            missing += sum(p["missing"] for p in [*deliver, deliver_off])
+            tables.append(_deliver_table([*deliver, deliver_off], deltas))
+            _plot_timeline(ctx.out / "streaming-timeline.png", deliver[-1])
+            plots.append("streaming-timeline.png")
+            top = deliver[-1]
+            metrics |= {
+                "streaming.cpu_us_per_delta": top["cpu_us"],
+                "streaming.deltas_per_s": top["rate"],
+                "streaming.delivered_vs_offered": top["rate"] / top["offered"],
+                "streaming.streams": float(top["n"]),
+            }
+            if deliver[0]["n"] == 10:
+                metrics["streaming.delivered_vs_offered_10"] = deliver[0]["rate"] / deliver[0]["offered"]
+            data["deliver"] = [{k: v for k, v in p.items() if k != "timeline"} for p in [*deliver, deliver_off]]
+            if top["busy"] > 0.9 * psutil.cpu_count():
+                notes.append(f"At {top['n']} streams the machine was saturated ({top['busy']:.2f} of {psutil.cpu_count()} cores busy), "
+                             f"the load processes taking {top['load_cores']:.2f} cores of it: what was delivered is what this machine "
+                             "relays, not the offered load.")
+        latency: dict[int, dict[str, Any]] = {}
+        if "latency" in parts:
+            latency = _latency(ctx, pool, latency_points, pieces=50 if quick else 100, rounds=1 if quick else 2)
+            missing += sum(side["missing"] for point in latency.values() for side in point.values())
+            tables.append(_latency_table(latency))
+            at = latency[100] if 100 in latency else latency[max(latency)]
+            on, off, direct = at["on"], at["off"], at["direct"]
+            metrics |= {
+                "streaming.added_p50_ms": on["p50"] - direct["p50"],
+                "streaming.added_p99_ms": on["p99"] - direct["p99"],
+                "streaming.ttfd_added_p50_ms": on["ttfd_p50"] - direct["ttfd_p50"],
+                "streaming.coalesce_off.added_p50_ms": off["p50"] - direct["p50"],
+                "streaming.coalesce_off.added_p99_ms": off["p99"] - direct["p99"],
+                "streaming.coalesce_off.ttfd_added_p50_ms": off["ttfd_p50"] - direct["ttfd_p50"],
+            }
+            data["latency"] = {str(n): {side: {k: v for k, v in s.items() if k != "samples"} for side, s in point.items()}
+                               for n, point in latency.items()}
+    metrics["streaming.missing_deltas"] = float(missing)
+    if deliver or latency:
+        _plot(ctx.out / "streaming.png", deliver, latency)
+        plots.append("streaming.png")
+    if latency:
+        _plot_cdf(ctx.out / "streaming-latency.png", latency)
+        plots.append("streaming-latency.png")
+    return Result(name="streaming", tables=tables, metrics=metrics, plots=plots, notes=notes, data=data)
 
-    def stream(i: int) -> None:
-        events: list[GenerationEvent] = []
-        chunks = [f"t{k} " for k in range(deltas)]
+
+# ---- sampling CPU -------------------------------------------------------------------
+
+
+class Sampler:
+    """CPU seconds (user + system) of some processes, and the machine's busy CPU, every
+    `interval_s`, stamped with time.monotonic(): `at(t)` interpolates between samples."""
+
+    def __init__(self, pids: dict[str, list[int]], interval_s: float = 0.05) -> None:
+        self._procs = {name: [psutil.Process(pid) for pid in group] for name, group in pids.items()}
+        self._interval_s = interval_s
+        self.times: list[float] = []
+        self.series: dict[str, list[float]] = {name: [] for name in [*pids, "machine"]}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        values = {}
+        for name, procs in self._procs.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+            values[name] = total
+        m = psutil.cpu_times()
+        values["machine"] = m.user + m.nice + m.system + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0) + getattr(m, "steal", 0.0)
+        self.times.append(time.monotonic())
+        for name, value in values.items():
+            self.series[name].append(value)
+
+    def at(self, name: str, t: float) -> float:
+        series, times = self.series[name], self.times
+        i = min(max(bisect.bisect_left(times, t), 1), len(times) - 1)
+        t0, t1 = times[i - 1], times[i]
+        f = min(1.0, max(0.0, (t - t0) / (t1 - t0))) if t1 > t0 else 0.0
+        return series[i - 1] + f * (series[i] - series[i - 1])
+
+    def between(self, name: str, t0: float, t1: float) -> float:
+        return self.at(name, t1) - self.at(name, t0)
+
+
+# ---- coalescing off and on ---------------------------------------------------------------
+
+
+def _coalescing(ctx: Any, pool: LoadPool, rounds: int) -> tuple[Table, dict[str, dict[str, float]], int]:
+    streams, deltas, delay_ms = 10, 400, 1
+    sides = {"off": 0, "on": 5}
+    found: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+    lost = 0
+    chunks = [f"t{k}." for k in range(deltas)]
+    daemons = {side: Daemon(ctx.dir(f"streaming-coalesce-{ms}"), daemon_config() + f"\n[defaults]\ncoalesce_ms = {ms}\n")
+               for side, ms in sides.items()}
+    try:
+        for daemon in daemons.values():
+            daemon.start()
+        for r in range(rounds):  # rounds alternate between the daemons: drift hits both alike
+            for side, daemon in daemons.items():
+                conversations = [f"co{r}-{i}" for i in range(streams)]
+                jobs = [ScriptedJob(daemon.endpoint, conversations[p::PROCESSES], chunks, delay_ms) for p in range(PROCESSES)]
+                with Sampler({"daemon": [daemon.ps.pid]}) as sampler:
+                    go, reports = pool.run(jobs)
+                end = max(rep.finished_s for rep in reports)
+                summaries = [s for rep in reports for s in rep.streams]
+                lost += streams * deltas - sum(s.deltas for s in summaries if s.complete)
+                cpu_us = sampler.between("daemon", go, end) / (streams * deltas) * 1e6
+                found[side].append((cpu_us, statistics.mean(s.events for s in summaries)))
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    figures = {side: {"cpu_us": statistics.median(x[0] for x in rows), "events": statistics.median(x[1] for x in rows)}
+               for side, rows in found.items()}
+    off = figures["off"]["cpu_us"]
+    rows = [[f"coalesce_ms = {ms}", fmt(figures[side]["cpu_us"], 1), fmt_ratio(ratio(figures[side]["cpu_us"], off)),
+             fmt(figures[side]["events"], 1)] for side, ms in sides.items()]
+    table = Table(f"Coalescing off and on: {streams} streams × {deltas} scripted deltas {delay_ms} ms apart, median of {rounds} round(s)",
+                  ["daemon", "daemon CPU per delta, µs", "÷ off", "delta events per stream"], rows,
+                  note="Two daemons side by side, rounds alternating; CPU over the whole round (the generations' start and commit included).")
+    return table, figures, lost
+
+
+# ---- delivery at 50 deltas/s a stream -------------------------------------------------------
+
+
+def _deliver(daemon: Daemon, pool: LoadPool, n: int, deltas: int) -> dict[str, Any]:
+    stamp = time.monotonic_ns()
+    chunks = [f"{k}." for k in range(deltas)]
+    ramp_s = max(0.5, n * FORK_PACE_S)
+    margin_s = 1.0
+    jobs = []
+    for p in range(min(PROCESSES, n)):
+        mine = list(range(p, n, PROCESSES))
+        offsets = [i * ramp_s / n for i in mine]
+        jobs.append(ScriptedJob(daemon.endpoint, [f"d{n}-{stamp}-{i}" for i in mine], chunks, CHUNK_DELAY_MS, offsets_s=offsets,
+                                delays_ms=[int((ramp_s - o + margin_s) * 1000) for o in offsets]))
+    before = cpu(daemon)
+    with Sampler({"daemon": [daemon.ps.pid], "load": pool.pids}) as sampler:
+        go, reports = pool.run(jobs)
+        daemon.wait_idle(120)  # every worker of the run reaped: its CPU is the zygote's children's
+    after = cpu(daemon)
+    return _delivery_figures(n, deltas, go, reports, sampler, workers_cpu_s=after.workers - before.workers)
+
+
+def _delivery_figures(n: int, deltas: int, go: float, reports: list[ScriptedReport], sampler: Sampler, *,
+                      workers_cpu_s: float) -> dict[str, Any]:
+    streams = [s for rep in reports for s in rep.streams]
+    bins: Counter[int] = Counter()
+    events: Counter[int] = Counter()
+    for rep in reports:
+        bins.update(rep.delta_bins)
+        events.update(rep.event_bins)
+    delivered = sum(bins.values())
+    keys = sorted(bins)
+    # the middle 80 % of all deltas: from the bin in which a tenth had arrived to the one in which nine tenths had
+    cumulative, lo, hi = 0, keys[0], keys[-1]
+    for key in keys:
+        before = cumulative
+        cumulative += bins[key]
+        if before < 0.1 * delivered <= cumulative:
+            lo = key
+        if before < 0.9 * delivered <= cumulative:
+            hi = key
+    t0, t1 = lo * BIN_S, (hi + 1) * BIN_S
+    in_window = sum(v for k, v in bins.items() if lo <= k <= hi)
+    events_in_window = sum(v for k, v in events.items() if lo <= k <= hi)
+    seconds = t1 - t0
+    active = [sum(1 for s in streams if s.events and s.first_s <= t <= s.last_s) for t in _steps(t0, t1, 0.1)]
+    firsts = sorted(s.first_s for s in streams if s.events)
+    first, last = min(s.first_s for s in streams if s.events), max(s.last_s for s in streams if s.events)
+    timeline: Counter[int] = Counter()
+    for key, count in bins.items():
+        timeline[int((key * BIN_S - go) * 10)] += count  # per 100 ms since go
+    return {
+        "n": n,
+        "coalesce_ms": 5,
+        "offered": n * 1000 / CHUNK_DELAY_MS,
+        "rate": delivered / (last - first),  # sustained: every delta, from the first to arrive to the last
+        "window_rate": in_window / seconds,
+        "cpu_us": sampler.between("daemon", t0, t1) / in_window * 1e6,
+        "daemon_cores": sampler.between("daemon", t0, t1) / seconds,
+        "events_per_delta": events_in_window / in_window,
+        "busy": sampler.between("machine", t0, t1) / seconds,
+        "load_cores": sampler.between("load", t0, t1) / seconds,
+        "workers_cpu_us": workers_cpu_s / max(1, delivered) * 1e6,
+        "active_median": statistics.median(active) if active else 0,
+        "first_spread_s": firsts[-1] - firsts[0] if firsts else float("nan"),
+        "window_s": seconds,
+        "window_from_go_s": t0 - go,
+        "delivered": delivered,
+        "missing": n * deltas - sum(s.deltas for s in streams if s.complete),
+        "failed": sum(1 for s in streams if not s.complete),
+        "errors": sorted({s.error for s in streams if s.error})[:3],
+        "other_kinds": dict(sum((Counter(rep.other_kinds) for rep in reports), Counter())),
+        "streaming_s": last - first,
+        "timeline": {
+            "t": [i / 10 for i in range(min(timeline), max(timeline) + 1)],
+            "deltas_per_s": [timeline.get(i, 0) * 10 for i in range(min(timeline), max(timeline) + 1)],
+            "cpu_t": [t - go for t in sampler.times[1:]],
+            "daemon_cores": _rates(sampler.times, sampler.series["daemon"]),
+            "machine_cores": _rates(sampler.times, sampler.series["machine"]),
+        },
+    }
+
+
+def _rates(times: list[float], series: list[float]) -> list[float]:
+    return [(series[i] - series[i - 1]) / (times[i] - times[i - 1]) if times[i] > times[i - 1] else 0.0 for i in range(1, len(times))]
+
+
+def _steps(t0: float, t1: float, step: float) -> list[float]:
+    count = max(1, int((t1 - t0) / step))
+    return [t0 + i * (t1 - t0) / count for i in range(count + 1)]
+
+
+def _deliver_table(points: list[dict[str, Any]], deltas: int) -> Table:
+    rows = []
+    for p in points:
+        rows.append([
+            f"{p['n']}" + (" (coalesce_ms 0)" if p["coalesce_ms"] == 0 else ""), f"{p['offered']:,.0f}", f"{p['rate']:,.0f}",
+            fmt_ratio(p["rate"] / p["offered"]), fmt(p["cpu_us"], 1),
+            fmt(p["daemon_cores"], 2), fmt(p["events_per_delta"], 2), f"{p['active_median']:.0f}", fmt(p["workers_cpu_us"], 0),
+            f"{p['busy']:.2f} ({p['load_cores']:.2f})", f"{p['missing']} / {p['failed']}",
+        ])
+    return Table(
+        f"Streams at 50 deltas/s each (scripted, {deltas} deltas a stream, coalesce_ms 5 unless said)",
+        ["streams", "offered deltas/s", "delivered deltas/s (first to last delta)", "÷ offered", "daemon CPU per delta, µs", "daemon cores",
+         "events per delta", "streams active at once (median)", "worker CPU per delta, µs (whole run)",
+         "machine cores busy (load processes)", "deltas missing / streams failed"],
+        rows,
+        note=f"Offered: 1 000 / {CHUNK_DELAY_MS} ms a stream. Each load process reads its streams off one Client. Delivered: "
+             "every delta over the time from the first delta's arrival to the last's. The daemon's CPU (sampled every 50 ms), "
+             "events per delta, streams active and cores busy are over the middle 80 % of the deltas (from a tenth of them in "
+             "to nine tenths); a worker's CPU is over its whole run (its start-up included).",
+    )
+
+
+# ---- added latency ----------------------------------------------------------------------------
+
+
+def _latency(ctx: Any, pool: LoadPool, points: list[int], *, pieces: int, rounds: int) -> dict[int, dict[str, dict[str, Any]]]:
+    if str(REPO / "tests") not in sys.path:
+        sys.path.append(str(REPO / "tests"))  # tests/openai_server.py: the fake model server
+    from openai_server import FakeOpenAI, text
+
+    per_slot = 2
+    found: dict[int, dict[str, list[StreamTrace]]] = {n: {"direct": [], "off": [], "on": []} for n in points}
+    written: dict[int, dict[str, dict[str, float]]] = {n: {"direct": {}, "off": {}, "on": {}} for n in points}  # piece → write time
+    lost: dict[int, dict[str, int]] = {n: {"direct": 0, "off": 0, "on": 0} for n in points}
+    busy: dict[int, dict[str, list[tuple[float, float, float]]]] = {n: {"direct": [], "off": [], "on": []} for n in points}
+    with FakeOpenAI(record_chunk_times=True) as fake:
+        backend = (f'\n[backends.local]\nkind = "openai"\nbase_url = "{fake.base_url}"\nmodel = "test-model"\n'
+                   "timeout_ms = 60000\nstream = true\n")
+        max_n = max(points)
+        daemons = {side: Daemon(ctx.dir(f"streaming-latency-{side}"), daemon_config(spares=8, max_active=max_n + 16, max_queued=max_n + 64)
+                                + backend + f"\n[defaults]\ncoalesce_ms = {ms}\n") for side, ms in (("off", 0), ("on", 5))}
         try:
-            with Client(daemon.endpoint, timeout_ms=60_000) as client:
-                _, result = client.send_and_generate(
-                    f"s{i}-{time.time_ns()}", "go", on_event=events.append, await_opts={"timeout_ms": 120_000},
-                    generation_opts={"backend_opts": {"chunks": chunks, "chunk_delay_ms": delay_ms}},
-                )
-            assert "".join(e.text or "" for e in events if e.kind == "delta") == result.text == "".join(chunks)
-            received.append(sum(1 for e in events if e.kind == "delta"))
-        except BaseException as exc:  # noqa: BLE001 — reported by the round, not lost in a thread
-            failures.append(exc)
-
-    before = sum(daemon.ps.cpu_times()[:2])
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise RuntimeError(f"{len(failures)} of {streams} streams failed: {failures[0]!r}")
-    cpu_s = sum(daemon.ps.cpu_times()[:2]) - before
-    return cpu_s / (streams * deltas) * 1e6, statistics.mean(received)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=10)
-    parser.add_argument("--deltas", type=int, default=400)
-    parser.add_argument("--delay-ms", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    sides = {"coalesce_ms = 0": 0, "coalesce_ms = 5": 5}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    with tempfile.TemporaryDirectory(prefix="genvisor-streaming-") as tmp:
-        daemons = {name: Daemon(Path(tmp) / str(ms), daemon_config(spares=4) + f"\n[defaults]\ncoalesce_ms = {ms}\n").start()
-                   for name, ms in sides.items()}
-        try:
-            for _ in range(args.rounds):  # rounds alternate between the daemons: drift hits both alike
-                for name, daemon in daemons.items():
-                    results[name].append(one_round(daemon, args.streams, args.deltas, args.delay_ms))
+            for daemon in daemons.values():
+                daemon.start()
+            order = ["direct", "on", "off"]
+            for r in range(rounds):
+                for n in points:
+                    for side in order[r % 3:] + order[: r % 3]:  # the order turns each round
+                        print(f"[streaming] latency: {side}, {n} streams, round {r + 1} …", file=sys.stderr, flush=True)
+                        length_s = pieces * CHUNK_DELAY_MS / 1000
+                        slots = [[f"l{r}-{n}-{side}-{i}-{j}" for j in range(per_slot)] for i in range(n)]
+                        for i in range(n):
+                            for j in range(per_slot):
+                                uid = f"{side[0]}{r}n{n}s{i}j{j}"
+                                fake.reply(text("".join(ps := [f"{uid}-{k} " for k in range(pieces)]), chunks=ps,
+                                                chunk_delay_s=CHUNK_DELAY_MS / 1000))
+                        offsets = [i * length_s / n for i in range(n)]
+                        jobs = []
+                        for p in range(min(PROCESSES, n)):
+                            common: dict[str, Any] = dict(slots=slots[p::PROCESSES], offsets_s=offsets[p::PROCESSES])
+                            if side == "direct":
+                                jobs.append(LatencyJob("direct", base_url=fake.base_url, **common))
+                            else:
+                                jobs.append(LatencyJob("genvisor", endpoint=daemons[side].endpoint, **common))
+                        pids = {"load": pool.pids, "daemon": [daemons[side].ps.pid] if side != "direct" else []}
+                        with Sampler(pids) as sampler:
+                            go, reports = pool.run(jobs)
+                        end = sampler.times[-1]
+                        machine, load, relay = (sampler.between(name, go, end) / (end - go) for name in ("machine", "load", "daemon"))
+                        busy[n][side].append((machine, load, relay))
+                        if fake.pending:
+                            raise RuntimeError(f"{fake.pending} queued replies were not taken ({side}, {n} streams)")
+                        assert fake.chunk_times is not None
+                        sent = dict(fake.chunk_times)
+                        fake.chunk_times.clear()
+                        traces = [t for report in reports for t in report.traces]
+                        lost[n][side] += _check(traces, sent, pieces)
+                        found[n][side] += [t for t in traces if t.index >= 1 and t.error is None]
+                        written[n][side].update(sent)
+                    for daemon in daemons.values():
+                        daemon.wait_idle(60)
         finally:
             for daemon in daemons.values():
                 daemon.stop()
-    print(f"{args.streams} streams × {args.deltas} deltas, {args.delay_ms} ms apart; median of {args.rounds} rounds")
-    figures = {name: (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)) for name, rounds in results.items()}
-    for name, (cpu_us, events) in figures.items():
-        print(f"  {name:16} daemon CPU {cpu_us:7.1f} µs per delta   {events:7.1f} delta events per stream")
-    off, on = figures["coalesce_ms = 0"][0], figures["coalesce_ms = 5"][0]
-    print(f"  coalescing on ÷ off: {on / off:.2f}× the daemon's CPU per delta (issue 14's target: ≤ 10 µs per delta)")
+        if fake.server_errors:
+            raise RuntimeError(f"FakeOpenAI handler errors: {fake.server_errors[0]}")
+    return {n: {side: _latency_figures(found[n][side], written[n][side], lost[n][side]) | _cores(busy[n][side])
+                for side in ("direct", "off", "on")} for n in points}
+
+
+def _cores(rounds: list[tuple[float, float, float]]) -> dict[str, float]:
+    """The cores busy while a side ran (median of its rounds): the machine's, the readers', the daemon's."""
+    return {key: statistics.median(r[i] for r in rounds) for i, key in enumerate(("machine_cores", "load_cores", "daemon_cores"))}
+
+
+def _pieces(text: str) -> list[str]:
+    return [piece + " " for piece in text.split(" ")[:-1]]
+
+
+def _check(traces: list[StreamTrace], sent: dict[str, float], pieces: int) -> int:
+    """Deltas missing from `traces`: each stream must have every piece its reply had, in
+    order, and (through genvisor) its deltas joined must be its result's text."""
+    missing = 0
+    for trace in traces:
+        got = [piece for text, _ in trace.arrivals for piece in _pieces(text)]
+        joined = "".join(text for text, _ in trace.arrivals)
+        if trace.error is not None or joined != trace.text or len(got) != pieces or any(p not in sent for p in got):
+            missing += pieces - sum(1 for p in got if p in sent)
+            trace.error = trace.error or f"{len(got)} of {pieces} pieces, joined text {'==' if joined == trace.text else '!='} result"
+    return missing
+
+
+def _latency_figures(traces: list[StreamTrace], sent: dict[str, float], lost: int) -> dict[str, Any]:
+    latencies = sorted((t - sent[piece]) * 1000 for trace in traces for text, t in trace.arrivals for piece in _pieces(text))
+    ttfd = sorted((trace.arrivals[0][1] - trace.requested_s) * 1000 for trace in traces if trace.arrivals)
+    return {
+        "streams": len(traces),
+        "deltas": len(latencies),
+        "p50": percentile(latencies, 0.50),
+        "p90": percentile(latencies, 0.90),
+        "p99": percentile(latencies, 0.99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "ttfd_p50": percentile(ttfd, 0.50),
+        "ttfd_p99": percentile(ttfd, 0.99),
+        "missing": lost,
+        "samples": latencies,
+    }
+
+
+def _latency_table(latency: dict[int, dict[str, dict[str, Any]]]) -> Table:
+    rows = []
+    names = {"direct": "direct (openai SDK)", "off": "genvisor, coalesce_ms 0", "on": "genvisor, coalesce_ms 5 (default)"}
+    for n, point in latency.items():
+        direct = point["direct"]
+        for side in ("direct", "off", "on"):
+            s = point[side]
+            added = "–" if side == "direct" else f"+{s['p50'] - direct['p50']:.2f} / +{s['p99'] - direct['p99']:.2f}"
+            ttfd_added = "–" if side == "direct" else f"+{s['ttfd_p50'] - direct['ttfd_p50']:.2f}"
+            cores = f"{s['machine_cores']:.2f} ({s['load_cores']:.2f}" + (f", daemon {s['daemon_cores']:.2f})" if side != "direct" else ")")
+            rows.append([str(n), names[side], f"{s['streams']} / {s['deltas']}", fmt(s["p50"], 2), fmt(s["p90"], 2), fmt(s["p99"], 2),
+                         added, fmt(s["ttfd_p50"], 2), fmt(s["ttfd_p99"], 2), ttfd_added, cores, str(s["missing"])])
+    return Table(
+        "Per-delta latency (arrival − the server's write), ms, and time to first delta, ms: the same fake model server, "
+        "50 pieces/s a stream",
+        ["streams", "reader", "streams / deltas measured", "p50", "p90", "p99", "added p50 / p99", "first delta p50", "first delta p99",
+         "added first delta p50", "machine cores busy (readers…)", "deltas missing"],
+        rows,
+        note="Each slot runs 2 streams back to back; the second ones (started while the others ran) are measured. "
+             "Added: genvisor's percentile minus direct's. Cores: while the side ran (the fake server is in the scenario's "
+             "process: in the machine's figure only).",
+    )
+
+
+# ---- plots -----------------------------------------------------------------------------
+
+
+def _plot(path: Path, deliver: list[dict[str, Any]], latency: dict[int, dict[str, dict[str, Any]]]) -> None:
+    with figure(path, ncols=2, width=5.5, height=4) as (left, right):
+        if deliver:
+            ns = [p["n"] for p in deliver]
+            left.plot(ns, [p["offered"] for p in deliver], linestyle=":", color="grey", marker=".", label="offered (50/s a stream)")
+            left.plot(ns, [p["rate"] for p in deliver], marker="o", label="delivered")
+            left.set_xscale("log")
+            left.set_yscale("log")
+            left.set_xlabel("concurrent streams")
+            left.set_ylabel("deltas/s")
+            left.set_title("deltas delivered (scripted, coalesce_ms 5)")
+            left.grid(True, which="both", alpha=0.3)
+            left.legend(fontsize=7)
+        if latency:
+            ns = sorted(latency)
+            for side, colour in (("on", "tab:blue"), ("off", "tab:orange")):
+                for q, style in (("p50", "-"), ("p99", "--")):
+                    right.plot(ns, [latency[n][side][q] - latency[n]["direct"][q] for n in ns], linestyle=style, marker="o", color=colour,
+                               label=f"coalesce_ms {5 if side == 'on' else 0}, {q}")
+            right.axhline(2, color="grey", linestyle=":", linewidth=1)
+            right.axhline(10, color="grey", linestyle=":", linewidth=1)
+            right.set_xscale("log")
+            right.set_yscale("symlog", linthresh=1)  # a few ms at 10 streams, seconds on a saturated machine
+            right.set_xlabel("concurrent streams")
+            right.set_ylabel("ms added per delta (genvisor − direct)")
+            right.set_title("added latency (targets: p50 2 ms, p99 10 ms)")
+            right.grid(True, which="both", alpha=0.3)
+            right.legend(fontsize=7)
+
+
+def _plot_timeline(path: Path, point: dict[str, Any]) -> None:
+    line = point["timeline"]
+    with figure(path, width=7, height=3.5) as ax:
+        ax.plot(line["t"], line["deltas_per_s"], label="deltas/s delivered (100 ms bins)")
+        ax.axhline(point["offered"], color="grey", linestyle=":", label=f"offered {point['offered']:,.0f}/s")
+        ax.set_xlabel("s since the first generation was started")
+        ax.set_ylabel("deltas/s")
+        ax.set_title(f"{point['n']} streams at 50 deltas/s: delivery over time")
+        cores = ax.twinx()
+        cores.plot(line["cpu_t"], line["daemon_cores"], color="tab:red", linewidth=0.8, label="daemon, cores")
+        cores.plot(line["cpu_t"], line["machine_cores"], color="tab:green", linewidth=0.8, label="machine busy, cores")
+        cores.set_ylabel("cores")
+        cores.set_ylim(0, psutil.cpu_count() * 1.1)
+        handles = ax.get_legend_handles_labels()[0] + cores.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
+        ax.grid(True, alpha=0.3)
+
+
+def _plot_cdf(path: Path, latency: dict[int, dict[str, dict[str, Any]]]) -> None:
+    n = 100 if 100 in latency else max(latency)
+    with figure(path, width=7, height=4) as ax:
+        for side, label in (("direct", "direct (openai SDK)"), ("off", "genvisor, coalesce_ms 0"), ("on", "genvisor, coalesce_ms 5")):
+            samples = latency[n][side]["samples"]
+            if samples:
+                ax.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms from the server's write to the reader")
+        ax.set_ylabel("fraction of deltas")
+        ax.set_title(f"per-delta latency, {n} concurrent streams")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
+
+# ---- standalone ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts (10 and 100 streams, shorter streams, one round)")
+    parser.add_argument("--part", action="append", choices=PARTS, help="run only this part (repeatable)")
+    parser.add_argument("--out", type=Path, help="where the plots go (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    from bench.run import Context
+
+    with tempfile.TemporaryDirectory(prefix="genvisor-streaming-") as scratch:
+        out = args.out or Path(scratch) / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        result = run(Context(quick=args.quick, out=out, scratch=Path(scratch)), tuple(args.part or PARTS))
+    for table in result.tables:
+        print("\n".join(table_markdown(table)))
+    for note in result.notes:
+        print(f"- {note}")
+    for name, value in sorted(result.metrics.items()):
+        print(f"{name} = {value:.4g}")
+    if args.out:
+        print(f"plots in {args.out}", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,11 @@ gets a 500 with an error body saying so, and any other path gets a 404, so that 
 bug is loud. Standard library only: a ThreadingHTTPServer on 127.0.0.1 in a background
 thread, HTTP/1.1 with keep-alive; streams use chunked transfer-encoding, so a dropped
 stream is a protocol error on the client side, not a silent end of body.
+
+A streamed text reply may be paced (`text(..., chunk_delay_s=0.02)`: 50 pieces a
+second, as a model streams), and `FakeOpenAI(record_chunk_times=True)` keeps, in
+`chunk_times`, when each streamed content piece went out (`time.monotonic()` just
+before its write): the bench measures what a relay adds to each delta from it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Response:
     error_body: dict[str, Any] | None = None
     extra_headers: tuple[tuple[str, str], ...] = ()
     payload: Any = None  # raw(): the body as given (a list of events when streamed)
+    chunk_delay_s: float = 0.0  # streamed text: the pause before each content piece after the first
 
 
 def _words(content: str) -> tuple[str, ...]:
@@ -75,16 +81,22 @@ def text(
     finish_reason: str = "stop",
     usage: tuple[int, int] = DEFAULT_USAGE,
     chunks: Sequence[str] | None = None,
+    chunk_delay_s: float = 0.0,
 ) -> Response:
     """A plain assistant reply. Streamed one word per chunk unless `chunks` gives the
-    exact delta pieces (they must concatenate to `content`)."""
+    exact delta pieces (they must concatenate to `content`); `chunk_delay_s` paces a
+    stream: the first piece goes out with the role chunk, each later one that long
+    after the one before (0: all at once)."""
     if chunks is None:
         pieces = _words(content)
     else:
         pieces = tuple(chunks)
         if "".join(pieces) != content:
             raise ValueError(f"chunks {pieces!r} do not concatenate to content {content!r}")
-    return Response("text", content=content, chunks=pieces, finish_reason=finish_reason, usage=tuple(usage))
+    if chunk_delay_s < 0:
+        raise ValueError(f"chunk_delay_s must be >= 0, got {chunk_delay_s!r}")
+    return Response("text", content=content, chunks=pieces, finish_reason=finish_reason, usage=tuple(usage),
+                    chunk_delay_s=float(chunk_delay_s))
 
 
 def tool_calls(
@@ -363,8 +375,16 @@ class _Exchange:
                 deltas.append({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
         if not deltas:
             deltas.append({"role": "assistant", "content": ""})
+        paced = False
         for delta in deltas:
-            self._send_event(self._chunk(delta))
+            piece = delta.get("content")
+            if piece:
+                if paced and r.chunk_delay_s:
+                    time.sleep(r.chunk_delay_s)
+                paced = True
+                self._send_piece(self._chunk(delta), piece)
+            else:
+                self._send_event(self._chunk(delta))
         self._send_event(self._chunk({}, finish_reason=r.finish_reason))
         if self.include_usage:
             self._send_event(self._envelope([], usage=self._usage()))
@@ -400,6 +420,14 @@ class _Exchange:
     def _send_event(self, payload: dict[str, Any]) -> None:
         self._send_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
+    def _send_piece(self, payload: dict[str, Any], piece: str) -> None:
+        """A content delta; its send time noted when the fake records them."""
+        data = b"data: " + json.dumps(payload).encode() + b"\n\n"
+        frame = b"%x\r\n" % len(data) + data + b"\r\n"
+        if self.fake.chunk_times is not None:
+            self.fake.chunk_times.append((piece, time.monotonic()))  # list.append: atomic, no lock on the hot path
+        self._write(frame)
+
     def _send_raw(self, data: bytes) -> None:
         self._write(b"%x\r\n" % len(data) + data + b"\r\n")
 
@@ -422,9 +450,11 @@ class FakeOpenAI:
     requests: list[dict]
     headers: list[dict[str, str]]
 
-    def __init__(self) -> None:
+    def __init__(self, *, record_chunk_times: bool = False) -> None:
         self.requests = []
         self.headers = []
+        # (content piece, time.monotonic() just before it was written), when recorded
+        self.chunk_times: list[tuple[str, float]] | None = [] if record_chunk_times else None
         self.hanging = threading.Event()  # set once a hang() handler has started
         self.server_errors: list[str] = []  # tracebacks of unexpected handler failures
         self._queue: deque[Response] = deque()
