@@ -10,21 +10,30 @@ not what a figure measures. Each load process starts its share of the streams at
 instant the scenario gives all of them, and its CPU is sampled with the daemon's.
 
 **Delivery at 50 deltas/s a stream** (`deliver`). N concurrent generations (full: 10,
-100, 1 000; quick: 10, 100) on a daemon with the default config (`coalesce_ms` 5,
-`max_active` ≥ N), the scripted backend streaming 250 deltas (quick: 150) 20 ms apart
-each, `events=True`. A load process reads all its streams off one `Client` (one
-socket, one thread). Every stream is checked: the delta texts joined are the result's
-text, which is the chunks joined; a missing delta is counted, never hidden. The
-generations start paced (N over N × 15 ms, the pace the pool forks workers at) and
-each waits before its first chunk for the rest of that ramp (`delay_ms`), so that the
-streams run at once rather than one ramp apart. Measured over the middle 80 % of all
-deltas (from the moment a tenth of them had arrived to the moment nine tenths had:
-the steady state, without the ramp or the last runs' commits): deltas/s delivered (at
-the clients), the daemon's CPU (user + system, psutil on its pid) per delta relayed,
-delta events per delta (coalescing joins deltas only when they bunch), the streams
-active at once, the machine's CPU busy and the load processes' share of it; and over
-the whole run, the workers' CPU per delta (the zygote's reaped children, their
-start-up included).
+100, 1 000 — 50 000 deltas/s offered; quick: 10, 100) on a daemon with the default
+config (`coalesce_ms` 5, `max_active` ≥ N), the scripted backend streaming 200 deltas
+(quick: 150) 20 ms apart each, `events=True`; and the 100 again on a daemon with
+`coalesce_ms` 0. A load process reads all its streams off one `Client` (one socket,
+one thread). Every stream is checked: its delta texts joined are the result's text,
+which is its chunks joined; a missing delta is counted, never hidden. The generations
+are started paced (N of them over N × 15 ms, the pace the pool forks workers at), and
+each waits before its first chunk for the rest of that ramp (scripted `delay_ms`), so
+that all streams start at one moment rather than one ramp apart. Measured:
+
+* deltas/s delivered: every delta, from that moment to the last delta's arrival (not
+  from the first arrival: a starved daemon may relay nothing for seconds, then
+  flood), and the longest stall in it (no delta arriving at all);
+* over the middle 80 % of the deltas (from a tenth of them in to nine tenths: steady
+  relaying, without the generations' start or their commits): the daemon's CPU (user
+  + system, psutil on its pid, sampled every 50 ms) per delta relayed — the issue's
+  figure —, the delta events per delta (coalescing joins deltas only when they
+  bunch), the machine's busy cores and the load processes' share of them;
+* over the whole run: the daemon's CPU per delta again (the commits and any starved
+  stretch included) and the workers' (the zygote's reaped children, their start-up
+  included).
+
+The largest run's delivery over time is plotted with the daemon's and the machine's
+CPU (streaming-timeline.png).
 
 **Coalescing off and on** (`coalescing`, the comparison docs/performance.md quotes).
 Two daemons side by side, `coalesce_ms` 0 and 5, rounds alternating between them: 10
@@ -32,16 +41,16 @@ streams of 400 scripted deltas 1 ms apart; the daemon's CPU per delta over the w
 round and the delta events per stream.
 
 **Added latency** (`latency`). A FakeOpenAI (tests/openai_server.py) in this process
-streams `text(…, chunk_delay_s=0.02)` replies — 150 pieces (quick: 75), 50 a second —
+streams `text(…, chunk_delay_s=0.02)` replies — 100 pieces (quick: 50), 50 a second —
 and notes when it writes each piece (`record_chunk_times`). Three readers of it, in
 turns (rounds alternate their order): *direct*, the `openai` SDK (`OpenAI`, sync, one
 client and keep-alive connection per slot) reading the stream; and genvisor with its
 `openai` backend pointed at the fake (`stream` on), coalescing *off* and *on* (two
 daemons), `generate_assistant_reply(events=True)` and the events read with
-`next_notification`. N slots (10, 100), one thread and connection each, spread over
-the load processes; a slot runs 2 streams back to back, its first started at a
-staggered offset over one stream's length, so that the second streams run while N
-others do: the figures are the second streams'. What is compared, per delta: its
+`next_notification`. N slots (10, 30, 100; quick: 10, 100), one thread and connection
+each, spread over the load processes; a slot runs 2 streams back to back, its first
+started at a staggered offset over one stream's length, so that the second streams
+run while N others do: the figures are the second streams'. What is compared, per delta: its
 arrival at the reader (a monotonic stamp as the SDK yields it, or as
 `next_notification` returns its event) minus the moment the server wrote it — the
 same server, the same clock — as a distribution per reader; the added latency is
@@ -81,9 +90,9 @@ FORK_PACE_S = 0.015  # the pace generations are started at in `deliver` (≈ the
 PARTS = ("coalescing", "deliver", "latency")
 
 
-def run(ctx: Any, parts: tuple[str, ...] = PARTS) -> Result:
+def run(ctx: Any, parts: tuple[str, ...] = PARTS, streams: list[int] | None = None) -> Result:
     quick = ctx.quick
-    points = [10, 100] if quick else [10, 100, 1000]
+    points = sorted(streams or ([10, 100] if quick else [10, 100, 1000]))
     latency_points = [10, 100] if quick else [10, 30, 100]
     tables: list[Table] = []
     metrics: dict[str, float] = {}
@@ -144,6 +153,11 @@ def run(ctx: Any, parts: tuple[str, ...] = PARTS) -> Result:
                 "streaming.coalesce_off.added_p99_ms": off["p99"] - direct["p99"],
                 "streaming.coalesce_off.ttfd_added_p50_ms": off["ttfd_p50"] - direct["ttfd_p50"],
             }
+            busiest = max(on["machine_cores"], off["machine_cores"])
+            if busiest > 0.9 * psutil.cpu_count():
+                notes.append(f"At {max(k for k in latency if latency[k] is at)} streams through the openai backend the machine was "
+                             f"saturated ({busiest:.2f} of {psutil.cpu_count()} cores busy; direct reads took {direct['machine_cores']:.2f}): "
+                             "genvisor's added latency there is mostly waiting for a CPU.")
             data["latency"] = {str(n): {side: {k: v for k, v in s.items() if k != "samples"} for side, s in point.items()}
                                for n, point in latency.items()}
     metrics["streaming.missing_deltas"] = float(missing)
@@ -271,11 +285,12 @@ def _deliver(daemon: Daemon, pool: LoadPool, n: int, deltas: int) -> dict[str, A
         go, reports = pool.run(jobs)
         daemon.wait_idle(120)  # every worker of the run reaped: its CPU is the zygote's children's
     after = cpu(daemon)
-    return _delivery_figures(n, deltas, go, reports, sampler, workers_cpu_s=after.workers - before.workers)
+    return _delivery_figures(n, deltas, go, go + ramp_s + margin_s, reports, sampler, workers_cpu_s=after.workers - before.workers)
 
 
-def _delivery_figures(n: int, deltas: int, go: float, reports: list[ScriptedReport], sampler: Sampler, *,
+def _delivery_figures(n: int, deltas: int, go: float, start: float, reports: list[ScriptedReport], sampler: Sampler, *,
                       workers_cpu_s: float) -> dict[str, Any]:
+    """`start`: when every stream was to send its first delta (each generation's scripted delay ends then)."""
     streams = [s for rep in reports for s in rep.streams]
     bins: Counter[int] = Counter()
     events: Counter[int] = Counter()
@@ -300,6 +315,10 @@ def _delivery_figures(n: int, deltas: int, go: float, reports: list[ScriptedRepo
     active = [sum(1 for s in streams if s.events and s.first_s <= t <= s.last_s) for t in _steps(t0, t1, 0.1)]
     firsts = sorted(s.first_s for s in streams if s.events)
     first, last = min(s.first_s for s in streams if s.events), max(s.last_s for s in streams if s.events)
+    stall = longest = 0  # consecutive bins, from the streams' start to the last delta, in which none arrived
+    for key in range(min(keys[0], int(start / BIN_S)), keys[-1] + 1):
+        stall = 0 if bins.get(key) else stall + 1
+        longest = max(longest, stall)
     timeline: Counter[int] = Counter()
     for key, count in bins.items():
         timeline[int((key * BIN_S - go) * 10)] += count  # per 100 ms since go
@@ -307,9 +326,13 @@ def _delivery_figures(n: int, deltas: int, go: float, reports: list[ScriptedRepo
         "n": n,
         "coalesce_ms": 5,
         "offered": n * 1000 / CHUNK_DELAY_MS,
-        "rate": delivered / (last - first),  # sustained: every delta, from the first to arrive to the last
+        # sustained: every delta, from the moment the streams were to start (not the first arrival: a starved
+        # daemon relays none for seconds, then floods) to the last delta's arrival
+        "rate": delivered / (last - min(start, first)),
         "window_rate": in_window / seconds,
         "cpu_us": sampler.between("daemon", t0, t1) / in_window * 1e6,
+        # the whole run, from the streams' start to the last delta: the generations' commits and a starved stretch included
+        "cpu_us_whole": sampler.between("daemon", min(start, first), last) / max(1, delivered) * 1e6,
         "daemon_cores": sampler.between("daemon", t0, t1) / seconds,
         "events_per_delta": events_in_window / in_window,
         "busy": sampler.between("machine", t0, t1) / seconds,
@@ -324,7 +347,9 @@ def _delivery_figures(n: int, deltas: int, go: float, reports: list[ScriptedRepo
         "failed": sum(1 for s in streams if not s.complete),
         "errors": sorted({s.error for s in streams if s.error})[:3],
         "other_kinds": dict(sum((Counter(rep.other_kinds) for rep in reports), Counter())),
-        "streaming_s": last - first,
+        "streaming_s": last - min(start, first),
+        "first_delta_after_start_s": first - start,
+        "stall_s": longest * BIN_S,
         "timeline": {
             "t": [i / 10 for i in range(min(timeline), max(timeline) + 1)],
             "deltas_per_s": [timeline.get(i, 0) * 10 for i in range(min(timeline), max(timeline) + 1)],
@@ -348,21 +373,23 @@ def _deliver_table(points: list[dict[str, Any]], deltas: int) -> Table:
     rows = []
     for p in points:
         rows.append([
-            f"{p['n']}" + (" (coalesce_ms 0)" if p["coalesce_ms"] == 0 else ""), f"{p['offered']:,.0f}", f"{p['rate']:,.0f}",
-            fmt_ratio(p["rate"] / p["offered"]), fmt(p["cpu_us"], 1),
-            fmt(p["daemon_cores"], 2), fmt(p["events_per_delta"], 2), f"{p['active_median']:.0f}", fmt(p["workers_cpu_us"], 0),
-            f"{p['busy']:.2f} ({p['load_cores']:.2f})", f"{p['missing']} / {p['failed']}",
+            f"{p['n']}" + (" (coalesce_ms 0)" if p["coalesce_ms"] == 0 else ""), f"{p['offered']:,.0f}",
+            f"{p['rate']:,.0f} ({fmt_ratio(p['rate'] / p['offered'])})", fmt(p["stall_s"], 2),
+            f"{fmt(p['cpu_us'], 1)} / {fmt(p['cpu_us_whole'], 1)}", fmt(p["daemon_cores"], 2), fmt(p["events_per_delta"], 2),
+            fmt(p["workers_cpu_us"], 0), f"{p['busy']:.2f} ({p['load_cores']:.2f})", f"{p['missing']} / {p['failed']}",
         ])
     return Table(
         f"Streams at 50 deltas/s each (scripted, {deltas} deltas a stream, coalesce_ms 5 unless said)",
-        ["streams", "offered deltas/s", "delivered deltas/s (first to last delta)", "÷ offered", "daemon CPU per delta, µs", "daemon cores",
-         "events per delta", "streams active at once (median)", "worker CPU per delta, µs (whole run)",
+        ["streams", "offered deltas/s", "delivered deltas/s (÷ offered)", "longest stall, s",
+         "daemon CPU per delta, µs: middle 80 % / whole run", "daemon cores", "events per delta", "worker CPU per delta, µs (whole run)",
          "machine cores busy (load processes)", "deltas missing / streams failed"],
         rows,
         note=f"Offered: 1 000 / {CHUNK_DELAY_MS} ms a stream. Each load process reads its streams off one Client. Delivered: "
-             "every delta over the time from the first delta's arrival to the last's. The daemon's CPU (sampled every 50 ms), "
-             "events per delta, streams active and cores busy are over the middle 80 % of the deltas (from a tenth of them in "
-             "to nine tenths); a worker's CPU is over its whole run (its start-up included).",
+             "every delta over the time from the streams' start (when each generation's scripted delay ended) to the last delta's "
+             "arrival; the longest stall is the longest time in it with no delta arriving. The daemon's CPU (sampled every 50 ms), "
+             "events per delta and cores busy are over the middle 80 % of the deltas (from a tenth of them in to nine tenths), "
+             "the daemon's also over the whole run (the commits of the generations and any starved stretch included); a worker's "
+             "CPU is over its whole run (its start-up included).",
     )
 
 
@@ -544,7 +571,7 @@ def _plot_timeline(path: Path, point: dict[str, Any]) -> None:
         cores.set_ylabel("cores")
         cores.set_ylim(0, psutil.cpu_count() * 1.1)
         handles = ax.get_legend_handles_labels()[0] + cores.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", framealpha=0.6)
         ax.grid(True, alpha=0.3)
 
 
@@ -570,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts (10 and 100 streams, shorter streams, one round)")
     parser.add_argument("--part", action="append", choices=PARTS, help="run only this part (repeatable)")
+    parser.add_argument("--streams", type=int, action="append", help="the `deliver` part at this many streams (repeatable)")
     parser.add_argument("--out", type=Path, help="where the plots go (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     from bench.run import Context
@@ -577,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="genvisor-streaming-") as scratch:
         out = args.out or Path(scratch) / "out"
         out.mkdir(parents=True, exist_ok=True)
-        result = run(Context(quick=args.quick, out=out, scratch=Path(scratch)), tuple(args.part or PARTS))
+        result = run(Context(quick=args.quick, out=out, scratch=Path(scratch)), tuple(args.part or PARTS), args.streams)
     for table in result.tables:
         print("\n".join(table_markdown(table)))
     for note in result.notes:
