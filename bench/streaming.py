@@ -550,6 +550,7 @@ def _plot(path: Path, deliver: list[dict[str, Any]], latency: dict[int, dict[str
             right.axhline(10, color="grey", linestyle=":", linewidth=1)
             right.set_xscale("log")
             right.set_yscale("symlog", linthresh=1)  # a few ms at 10 streams, seconds on a saturated machine
+            right.set_ylim(bottom=0)
             right.set_xlabel("concurrent streams")
             right.set_ylabel("ms added per delta (genvisor − direct)")
             right.set_title("added latency (targets: p50 2 ms, p99 10 ms)")
@@ -559,7 +560,7 @@ def _plot(path: Path, deliver: list[dict[str, Any]], latency: dict[int, dict[str
 
 def _plot_timeline(path: Path, point: dict[str, Any]) -> None:
     line = point["timeline"]
-    with figure(path, width=7, height=3.5) as ax:
+    with figure(path, width=8, height=4) as ax:
         ax.plot(line["t"], line["deltas_per_s"], label="deltas/s delivered (100 ms bins)")
         ax.axhline(point["offered"], color="grey", linestyle=":", label=f"offered {point['offered']:,.0f}/s")
         ax.set_xlabel("s since the first generation was started")
@@ -571,7 +572,7 @@ def _plot_timeline(path: Path, point: dict[str, Any]) -> None:
         cores.set_ylabel("cores")
         cores.set_ylim(0, psutil.cpu_count() * 1.1)
         handles = ax.get_legend_handles_labels()[0] + cores.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", framealpha=0.6)
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=4)
         ax.grid(True, alpha=0.3)
 
 
