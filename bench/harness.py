@@ -47,6 +47,8 @@ def daemon_config(
         lines += ["[admission]", *(f"{k} = {v}" for k, v in admission.items() if v is not None)]
     if journal is not None and supports("journal"):
         lines += ["[journal]", f'backend = "{journal}"']
+    if supports("approvals"):  # the scenarios that run commands run them unasked
+        lines += ["[approvals]", 'run_command = "allow"']
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,16 @@ from genvisor.errors import AwaitTimeout, DaemonUnavailable, ErrorInfo, Generati
 from genvisor.ipc.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveError, write_certificate_pair
 from genvisor.ipc.endpoint import EndpointError
 from genvisor.limits import CONTEXT_MESSAGES
-from genvisor.types import ROLES, Conversation, DaemonStatus, GenerationEvent, LatencySummary, LLMResult, WorkspaceChanges
+from genvisor.types import (
+    ROLES,
+    ApprovalRequest,
+    Conversation,
+    DaemonStatus,
+    GenerationEvent,
+    LatencySummary,
+    LLMResult,
+    WorkspaceChanges,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 3, 130, 141
 
@@ -141,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         parsed.add_argument("--backend-opts", type=_json_object, default={}, help="JSON object, e.g. '{\"delay_ms\": 50}'")
         parsed.add_argument("--options", type=_json_object, default={},
                             help="more generation options as a JSON object (e.g. '{\"timeout_ms\": 120000}')")
+        parsed.add_argument("--multitask", choices=("reject", "enqueue", "interrupt"),
+                            help="if a generation is active on the conversation: refuse (default), run after it, or cancel it")
     wait = conversation_verb("await", "wait for a generation's outcome")
     wait.add_argument("ref")
     follow = conversation_verb("follow", "re-attach to a generation (say, after Ctrl-C of `send --detach`): print its "
@@ -199,6 +210,13 @@ def _parser() -> argparse.ArgumentParser:
                                          "(refused, changing nothing, if a path it changed has changed since)")
     revert.add_argument("ref", help="a generation's ref (or a revert's: a revert can be undone too)")
     revert.add_argument("--reason", help="why (journaled with the revert)")
+    conversation_verb("approvals", "the tool calls the conversation's paused run waits for answers to")
+    for name, help_text in (("approve", "let a paused run make this tool call"),
+                            ("deny", "refuse a paused run this tool call (the model is told)")):
+        answer = conversation_verb(name, help_text)
+        answer.add_argument("ref")
+        answer.add_argument("call_id")
+        answer.add_argument("--note", help="why (the model sees it with a denial; journaled either way)")
     verb("modes", "list the supported modes")
     verb("telemetry", "run counters by mode/backend/outcome")
     verb("status", "how the daemon is doing: runs, queue, workers, journal, latencies")
@@ -207,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(args.options)
-    for key in ("backend", "model"):
+    for key in ("backend", "model", "multitask"):
         if getattr(args, key):
             options[key] = getattr(args, key)
     if args.backend_opts:
@@ -401,6 +419,8 @@ def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
             _show_event(event, streamed)
 
     ref: str | None = None
+    if options.get("multitask", "reject") != "reject":
+        return _send_busy(client, loc, args, options, streamed)
     try:
         with _held_interrupt() as held:
             client.send_user_message(loc, args.text)
@@ -423,13 +443,41 @@ def _send(client: Client, loc: Any, args: argparse.Namespace) -> int:
         if streamed:
             print(flush=True)  # end the streamed line before saying what happened
         return _interrupted(client, loc, ref, args)
+    return _print_reply(client, loc, ref, result, args, streamed)
+
+
+def _send_busy(client: Client, loc: Any, args: argparse.Namespace, options: dict[str, Any], streamed: list[str]) -> int:
+    """`send --multitask enqueue|interrupt`: one send_and_generate, since the message of a
+    queued turn is recorded when its turn comes; the ref is known from its first event."""
+    options["events"] = True
+    refs: list[str] = []
+
+    def on_event(event: GenerationEvent) -> None:
+        refs[:] = [event.ref]
+        if not args.json:
+            _show_event(event, streamed)
+
+    try:
+        _, result = client.send_and_generate(loc, args.text, generation_opts=options, on_event=on_event, await_opts={
+            "timeout_ms": args.await_timeout_ms, "cancel_on_timeout": not args.no_cancel_on_timeout})
+    except KeyboardInterrupt:
+        if not refs:
+            return _report_interrupt(args, None, f"interrupted before the turn began: it may still be queued; "
+                                                 f"`{_command(args, 'state')}` shows the conversation")
+        if streamed:
+            print(flush=True)
+        return _interrupted(client, loc, refs[0], args)
+    return _print_reply(client, loc, refs[0] if refs else None, result, args, streamed)
+
+
+def _print_reply(client: Client, loc: Any, ref: str | None, result: LLMResult, args: argparse.Namespace, streamed: list[str]) -> int:
     if args.json:
         _print_json({"ref": ref, "conversation": client.conversation(loc), "result": result})
     elif streamed:
         print()
     else:
         print(result.text)
-    if not args.json and result.changes.files_total:
+    if not args.json and ref is not None and result.changes.files_total:
         print(f"[workspace] {result.changes.files_total} file(s) changed: `{_command(args, 'changes', ref)}` shows them, "
               f"`{_command(args, 'revert', ref)}` undoes them", file=sys.stderr)
     return 0
@@ -447,6 +495,10 @@ def _show_event(event: GenerationEvent, streamed: list[str]) -> None:
         result = event.tool_result
         first_line = result.content.splitlines()[0] if result.content else ""
         print(f"[tool] {'error: ' if result.is_error else '-> '}{first_line[:120]}", file=sys.stderr, flush=True)
+    elif event.kind == "approval_requested" and event.tool_call:
+        call = event.tool_call
+        print(f"\n[approval] {call.name} {call.arguments} waits for an answer: genvisor approve|deny CONV {event.ref} {call.id}",
+              file=sys.stderr, flush=True)
     elif event.kind == "gap":
         print(f"\n[events {event.first_seq}–{event.last_seq} were shed: this client read too slowly]", file=sys.stderr, flush=True)
 
@@ -629,7 +681,17 @@ _SIMPLE_VERBS = {
     "cancel": (_cancel, lambda v: None),
     "stop": (_stop, lambda v: None),
     "revert": (lambda c, loc, a: c.revert_turn(loc, a.ref, a.reason), lambda v: _show_changes(v, diff=False)),
+    "approvals": (lambda c, loc, a: c.pending_approvals(loc), lambda v: _show_approvals(v)),
+    "approve": (lambda c, loc, a: c.resolve_approval(loc, a.ref, a.call_id, True, a.note), lambda v: None),
+    "deny": (lambda c, loc, a: c.resolve_approval(loc, a.ref, a.call_id, False, a.note), lambda v: None),
 }
+
+
+def _show_approvals(requests: list[ApprovalRequest]) -> None:
+    if not requests:
+        print("no approval is pending")
+    for request in requests:
+        print(f"{request.ref} {request.call_id}: {request.tool} {request.arguments}")
 
 
 def keygen(directory: str, name: str, *, as_json: bool = False) -> int:

@@ -54,8 +54,10 @@ from genvisor.ipc.frames import (
     GetTimeline,
     ModeId,
     Notify,
+    PendingApprovals,
     Ping,
     RecordAssistantMessage,
+    ResolveApproval,
     RevertTurn,
     SendAndGenerate,
     SendUserMessage,
@@ -67,6 +69,7 @@ from genvisor.ipc.frames import (
 )
 from genvisor.limits import AWAIT_CANCEL_REASON, AWAIT_TIMEOUT_MS, CONTEXT_MESSAGES
 from genvisor.types import (
+    ApprovalRequest,
     ContextMessage,
     Conversation,
     DaemonInfo,
@@ -317,6 +320,16 @@ class Client:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise AwaitTimeout(f"the events of generation {ref} did not end within {timeout_ms} ms")
+
+    def pending_approvals(self, loc: LocatorLike) -> list[ApprovalRequest]:
+        """The tool calls the conversation's paused run waits for answers to (none: [])."""
+        return self._call(PendingApprovals(to_locator(loc)), list[ApprovalRequest])
+
+    def resolve_approval(self, loc: LocatorLike, ref: str, call_id: str, approve: bool = True, note: str | None = None) -> None:
+        """Answer the approval of tool call `call_id` of paused run `ref`: approved, it
+        runs; denied, the model is told (with `note`). The run goes on, in a fresh worker,
+        once all of its calls waiting for an answer have one. `NotFound` if none waits."""
+        self._call(ResolveApproval(to_locator(loc), ref, call_id, approve, note), Empty)
 
     def cancel_generation(self, loc: LocatorLike, reason: str = "cancel_requested") -> None:
         self._call(CancelGeneration(to_locator(loc), reason), Empty)

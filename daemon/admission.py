@@ -56,11 +56,13 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    def admit(self) -> Slot:
+    def admit(self, *, beyond_queue: bool = False) -> Slot:
+        """A slot, or `Overloaded` when `max_queued` wait already (`beyond_queue`: a run
+        admitted before, going on after a pause, waits all the same)."""
         if self.active < self.max_active and not self._queue:
             self.active += 1
             return Slot(self, granted=True)
-        if len(self._queue) >= self.max_queued:
+        if len(self._queue) >= self.max_queued and not beyond_queue:
             raise Overloaded(
                 f"admission queue full ({self.active} runs active, {len(self._queue)} queued); retry later"
             )

@@ -17,7 +17,8 @@ from genvisor.daemon.metrics import MetricsAddressError, parse_metrics_address
 from genvisor.daemon.service_dirs import state_directory
 from genvisor.daemon.sqlite_store import SqliteStore
 from genvisor.daemon.store import MemoryStore, Store
-from genvisor.modes.llm import BackendConfig, RunDefaults
+from genvisor.modes.llm import DEFAULT_APPROVALS, Approval, BackendConfig, RunDefaults
+from genvisor.modes.tools import SPECS
 
 
 class Backend(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -85,6 +86,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clients: Clients = Clients()
     journal: Journal = Journal()
     security: Security = Security()
+    # Each tool's approval policy unless a conversation's mode state says otherwise
+    # (allow, ask or deny); run_command is "ask" unless set here.
+    approvals: dict[str, Approval] = {}
 
     def worker_preload(self) -> list[str]:
         """Modules the zygote imports up front: a backend's SDK costs ≈1 s to import,
@@ -114,6 +118,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             stream=self.defaults.stream,
             backends=self.backend_table(),
             coalesce_ms=self.defaults.coalesce_ms,
+            approvals={**DEFAULT_APPROVALS, **self.approvals},
         )
 
     def backend_table(self) -> dict[str, BackendConfig]:
@@ -164,6 +169,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(str(exc)) from None
     if config.clients.max_unread_bytes < 1024 * 1024:
         raise ConfigError("clients.max_unread_bytes must be at least 1 MiB (1048576)")
+    if unknown := sorted(set(config.approvals) - set(SPECS)):
+        raise ConfigError(f"approvals: no tool {unknown[0]!r} (tools: {', '.join(SPECS)})")
     if config.admission.max_active < 1 or config.admission.max_queued < 0:
         raise ConfigError("admission.max_active must be >= 1 and admission.max_queued >= 0")
     return config

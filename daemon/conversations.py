@@ -9,6 +9,7 @@ the generations' business: it is handed in as `cancel_active`.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import time
@@ -49,7 +50,7 @@ from genvisor.types import (
 )
 
 if TYPE_CHECKING:
-    from genvisor.daemon.generations import ActiveGeneration
+    from genvisor.daemon.generations import ActiveGeneration, Pending
 
 ConversationKey = tuple[str | None, str]
 
@@ -61,6 +62,7 @@ class ConversationRecord:
         self.journal: list[JournalEntry] = []
         self.state = initial_state()
         self.active: ActiveGeneration | None = None
+        self.queue: collections.deque[Pending] = collections.deque()  # `multitask="enqueue"`: to start in order
         # Set while no run's workspace is still to be settled (undone, or let go), and
         # no revert is under way: the next run starts only then, so it never sees a
         # half-undone workspace.
@@ -217,9 +219,7 @@ class Conversations:
 
     def _record_message(self, loc: Locator, role: str, content: str, metadata: Any) -> Conversation:
         key = key_of(loc)
-        if not content.strip():
-            raise EmptyMessage("message content is blank")
-        checked = _metadata(metadata, field="metadata")
+        checked = checked_message(content, metadata)
         conversation = self.writable(key)
         self.append(conversation, kind="message", role=role, content=content, data=checked)
         return conversation.view()
@@ -295,6 +295,13 @@ def conversation_metadata(value: Any) -> dict[str, Any]:
                     and not any(c in pattern for c in "\0\n\r")):
                 raise InvalidOptions("metadata.workspace_excludes", f"{pattern!r} is not a path pattern (e.g. 'node_modules/')")
     return metadata
+
+
+def checked_message(content: str, metadata: Any) -> dict[str, Any]:
+    """A message's metadata, once its content and metadata are checked."""
+    if not content.strip():
+        raise EmptyMessage("message content is blank")
+    return _metadata(metadata, field="metadata")
 
 
 def check_limit(field: str, value: int | None) -> None:

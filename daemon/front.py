@@ -252,6 +252,10 @@ class Front:
         change_set = self._service.change_sets.find_change_set(r.loc, r.ref)
         return Later(lambda: self._service.change_sets.turn_changes(change_set))
 
+    def _resolve_approval(self, owner: Owner, r: f.ResolveApproval) -> f.Empty:
+        self._service.generations.resolve_approval(r.loc, r.ref, r.call_id, r.approve, r.note)
+        return f.Empty()
+
     def _stream_events(self, owner: Owner, r: f.StreamEvents) -> Later:
         record = self._service.generations.find_events(r.loc, r.ref, r.after_seq, r.wait_ms)
         return Later(lambda: self._service.generations.stream_events(record, r.after_seq, r.wait_ms))
@@ -293,6 +297,8 @@ class Front:
         f.GetPlans: lambda self, o, r: self._service.conversations.plans(r.loc),
         f.RevertTurn: _revert_turn,
         f.StreamEvents: _stream_events,
+        f.PendingApprovals: lambda self, o, r: self._service.generations.pending_approvals(r.loc),
+        f.ResolveApproval: _resolve_approval,
     }
 
 

@@ -21,11 +21,22 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from genvisor.daemon import approvals
 from genvisor.daemon.admission import Admission, Slot
-from genvisor.daemon.conversations import ConversationKey, ConversationRecord, Conversations, check_limit, key_of
+from genvisor.daemon.approvals import Pause
+from genvisor.daemon.conversations import ConversationKey, ConversationRecord, Conversations, check_limit, checked_message, key_of
 from genvisor.daemon.durable import DurableLog
 from genvisor.daemon.run_events import EventStreams, RunEvents
-from genvisor.daemon.store import ForgetGenerations, GenerationFinished, GenerationStarted, StoredGeneration, StoredOutcome, StoreFailed
+from genvisor.daemon.store import (
+    ForgetGenerations,
+    GenerationFinished,
+    GenerationPaused,
+    GenerationResumed,
+    GenerationStarted,
+    StoredGeneration,
+    StoredOutcome,
+    StoreFailed,
+)
 from genvisor.daemon.telemetry import Telemetry
 from genvisor.daemon.workspaces import Workspaces, excludes
 from genvisor.errors import (
@@ -44,11 +55,12 @@ from genvisor.ipc.frames import RawEventBatch
 from genvisor.limits import MAX_CHANNEL_FRAME
 from genvisor.logevent import RateLimit, event
 from genvisor.modes import workspace_snapshot
-from genvisor.modes.llm import RunDefaults, RunSpec, RunSucceeded
+from genvisor.modes.llm import Decision, RunDefaults, RunPaused, RunSpec, RunSucceeded
 from genvisor.modes.protocol import AssemblyRequest, MalformedOutcome, decode_outcome
 from genvisor.modes.registry import registry
 from genvisor.supervisor.runs import Broken, Canceled, Completed, Crashed, DeadlineExceeded, ExecutorHealth, RunHandle, Unavailable
 from genvisor.types import (
+    ApprovalRequest,
     GenerationCanceled as CanceledNote,
     GenerationEvent,
     GenerationResult,
@@ -111,12 +123,12 @@ class GenerationRecord:
 
 
 class ActiveGeneration:
-    def __init__(self, record: GenerationRecord, owner: Owner, spec: RunSpec, slot: Slot, encoded_spec: bytes) -> None:
+    def __init__(self, record: GenerationRecord, owner: Owner | None, spec: RunSpec, slot: Slot | None, encoded_spec: bytes) -> None:
         self.record = record
-        self.owner = owner
+        self.owner = owner  # None: nobody to notify (a run a restarted daemon took back)
         self.spec = spec
         self.encoded_spec = encoded_spec
-        self.slot = slot
+        self.slot = slot  # None while paused
         self.queue_scope = trio.CancelScope()  # cancelled when the run ends while still queued
         self.handle: RunHandle | None = None
         self.created_at = time.perf_counter()
@@ -125,9 +137,35 @@ class ActiveGeneration:
         # workspace to be restored, so that it can say what became of it.
         self.failure: ErrorInfo | None = None
         self.partial = PartialOutput()  # what it streamed: kept if it does not complete
+        self.pause: Pause | None = None  # waiting for approvals: no worker, no slot
+        self.answered = trio.Event()  # its approvals are answered, or it has ended
+        self.ran_s = 0.0  # how long its workers ran: the deadline does not tick while it is paused
 
     def run_seconds(self) -> float | None:
         return None if self.started_at is None else time.perf_counter() - self.started_at
+
+
+class Pending:
+    """A generation asked for and not begun: its record (the ref is awaitable), who asked, how."""
+
+    def __init__(self, record: GenerationRecord, owner: Owner, options: dict[str, Any],
+                 message: tuple[str, dict[str, Any]] | None = None) -> None:
+        self.record = record
+        self.owner = owner
+        self.options = options
+        self.message = message  # a user message to record first (`send_and_generate`), checked
+
+
+MULTITASK = ("reject", "enqueue", "interrupt")  # what a generation does when one is active on its conversation
+MAX_ENQUEUED = 16  # generations queued on one conversation
+
+
+def _multitask(options: dict[str, Any]) -> str:
+    """The call's `multitask` option, checked now: it decides what the call does."""
+    value = options.get("multitask", "reject")
+    if value not in MULTITASK:
+        raise InvalidOptions("multitask", f"must be one of {', '.join(MULTITASK)} (got {value!r})")
+    return str(value)
 
 
 PARTIAL_TEXT_LIMIT = 64 * 1024  # characters of a run's streamed text kept when it does not complete
@@ -186,12 +224,17 @@ class Generations:
         self._driving = 0  # runs not yet settled to the end (their workspaces included)
         self._drained = trio.Event()
         self._interrupted: list[tuple[ConversationRecord, GenerationRecord]] = []  # by `restore`: workspaces to undo
+        self._paused_at_start: list[tuple[ConversationRecord, ActiveGeneration]] = []  # by `restore`: runs to wait on
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expire_outcomes)
             await nursery.start(self.streams.run)
+            for conversation, active in self._paused_at_start:
+                self._driving += 1
+                nursery.start_soon(self._drive, conversation, active)
+            self._paused_at_start.clear()
             task_status.started()
             await trio.sleep_forever()
 
@@ -204,7 +247,10 @@ class Generations:
         for stored_generation in stored:
             record = GenerationRecord(stored_generation.ref, stored_generation.key, stored_generation.run_id)
             self._generations[record.ref] = record
-            if stored_generation.outcome is None:
+            if stored_generation.outcome is None and stored_generation.pause is not None:
+                record.events = self.streams.open(record.ref, stored_generation.last_seq)
+                self._take_back_paused(record, stored_generation.pause)
+            elif stored_generation.outcome is None:
                 record.events = self.streams.open(record.ref, stored_generation.last_seq)
                 error = LLMError(
                     "unknown", "the daemon restarted while the generation was running; nothing of it was committed",
@@ -227,6 +273,19 @@ class Generations:
                 record.finished_at = stored_generation.finished_at
                 record.done.set()
         return resolved
+
+    def _take_back_paused(self, record: GenerationRecord, stored: bytes) -> None:
+        """A run that waited for approvals when the daemon stopped waits on: it holds no
+        process, so nothing of it was lost. Its owner's connection is gone: nobody is
+        notified, its outcome is awaitable by ref."""
+        pause, spec, ran_s = approvals.decode(stored)
+        conversation = self._conversations.of(record.key)
+        active = ActiveGeneration(record, None, spec, None, b"")
+        active.pause, active.ran_s = pause, ran_s
+        if pause.answered:  # answered before the daemon stopped: it goes on at once
+            active.answered.set()
+        conversation.active = active
+        self._paused_at_start.append((conversation, active))
 
     async def settle_interrupted(self) -> None:
         """Undo what the runs a killed daemon left unfinished did to their workspaces
@@ -251,28 +310,88 @@ class Generations:
             await self._drained.wait()
 
     def shutdown(self) -> None:
-        """Stop admitting and cancel every active run with reason "daemon_shutdown"."""
+        """Stop admitting and cancel every queued and running run with reason
+        "daemon_shutdown". A paused run holds no process: it stays paused, journaled,
+        for the next daemon to take back (its waiting task just ends)."""
         self._admitting = False
         for conversation in self._conversations:
-            if conversation.active is not None:
-                self.cancel(conversation, "daemon_shutdown")
+            active = conversation.active
+            if active is not None and active.pause is not None:
+                while conversation.queue:
+                    self._settle_queued(conversation, conversation.queue.popleft(), reason="daemon_shutdown")
+                active.answered.set()
+            else:
+                self.cancel_all(conversation, "daemon_shutdown")
 
     # ---- generations -------------------------------------------------------------------
 
     def generate(self, loc: Locator, options: dict[str, Any], owner: Owner) -> str:
+        """Start a generation of `loc` (or queue it: `multitask`) and return its ref."""
         key = key_of(loc)
         conversation = self._conversations.get(key)
-        if conversation is not None and conversation.active is not None:
-            raise GenerationInProgress(f"conversation {key[1]!r} has an active generation")
+        multitask = _multitask(options)
         if not self._admitting:
             raise GenerationCanceled("daemon_shutdown")
+        busy = conversation is not None and conversation.active is not None
+        if busy and multitask == "reject":
+            raise GenerationInProgress(f"conversation {key[1]!r} has an active generation")
+        if busy and multitask == "enqueue":
+            assert conversation is not None
+            return self._enqueue(conversation, options, owner)
         slot = self._admit()
+        if busy:  # "interrupt": the active run ends first (its workspace settles before the new one starts)
+            assert conversation is not None
+            self.cancel(conversation, "interrupted", start_next=False)
         conversation = conversation or self._conversations.create(key, {})
-        ref = "gen_" + secrets.token_urlsafe(18)
-        run_id = "run_" + secrets.token_hex(8)
+        record = self._new_record(key)
+        self._begin(conversation, Pending(record, owner, options), slot)
+        return record.ref
+
+    def _new_record(self, key: ConversationKey) -> GenerationRecord:
+        record = GenerationRecord("gen_" + secrets.token_urlsafe(18), key, "run_" + secrets.token_hex(8))
+        record.events = self.streams.open(record.ref)
+        self._generations[record.ref] = record
+        self._journal.submit(GenerationStarted(record.ref, key, record.run_id))
+        return record
+
+    def _enqueue(self, conversation: ConversationRecord, options: dict[str, Any], owner: Owner,
+                 message: tuple[str, dict[str, Any]] | None = None) -> str:
+        """Queue a generation to start once those before it on the conversation have
+        ended (its context is assembled then: it sees their replies)."""
+        if len(conversation.queue) >= MAX_ENQUEUED:
+            raise Overloaded(f"conversation {conversation.key[1]!r} has {len(conversation.queue)} generations queued "
+                             f"(the limit); await them, then retry")
+        self._admit().release()  # a full daemon refuses it now, not when its turn comes
+        pending = Pending(self._new_record(conversation.key), owner, options, message)
+        conversation.queue.append(pending)
+        self._conversations.append(conversation, kind="note", event="run_queued",
+                                   data={"ref": pending.record.ref, "position": len(conversation.queue)})
+        return pending.record.ref
+
+    def _start_next(self, conversation: ConversationRecord) -> None:
+        """The conversation's active run has ended: start the first queued one, if any."""
+        if conversation.active is not None or not conversation.queue:
+            return
+        pending = conversation.queue.popleft()
+        try:
+            slot = self._admit()
+        except Overloaded as exc:
+            self._settle_queued(conversation, pending, error=exc.info())
+            self._start_next(conversation)
+            return
+        self._begin(conversation, pending, slot)
+
+    def _begin(self, conversation: ConversationRecord, pending: Pending, slot: Slot) -> None:
+        """Assemble the run's spec from the conversation as it is now, make it the
+        conversation's active run and drive it."""
+        record = pending.record
+        if pending.message is not None:
+            content, metadata = pending.message
+            self._conversations.append(conversation, kind="message", role="user", content=content, data=metadata)
         spec = self._assemble(AssemblyRequest(
-            ref=ref, run_id=run_id, conversation_id=key[1], state=conversation.state, options=options,
-            defaults=self._defaults, workspace=self._workspaces.directory(conversation.key, conversation.metadata),
+            ref=record.ref, run_id=record.run_id, conversation_id=conversation.key[1], state=conversation.state,
+            options=pending.options, defaults=self._defaults,
+            workspace=self._workspaces.directory(conversation.key, conversation.metadata),
         ))
         if spec.workspace is not None and self._workspaces.transactional:
             spec = msgspec.structs.replace(spec, snapshot_store=self._workspaces.store(spec.workspace),
@@ -283,13 +402,10 @@ class Generations:
                                        "lower max_messages or start a new conversation",
                              details={"reason": "context_too_large", "bytes": len(encoded), "limit": MAX_SPEC_BYTES})
             spec = msgspec.structs.replace(spec, request=None, error=error.info())
-        record = GenerationRecord(ref, key, run_id)
-        record.events = self.streams.open(ref)
-        self._generations[ref] = record
-        active = ActiveGeneration(record, owner, spec, slot, encoded)
+        active = ActiveGeneration(record, pending.owner, spec, slot, encoded)
         conversation.active = active
-        self._journal.submit(GenerationStarted(ref, key, run_id))
-        self._conversations.append(conversation, kind="note", event="run_started", data={"run_id": run_id, "mode": spec.mode, "ref": ref})
+        self._conversations.append(conversation, kind="note", event="run_started",
+                                   data={"run_id": record.run_id, "mode": spec.mode, "ref": record.ref})
         self.telemetry.run_started(spec.mode, _backend_label(spec))
         event(log, "run.started", **_run_fields(conversation, active))
         if spec.request is None:
@@ -297,11 +413,28 @@ class Generations:
             slot.release()
             self._finish_failed(conversation, active, spec.error)
             self._log_run_end(conversation, active)
-            return ref
+            return
         assert self._nursery is not None
         self._driving += 1
         self._nursery.start_soon(self._drive, conversation, active)
-        return ref
+
+    def _settle_queued(self, conversation: ConversationRecord, pending: Pending, *, reason: str | None = None,
+                       error: ErrorInfo | None = None) -> None:
+        """End a queued generation that never started: canceled with `reason`, or failed
+        with `error`. It counts as a run that started and ended at once."""
+        record = pending.record
+        record.canceled, record.error = reason, error
+        mode = conversation.state.mode
+        self.telemetry.run_started(mode, "unknown")
+        self.telemetry.run_finished(mode, "unknown", "canceled" if reason else "failed",
+                                    "canceled" if reason else (error.category if isinstance(error, ErrorInfo) else None), None)
+        self._conversations.append(conversation, kind="note", event="queued_run_ended",
+                                   data={"ref": record.ref, "status": "canceled" if reason else "failed", "reason": reason})
+        terminal, frame = self._close_record(record)
+        if pending.options.get("events") is True:
+            self._notify(pending.owner, terminal, frame)
+        note: Notification = CanceledNote(ref=record.ref, reason=reason) if reason else GenerationResult(ref=record.ref, error=error)
+        self._notify(pending.owner, note)
 
     @staticmethod
     def _assemble(request: AssemblyRequest) -> RunSpec:
@@ -337,6 +470,9 @@ class Generations:
             # Ref-checked: a timeout never cancels a newer generation of the conversation.
             if cancel_on_timeout and conversation.active is not None and conversation.active.record is record:
                 self.cancel(conversation, cancel_reason)
+            elif cancel_on_timeout and (queued := next((p for p in conversation.queue if p.record is record), None)):
+                conversation.queue.remove(queued)
+                self._settle_queued(conversation, queued, reason=cancel_reason)
             raise AwaitTimeout(f"generation {record.ref} did not finish within {timeout_ms} ms")
         return record.outcome()
 
@@ -367,7 +503,16 @@ class Generations:
         """The synchronous half of send → generate → await: the message is recorded and
         the run started (or nothing is done) before the next command is looked at."""
         check_limit("timeout_ms", timeout_ms)
+        multitask = _multitask(options)
+        conversation = self._conversations.get(key_of(loc))
+        if conversation is not None and conversation.active is not None and multitask == "enqueue":
+            # The message is the queued turn's: recorded when its turn comes, before its context is assembled.
+            message = (content, checked_message(content, message_metadata))
+            return self._generations[self._enqueue(conversation, options, owner, message)]
         self._admit().release()  # full: refused before the user message is recorded
+        if conversation is not None and conversation.active is not None and multitask == "interrupt":
+            checked_message(content, message_metadata)  # a bad message interrupts nothing
+            self.cancel(conversation, "interrupted", start_next=False)
         self._conversations.send_user_message(loc, content, message_metadata)
         return self._generations[self.generate(loc, options, owner)]
 
@@ -400,7 +545,7 @@ class Generations:
         frame = bytes(raw)
         events.append(frame)
         active.partial.add(progress)
-        if active.spec.events:
+        if active.spec.events and active.owner is not None:
             self._notify(active.owner, progress, frame)
 
     async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
@@ -441,7 +586,7 @@ class Generations:
         else:
             fields["outcome"] = "completed"
         fields["duration_ms"] = round((time.perf_counter() - active.created_at) * 1000, 1)
-        if active.started_at is not None:
+        if active.started_at is not None and active.slot is not None:
             fields["queue_ms"] = round(active.slot.waited_s * 1000, 1)
         report = handle.cleanup if handle is not None else None
         if report is not None:
@@ -454,32 +599,134 @@ class Generations:
         event(log, "run.finished", level, **fields)
 
     async def _run_generation(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
-        """Wait for admission, run, settle; the slot is held until the worker is gone,
-        so `max_active` bounds processes, not just runs."""
-        with active.slot:
-            with active.queue_scope:
-                await active.slot.acquire()
-                await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
-            if active.record.done.is_set():
-                return  # canceled while queued
-            self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)
+        """Wait for admission, run, settle. A run that pauses for approvals gives its
+        worker and slot back, waits for its answers, then goes on in a fresh worker with
+        a slot of its own again: its legs. A slot is held until its worker is gone, so
+        `max_active` bounds processes, not just runs."""
+        settled: trio.Event | None = None
+        if active.pause is not None:  # taken back paused at a restart: its workspace may hold its changes
             settled = conversation.workspace_settled = trio.Event()
-            active.started_at = time.perf_counter()
-            assert active.spec.request is not None
-            deadline = trio.current_time() + active.spec.request.timeout_ms / 1000 + self._deadline_grace_s
-            active.handle = self._executor.start_run(
-                active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
-            )
-            try:
-                await self._settle_when_done(conversation, active)
-                await active.handle.cleaned_up.wait()
-                self._observe_cleanup(active.handle)
+        try:
+            while True:
+                if active.pause is None:
+                    assert active.slot is not None
+                    with active.slot:
+                        with active.queue_scope:
+                            await active.slot.acquire()
+                            if settled is None:
+                                await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
+                        if active.record.done.is_set():
+                            break  # canceled while queued
+                        if settled is None:
+                            self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)  # the first leg's
+                            settled = conversation.workspace_settled = trio.Event()
+                            active.started_at = time.perf_counter()
+                        await self._run_leg(conversation, active)
+                if active.pause is None or active.record.done.is_set():
+                    break
+                await self._wait_for_answers(conversation, active)
+                if active.record.done.is_set():
+                    break
+                if not self._admitting:
+                    return  # the daemon stops: the run stays paused, its workspace as it is, for the next one
+                self._resume(conversation, active)
+            if settled is not None:
                 with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
                     result, paths = await self._settle_workspace(conversation, active)
                 if active.failure is not None and not active.record.done.is_set():
                     self._finish(conversation, active, error=self._workspaces.said(active.failure, result, paths))
-            finally:
+        finally:
+            if settled is not None:
                 settled.set()
+
+    async def _run_leg(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Run the run in a worker until it ends or pauses, and its worker is gone."""
+        assert active.spec.request is not None
+        began = trio.current_time()
+        deadline = began + active.spec.request.timeout_ms / 1000 - active.ran_s + self._deadline_grace_s
+        active.handle = self._executor.start_run(
+            active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
+        )
+        await self._settle_when_done(conversation, active)
+        await active.handle.cleaned_up.wait()
+        self._observe_cleanup(active.handle)
+        active.ran_s += trio.current_time() - began
+
+    def _pause(self, conversation: ConversationRecord, active: ActiveGeneration, paused: RunPaused) -> None:
+        """The run waits for approvals: journaled (its answers are taken after a restart
+        too), its owner told, its worker let go."""
+        pause = active.pause = Pause(paused)
+        active.encoded_spec = b""  # made again, with what it was fed, when it goes on
+        self._journal.submit(GenerationPaused(active.record.ref, pause.encode(active.spec, active.ran_s)))
+        requests = pause.requests(active.record.ref)
+        self._conversations.append(conversation, kind="note", event="approval_requested", data={
+            "run_id": active.record.run_id, "ref": active.record.ref,
+            "calls": [{"call_id": r.call_id, "tool": r.tool, "arguments": r.arguments} for r in requests]})
+        for request in requests:  # pushed to the owner whether it asked for events or not: it must answer
+            self._emit(active, GenerationEvent(active.record.ref, "approval_requested", tool_call=pause.call(request.call_id)),
+                       always=True)
+        event(log, "run.paused", **_run_fields(conversation, active), approvals=len(requests))
+
+    async def _wait_for_answers(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Until every approval is answered, the run ends (a cancel), or its approval
+        timeout passes (then it fails, reason approval_timeout)."""
+        pause = active.pause
+        assert pause is not None
+        timeout_ms = active.spec.approval_timeout_ms
+        left_s = math.inf if timeout_ms is None else timeout_ms / 1000 - (time.time() - pause.requested_at)
+        with trio.move_on_after(max(0.0, left_s)):
+            await active.answered.wait()
+        if not active.record.done.is_set() and not pause.answered and self._admitting:
+            self._finish_failed(conversation, active, LLMError(
+                "timeout", f"no answer to the approval of {len(pause.requests(active.record.ref))} tool call(s) within {timeout_ms} ms",
+                retryable=False, details={"reason": "approval_timeout"}).info())
+
+    def _resume(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """Every approval is answered: the run goes on, in a fresh worker, from where it paused."""
+        pause = active.pause
+        assert pause is not None and active.record.events is not None
+        active.spec = msgspec.structs.replace(active.spec, resume=pause.resume(active.record.events.last_seq + 1))
+        active.encoded_spec = _encoder.encode(active.spec)
+        active.pause, active.answered, active.handle = None, trio.Event(), None
+        active.queue_scope = trio.CancelScope()
+        active.slot = self.admission.admit(beyond_queue=True)  # admitted once already: not refused now
+        self._journal.submit(GenerationResumed(active.record.ref))
+        self._conversations.append(conversation, kind="note", event="run_resumed", data={"run_id": active.record.run_id})
+
+    def pending_approvals(self, loc: Locator) -> list[ApprovalRequest]:
+        active = self._conversations.fetch(loc).active
+        if active is None or active.pause is None:
+            return []
+        return active.pause.requests(active.record.ref)
+
+    def resolve_approval(self, loc: Locator, ref: str, call_id: str, approve: bool, note: str | None) -> None:
+        """Answer the approval of tool call `call_id` of paused run `ref`; the run goes
+        on once all of its calls waiting for one are answered."""
+        conversation = self._conversations.fetch(loc)
+        active = conversation.active
+        pause = active.pause if active is not None and active.record.ref == ref else None
+        call = pause.call(call_id) if pause is not None else None
+        if active is None or pause is None or call is None:
+            raise NotFound(f"no approval of call {call_id!r} of generation {ref!r} is pending in this conversation")
+        pause.decisions[call_id] = Decision(approve, note)
+        self._journal.submit(GenerationPaused(ref, pause.encode(active.spec, active.ran_s)))
+        self._conversations.append(conversation, kind="note", event="approval_resolved", data={
+            "run_id": active.record.run_id, "ref": ref, "call_id": call_id, "tool": call.name, "approve": approve, "note": note})
+        self._emit(active, GenerationEvent(ref, "approval_resolved", tool_call=call, reason="approved" if approve else "denied",
+                                           text=note))
+        if pause.answered:
+            active.answered.set()
+
+    def _emit(self, active: ActiveGeneration, event: GenerationEvent, *, always: bool = False) -> None:
+        """Append an event of the daemon's to the run's (numbered next); push it to the
+        owner if it asked for events, or `always`."""
+        events = active.record.events
+        assert events is not None
+        event = msgspec.structs.replace(event, seq=events.last_seq + 1)
+        frame = _encoder.encode(event)
+        events.append(frame)
+        if (always or active.spec.events) and active.owner is not None:
+            self._notify(active.owner, event, frame)
 
     async def _settle_workspace(self, conversation: ConversationRecord, active: ActiveGeneration) -> tuple[str, list[str]]:
         """Once the run's processes are gone (nothing writes any more): undo its changes
@@ -516,6 +763,8 @@ class Generations:
                 return
             if isinstance(run_outcome, RunSucceeded):
                 self._finish(conversation, active, success=run_outcome)
+            elif isinstance(run_outcome, RunPaused):
+                self._pause(conversation, active, run_outcome)
             else:
                 self._finish_failed(conversation, active, run_outcome.error)
         elif isinstance(outcome, Crashed):
@@ -580,7 +829,16 @@ class Generations:
         )
         self._settle(conversation, active, GenerationResult(ref=record.ref, result=record.result, error=record.error))
 
-    def cancel(self, conversation: ConversationRecord, reason: str) -> None:
+    def cancel_all(self, conversation: ConversationRecord, reason: str) -> None:
+        """Cancel the conversation's queued generations, then its active one, with `reason`."""
+        while conversation.queue:
+            self._settle_queued(conversation, conversation.queue.popleft(), reason=reason)
+        if conversation.active is not None:
+            self.cancel(conversation, reason)
+
+    def cancel(self, conversation: ConversationRecord, reason: str, *, start_next: bool = True) -> None:
+        """Cancel the conversation's active run; then its first queued one starts,
+        unless `start_next` is false (a run that interrupts it starts instead)."""
         active = conversation.active
         assert active is not None
         record = active.record
@@ -591,11 +849,14 @@ class Generations:
             conversation, kind="note", event="run_finished", data={"run_id": record.run_id, "status": "canceled", "reason": reason}
         )
         self.telemetry.run_finished(active.spec.mode, _backend_label(active.spec), "canceled", "canceled", active.run_seconds())
-        self._settle(conversation, active, CanceledNote(ref=record.ref, reason=reason))
+        self._settle(conversation, active, CanceledNote(ref=record.ref, reason=reason), start_next=False)
         if active.handle is not None:
             active.handle.cancel(reason)  # termination begins; it completes in the executor
         else:
             active.queue_scope.cancel()  # still waiting for admission: leave the queue
+        active.answered.set()  # paused: it waits no more
+        if start_next:
+            self._start_next(conversation)
 
     def _keep_partial(self, conversation: ConversationRecord, active: ActiveGeneration, error: ErrorInfo | None) -> ErrorInfo | None:
         """A run that does not complete keeps what it streamed: journaled as a note
@@ -610,12 +871,15 @@ class Generations:
             return error
         return msgspec.structs.replace(error, details={**(error.details or {}), "partial_text": partial.text})
 
-    def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification) -> None:
+    def _settle(self, conversation: ConversationRecord, active: ActiveGeneration, note: Notification, *, start_next: bool = True) -> None:
         terminal, frame = self._close_record(active.record)
         conversation.active = None
-        if active.spec.events:
-            self._notify(active.owner, terminal, frame)
-        self._notify(active.owner, note)
+        if active.owner is not None:
+            if active.spec.events:
+                self._notify(active.owner, terminal, frame)
+            self._notify(active.owner, note)
+        if start_next:
+            self._start_next(conversation)
 
     def _observe_cleanup(self, handle: RunHandle) -> None:
         report = handle.cleanup

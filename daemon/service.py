@@ -41,7 +41,7 @@ class Service:
         telemetry.gauge("genvisor_spare_workers", "Pre-forked workers waiting for a run", lambda: executor.health().spare_workers)
         telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: journal.submitted - journal.durable)
         places = Workspaces(workspaces, snapshots)
-        self.conversations = Conversations(journal, cancel_active=lambda conversation, reason: self.generations.cancel(conversation, reason))
+        self.conversations = Conversations(journal, cancel_active=lambda conversation, reason: self.generations.cancel_all(conversation, reason))
         self.generations = Generations(
             executor=executor, journal=journal, conversations=self.conversations, workspaces=places, admission=admission,
             defaults=defaults, deadline_grace_s=deadline_grace_s, retention_s=retention_s, notify=notify, telemetry=telemetry,

@@ -7,6 +7,7 @@ Every call blocks; the `DurableLog` makes them from a worker thread, one at a ti
     entries(conversation, seq, body)                 body: a msgpack JournalEntry
     generations(ref, conversation, run_id, finished_at, outcome)
     events(ref, first_seq, last_seq, frames)         frames: a msgpack list of encoded events
+    pauses(ref, body)                                a generation waiting for approvals
 
 `synchronous=NORMAL` (the default) makes a commit survive a crash of the daemon, the
 case that matters here; `FULL` adds an fsync per batch, for power loss too.
@@ -29,6 +30,8 @@ from genvisor.daemon.store import (
     ForgetGenerations,
     GenerationEvents,
     GenerationFinished,
+    GenerationPaused,
+    GenerationResumed,
     GenerationStarted,
     Snapshot,
     StoredConversation,
@@ -40,7 +43,7 @@ from genvisor.daemon.store import (
 )
 from genvisor.types import JournalEntry
 
-SCHEMA_VERSION = 2  # 2: events
+SCHEMA_VERSION = 2  # 2: events, pauses
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -62,6 +65,10 @@ CREATE TABLE IF NOT EXISTS generations (
     run_id TEXT NOT NULL,
     finished_at REAL,
     outcome BLOB
+);
+CREATE TABLE IF NOT EXISTS pauses (
+    ref TEXT PRIMARY KEY,
+    body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     ref TEXT NOT NULL,
@@ -137,12 +144,14 @@ class SqliteStore:
             conversations[rowid].entries.append(_decode_entry(body))
         self._db.execute("DELETE FROM generations WHERE finished_at < ?", (retained_since,))
         self._db.execute("DELETE FROM events WHERE ref NOT IN (SELECT ref FROM generations)")
+        self._db.execute("DELETE FROM pauses WHERE ref NOT IN (SELECT ref FROM generations)")
         generations = [
             StoredGeneration(ref, keys[rowid], run_id, finished_at, _decode_outcome(outcome) if outcome is not None else None,
-                             last_seq or 0)
-            for ref, rowid, run_id, finished_at, outcome, last_seq in self._db.execute(
+                             last_seq or 0, pause)
+            for ref, rowid, run_id, finished_at, outcome, last_seq, pause in self._db.execute(
                 "SELECT ref, conversation, run_id, finished_at, outcome, "
-                "(SELECT MAX(last_seq) FROM events WHERE events.ref = generations.ref) FROM generations"
+                "(SELECT MAX(last_seq) FROM events WHERE events.ref = generations.ref), "
+                "(SELECT body FROM pauses WHERE pauses.ref = generations.ref) FROM generations"
             )
         ]
         return Snapshot(list(conversations.values()), generations)
@@ -215,7 +224,12 @@ class SqliteStore:
                 "INSERT INTO events (ref, first_seq, last_seq, frames) VALUES (?, ?, ?, ?)",
                 (write.ref, write.first_seq, write.first_seq + len(write.frames) - 1, _encode(write.frames)),
             )
+        elif isinstance(write, GenerationPaused):
+            db.execute("INSERT OR REPLACE INTO pauses (ref, body) VALUES (?, ?)", (write.ref, write.pause))
+        elif isinstance(write, GenerationResumed):
+            db.execute("DELETE FROM pauses WHERE ref = ?", (write.ref,))
         elif isinstance(write, GenerationFinished):
+            db.execute("DELETE FROM pauses WHERE ref = ?", (write.ref,))
             db.execute(
                 "UPDATE generations SET finished_at = ?, outcome = ? WHERE ref = ?", (write.finished_at, _encode(write.outcome), write.ref)
             )
@@ -223,3 +237,4 @@ class SqliteStore:
             assert isinstance(write, ForgetGenerations)
             db.executemany("DELETE FROM generations WHERE ref = ?", [(ref,) for ref in write.refs])
             db.executemany("DELETE FROM events WHERE ref = ?", [(ref,) for ref in write.refs])
+            db.executemany("DELETE FROM pauses WHERE ref = ?", [(ref,) for ref in write.refs])

@@ -64,11 +64,24 @@ class GenerationEvents(msgspec.Struct, frozen=True):
     frames: list[bytes]
 
 
+class GenerationPaused(msgspec.Struct, frozen=True):
+    """A generation waits for approvals: what it needs to go on (the daemon's encoding),
+    replacing what an earlier write of it said."""
+
+    ref: str
+    pause: bytes
+
+
+class GenerationResumed(msgspec.Struct, frozen=True):
+    ref: str
+
+
 class ForgetGenerations(msgspec.Struct, frozen=True):
     refs: list[str]
 
 
-Write = CreateConversation | AppendEntry | GenerationStarted | GenerationEvents | GenerationFinished | ForgetGenerations
+Write = (CreateConversation | AppendEntry | GenerationStarted | GenerationEvents | GenerationPaused | GenerationResumed
+         | GenerationFinished | ForgetGenerations)
 
 
 # ---- what is read back --------------------------------------------------------------
@@ -87,6 +100,7 @@ class StoredGeneration(msgspec.Struct):
     finished_at: float | None  # None: it was running when the daemon stopped
     outcome: StoredOutcome | None
     last_seq: int = 0  # of its events, the last one stored
+    pause: bytes | None = None  # it waits for approvals (see GenerationPaused)
 
 
 class Snapshot(msgspec.Struct):
@@ -148,9 +162,13 @@ class MemoryStore:
                 events = self._events.setdefault(write.ref, [])
                 assert len(events) + 1 == write.first_seq, "events are stored in order, once"
                 events.extend(write.frames)
+            elif isinstance(write, GenerationPaused):
+                self._generations[write.ref].pause = write.pause
+            elif isinstance(write, GenerationResumed):
+                self._generations[write.ref].pause = None
             elif isinstance(write, GenerationFinished):
                 generation = self._generations[write.ref]
-                generation.finished_at, generation.outcome = write.finished_at, write.outcome
+                generation.finished_at, generation.outcome, generation.pause = write.finished_at, write.outcome, None
             else:
                 for ref in write.refs:
                     self._generations.pop(ref, None)

@@ -3,6 +3,7 @@ process per generation, driven by thin clients over ZeroMQ."""
 
 from genvisor._version import __version__
 from genvisor.types import (
+    ApprovalRequest,
     ContextMessage,
     Conversation,
     DaemonInfo,
@@ -24,6 +25,7 @@ from genvisor.types import (
 
 __all__ = [
     "__version__",
+    "ApprovalRequest",
     "ContextMessage",
     "Conversation",
     "DaemonInfo",

@@ -14,9 +14,10 @@ from genvisor.errors import ErrorInfo
 Role = Literal["user", "assistant", "system", "tool"]
 ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
 Status = Literal["idle", "pending_llm", "responding", "canceled"]
-RunStatus = Literal["queued", "running", "completed", "failed", "canceled"]
+RunStatus = Literal["queued", "running", "awaiting_approval", "completed", "failed", "canceled"]
 TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
-EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "completed", "failed", "canceled", "gap"]
+EventKind = Literal["started", "delta", "tool_call", "tool_result", "step", "approval_requested", "approval_resolved",
+                    "completed", "failed", "canceled", "gap"]
 # A run's last event, appended by the daemon when the run settles: exactly one per run.
 TERMINAL_KINDS = frozenset({"completed", "failed", "canceled"})
 
@@ -101,6 +102,11 @@ NoteEvent = Literal[
     "turn_reverted",
     "artifact_recorded",
     "partial_output",
+    "run_queued",
+    "queued_run_ended",
+    "approval_requested",
+    "approval_resolved",
+    "run_resumed",
 ]
 
 
@@ -277,13 +283,23 @@ class GenerationEvent(msgspec.Struct, frozen=True, tag=True, omit_defaults=True)
     tool_call: ToolCall | None = None
     tool_result: ToolResult | None = None
     error: ErrorInfo | None = None  # `failed`
-    reason: str | None = None  # `canceled`
+    reason: str | None = None  # `canceled`; `approval_resolved`: "approved" or "denied" (`text`: the note)
     first_seq: int | None = None  # `gap`
     last_seq: int | None = None
 
     @property
     def terminal(self) -> bool:
         return self.kind in TERMINAL_KINDS
+
+
+class ApprovalRequest(msgspec.Struct, frozen=True):
+    """A tool call a paused run waits for an answer to (see `resolve_approval`)."""
+
+    ref: str
+    call_id: str
+    tool: str
+    arguments: str  # JSON text, as the model sent it
+    requested_at: float  # Unix time
 
 
 class GenerationResult(msgspec.Struct, frozen=True, tag=True):

@@ -182,6 +182,18 @@ class StreamEvents(Request, frozen=True, tag="stream_events"):
     wait_ms: int = 0
 
 
+class PendingApprovals(Request, frozen=True, tag="pending_approvals"):
+    loc: Locator
+
+
+class ResolveApproval(Request, frozen=True, tag="resolve_approval"):
+    loc: Locator
+    ref: str
+    call_id: str
+    approve: bool
+    note: str | None = None
+
+
 class GetPlans(Request, frozen=True, tag="plans"):
     loc: Locator
 
@@ -202,6 +214,7 @@ AnyRequest = (
     | ConfigureSkills | ConfigureMode | GetConversation | GetDerivedState | GetMessages | GetLLMContext | GetTimeline
     | GetThreadEntries | GetMode | SupportedModes | StopConversation | GetTelemetry | GetStatus | GenerateAssistantReply
     | AwaitGeneration | CancelGeneration | SendAndGenerate | TurnChanges | RevertTurn | GetPlans | StreamEvents
+    | PendingApprovals | ResolveApproval
 )
 
 

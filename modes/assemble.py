@@ -38,6 +38,8 @@ class GenerationOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     backend_opts: dict[str, Any] = {}
     record_metadata: dict[str, Any] = {}
     events: bool = False
+    multitask: str = "reject"  # the daemon's (what to do when a run is active); checked there
+    approval_timeout_ms: int | None = None
 
 
 # Where a model request goes and how it travels is the operator's: the backend's table
@@ -70,6 +72,8 @@ def parse_options(raw: dict[str, Any]) -> GenerationOptions:
         raise LLMError("config", "invalid generation options: temperature must be a finite number")
     if options.max_tokens is not None and options.max_tokens <= 0:
         raise LLMError("config", "invalid generation options: max_tokens must be > 0")
+    if options.approval_timeout_ms is not None:
+        _check_timeout(options.approval_timeout_ms, "approval_timeout_ms")
     return options
 
 
@@ -153,7 +157,10 @@ def build_run_spec(assembly: AssemblyRequest, *, tools: frozenset[str] | None = 
         backend_opts=options.backend_opts,
         tools=manifest([skill for skill in state.skills if tools is None or skill in tools]),
     )
-    return RunSpec(**base, request=request)
+    enabled = {tool.name for tool in request.tools}
+    approvals = {**defaults.approvals, **state.mode_state.get("approvals", {})}  # checked by the mode's validate
+    base["approvals"] = {tool: policy for tool, policy in approvals.items() if policy != "allow" and tool in enabled}
+    return RunSpec(**base, request=request, approval_timeout_ms=options.approval_timeout_ms)
 
 
 def _first(*values: Any) -> Any:

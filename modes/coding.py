@@ -13,13 +13,13 @@ directive (`CallLLM`, `RunTools`, `Commit`, `Fail`). It performs no I/O; executo
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
 from genvisor.errors import Diagnostic, LLMError
 from genvisor.modes.assemble import build_run_spec
-from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, LLMReply, RunSpec, RunSucceeded
+from genvisor.modes.llm import DEFAULT_MAX_STEPS, DEFAULT_MAX_TOOL_CALLS, Approval, LLMReply, RunSpec, RunSucceeded
 from genvisor.modes.protocol import (
     AssemblyRequest,
     CallLLM,
@@ -36,6 +36,7 @@ from genvisor.modes.protocol import (
     Transitions,
     check_options,
 )
+from genvisor.modes.tools import SPECS
 from genvisor.types import ContextMessage, LLMResult, ModeInfo, ToolResult, Usage
 
 # Which events each step accepts (the graph above, as data).
@@ -171,15 +172,25 @@ class CodingMode:
         summary="Assemble context, call the model, run its tool calls, feed results back, commit the reply.",
         capabilities=["llm", "tools", "streaming", "cancel"],
         required_options=[],
-        optional_options=["max_steps", "max_tool_calls", "system_prompt"],
-        defaults={"max_steps": DEFAULT_MAX_STEPS, "max_tool_calls": DEFAULT_MAX_TOOL_CALLS, "system_prompt": None},
+        optional_options=["max_steps", "max_tool_calls", "system_prompt", "approvals"],
+        defaults={"max_steps": DEFAULT_MAX_STEPS, "max_tool_calls": DEFAULT_MAX_TOOL_CALLS, "system_prompt": None,
+                  "approvals": {"run_command": "ask"}},
         stability="stable",
         version="1",
     )
-    _options: OptionSchema = {"max_steps": (1, 256), "max_tool_calls": (1, 256), "system_prompt": str}
+    _options: OptionSchema = {"max_steps": (1, 256), "max_tool_calls": (1, 256), "system_prompt": str, "approvals": dict}
 
     def validate(self, mode_state: dict[str, Any]) -> list[Diagnostic]:
-        return check_options("coding", mode_state, self._options)
+        problems = check_options("coding", mode_state, self._options)
+        approvals = mode_state.get("approvals", {})
+        if not isinstance(approvals, dict):
+            return problems  # said by check_options
+        for tool, policy in approvals.items():
+            if tool not in SPECS:
+                problems.append(Diagnostic("unknown_tool", f"/approvals/{tool}", f"no tool {tool!r} (tools: {', '.join(SPECS)})"))
+            elif policy not in get_args(Approval):
+                problems.append(Diagnostic("invalid_value", f"/approvals/{tool}", f"{tool}'s approval must be allow, ask or deny"))
+        return problems
 
     def assemble(self, request: AssemblyRequest) -> RunSpec:
         return build_run_spec(request)

@@ -44,6 +44,10 @@ def apply(state: DerivedState, entry: JournalEntry) -> DerivedState:
     if entry.event == "run_started":
         run = RunInfo(run_id=data["run_id"], mode=data.get("mode", state.mode), status="running", step="llm_request", started_at=entry.at)
         return replace(state, active_run=run)
+    if entry.event in ("approval_requested", "run_resumed") and state.active_run is not None:
+        paused = entry.event == "approval_requested"
+        return replace(state, active_run=replace(state.active_run, status="awaiting_approval" if paused else "running",
+                                                  step="awaiting_approval" if paused else "execute_tools"))
     if entry.event == "run_finished":
         active = state.active_run
         if active is None or active.run_id != data["run_id"]:

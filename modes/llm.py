@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from genvisor.errors import ErrorInfo
 from genvisor.modes.tools import ToolSpec
-from genvisor.types import ContextMessage, LLMResult, ToolCall, Usage
+from genvisor.types import ContextMessage, LLMResult, ToolCall, ToolResult, Usage
 
 DEFAULT_MAX_STEPS = 8  # LLM calls per run: a tool loop's budget
 DEFAULT_MAX_TOOL_CALLS = 32  # tool calls per run
@@ -24,6 +24,12 @@ class BackendConfig(msgspec.Struct, frozen=True):
     settings: dict[str, Any] = {}
 
 
+Approval = Literal["allow", "ask", "deny"]
+# A tool's approval policy unless the daemon config or the conversation says otherwise:
+# a command reaches beyond the workspace's files, so it is asked for.
+DEFAULT_APPROVALS: dict[str, Approval] = {"run_command": "ask"}
+
+
 class RunDefaults(msgspec.Struct, frozen=True):
     """The daemon config's part in the precedence: call > conversation > backend > defaults."""
 
@@ -32,6 +38,7 @@ class RunDefaults(msgspec.Struct, frozen=True):
     stream: bool
     backends: dict[str, BackendConfig]
     coalesce_ms: int = 0
+    approvals: dict[str, Approval] = msgspec.field(default_factory=lambda: dict(DEFAULT_APPROVALS))
 
 
 class LLMRequest(msgspec.Struct, frozen=True):
@@ -78,6 +85,39 @@ class RunSpec(msgspec.Struct, frozen=True):
     snapshot_excludes: list[str] = []  # gitignore-style paths neither captured nor restored
     mode_options: dict[str, Any] = {}  # what the run's mode set aside for its run (its own keys)
     coalesce_ms: int = 0  # consecutive text deltas within this window are sent as one event (0: each alone)
+    approvals: dict[str, Approval] = {}  # tool → "ask" or "deny"; a tool not named is allowed
+    approval_timeout_ms: int | None = None  # how long a paused run waits for its answers (None: as long as it takes)
+    resume: Resume | None = None  # a run that paused for approvals, going on in a fresh worker
+
+
+class LLMReplied(msgspec.Struct, frozen=True, tag=True):
+    reply: LLMReply
+
+
+class ToolsFinished(msgspec.Struct, frozen=True, tag=True):
+    results: list[ToolResult]
+
+
+# What a run was fed after its Start, in order: replayed into a fresh run, it reaches
+# the step the run paused at, without a call to the model or a tool.
+Fed = LLMReplied | ToolsFinished
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The answer to one approval request."""
+
+    approve: bool
+    note: str | None = None
+
+
+class Resume(msgspec.Struct, frozen=True):
+    """How a paused run goes on: what it was fed, the answers to its approvals, the seq of
+    its next event, and whether its workspace snapshot is taken already."""
+
+    fed: list[Fed]
+    decisions: dict[str, Decision]
+    first_seq: int
+    snapshotted: bool = False
 
 
 class Artifact(msgspec.Struct, frozen=True):
@@ -97,4 +137,14 @@ class RunFailed(msgspec.Struct, frozen=True, tag=True):
     error: ErrorInfo
 
 
-RunOutcome = RunSucceeded | RunFailed
+class RunPaused(msgspec.Struct, frozen=True, tag=True):
+    """The run needs approvals before it can run the tool calls of `calls` whose ids are
+    in `asks`: it stops here, and a fresh worker goes on once they are answered."""
+
+    fed: list[Fed]
+    calls: list[ToolCall]
+    asks: list[str]
+    snapshotted: bool = False
+
+
+RunOutcome = RunSucceeded | RunFailed | RunPaused

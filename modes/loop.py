@@ -11,6 +11,7 @@ between a worker and the daemon's own process is the host's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,20 @@ from genvisor.errors import LLMError
 from genvisor.host import Host
 from genvisor.limits import MAX_CHANNEL_FRAME
 from genvisor.modes import scripted
-from genvisor.modes.llm import BackendConfig, LLMReply, LLMRequest, RunFailed, RunOutcome, RunSpec
-from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, LLMReplied, RunTools, Start, ToolsFinished
+from genvisor.modes.llm import (
+    BackendConfig,
+    Decision,
+    Fed,
+    LLMReplied,
+    LLMReply,
+    LLMRequest,
+    RunFailed,
+    RunOutcome,
+    RunPaused,
+    RunSpec,
+    ToolsFinished,
+)
+from genvisor.modes.protocol import CallLLM, Commit, Fail, LLMFailed, RunTools, Start
 from genvisor.modes.registry import registry
 from genvisor.modes.tools import Workspace, call_tool
 from genvisor.modes.workspace_snapshot import EFFECT_TOOLS, SnapshotError, SnapshotStore
@@ -121,7 +134,8 @@ async def drive(spec: RunSpec, emit: Emit, host: Host, capabilities: Capabilitie
     async with trio.open_nursery() as nursery:
         # Every run sends all its events: the daemon keeps them for `stream_events` and
         # partial output, and forwards them to the run's owner if asked to (`spec.events`).
-        events = _Events(spec.ref, emit, nursery, coalesce_s=spec.coalesce_ms / 1000)
+        events = _Events(spec.ref, emit, nursery, coalesce_s=spec.coalesce_ms / 1000,
+                         first_seq=spec.resume.first_seq if spec.resume is not None else 1)
         try:
             outcome = await _run(spec, events, host, capabilities)
         except Exception as exc:  # noqa: BLE001 — the run fails, with what went wrong
@@ -141,9 +155,17 @@ async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabil
     if spec.workspace is not None:
         workspace = Workspace(spec.workspace)
         await host.blocking(lambda: workspace.root.mkdir(parents=True, exist_ok=True))
-    await events.send("started")
-    snapshotted = False
+    fed: list[Fed] = []  # what the run is fed after Start: a pause keeps it, to replay
     directive = run.feed(Start())
+    resume = spec.resume
+    if resume is None:
+        await events.send("started")
+        snapshotted, decisions = False, {}
+    else:  # a paused run going on: replayed to where it paused, with no model or tool call
+        for event in resume.fed:
+            directive = run.feed(event)
+            fed.append(event)
+        snapshotted, decisions = resume.snapshotted, resume.decisions
     while True:
         if isinstance(directive, CallLLM):
             await events.send("step", step=directive.call_index)
@@ -152,8 +174,12 @@ async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabil
             except LLMError as error:
                 directive = run.feed(LLMFailed(error.info()))
                 continue
-            directive = run.feed(LLMReplied(reply))
+            fed.append(LLMReplied(reply))
+            directive = run.feed(fed[-1])
         elif isinstance(directive, RunTools):
+            asks = [call.id for call in directive.calls if spec.approvals.get(call.name) == "ask" and call.id not in decisions]
+            if asks:  # before any call of the batch runs: on the answers, it runs whole
+                return RunPaused(fed, directive.calls, asks, snapshotted)
             results = []
             enabled = [tool.name for tool in spec.request.tools] if spec.request else []
             if not snapshotted and workspace is not None and spec.snapshot_store is not None and any(
@@ -166,13 +192,16 @@ async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabil
                 snapshotted = True
             for call in directive.calls:
                 await events.send("tool_call", tool_call=call)
-                if workspace is None:
+                if (refusal := _refusal(spec, call, decisions)) is not None:
+                    result = ToolResult(call.id, call.name, refusal, is_error=True)
+                elif workspace is None:
                     result = ToolResult(call.id, call.name, "no workspace is configured for this conversation", is_error=True)
                 else:
                     result = await capabilities.call_tool(workspace, call, enabled)
                 await events.send("tool_result", tool_result=result)
                 results.append(result)
-            directive = run.feed(ToolsFinished(results))
+            fed.append(ToolsFinished(results))
+            directive = run.feed(fed[-1])
         elif isinstance(directive, Commit):
             outcome = directive.outcome
             if snapshotted and workspace is not None:
@@ -187,6 +216,17 @@ async def _run(spec: RunSpec, events: _Events, host: Host, capabilities: Capabil
         else:
             assert isinstance(directive, Fail)
             return RunFailed(directive.error)
+
+
+def _refusal(spec: RunSpec, call: ToolCall, decisions: dict[str, Decision]) -> str | None:
+    """Why `call` may not run (what the model is told), or None: it may."""
+    policy = spec.approvals.get(call.name, "allow")
+    if policy == "deny":
+        return f"{call.name} is not allowed in this conversation (its approval policy is deny)"
+    decision = decisions.get(call.id)
+    if policy == "ask" and decision is not None and not decision.approve:
+        return f"the user denied this {call.name} call" + (f": {decision.note}" if decision.note else "")
+    return None
 
 
 def _snapshots(spec: RunSpec, workspace: Workspace) -> SnapshotStore:
@@ -228,25 +268,33 @@ def checked_reply(reply: LLMReply, backend: str) -> LLMReply:
 
 
 class _Events:
-    """A run's events, numbered in order. Consecutive text deltas that come within
-    `coalesce_s` of the first of them travel as one delta event, their texts joined
-    (the window closes at the next event of another kind, or when it has passed)."""
+    """A run's events, numbered in order. A text delta goes at once, unless another went
+    less than `coalesce_s` ago: then it waits for that window to close, and the deltas
+    that came meanwhile travel as one delta event, their texts joined (the window also
+    closes at the next event of another kind). A lone delta is never held, and costs no
+    timer; a burst costs one event per window."""
 
-    def __init__(self, ref: str, emit: Emit, nursery: trio.Nursery, *, coalesce_s: float) -> None:
+    def __init__(self, ref: str, emit: Emit, nursery: trio.Nursery, *, coalesce_s: float, first_seq: int = 1) -> None:
         self._ref = ref
         self._emit = emit
         self._nursery = nursery
         self._coalesce_s = coalesce_s
-        self._seq = 0
+        self._seq = first_seq - 1
         self._pending: list[str] = []  # delta texts held for the window
+        self._window_ends = -math.inf  # a delta sent before then holds the next ones back
         self._lock = trio.Lock()  # one event at a time: a window closing must not overtake a send
 
     async def send(self, kind: EventKind, **fields: Any) -> None:
         if kind == "delta" and self._coalesce_s > 0:
-            if not self._pending:
+            if self._pending:
+                self._pending.append(fields["text"])
+                return
+            now = trio.current_time()
+            if now < self._window_ends:
+                self._pending.append(fields["text"])
                 self._nursery.start_soon(self._close_window)
-            self._pending.append(fields["text"])
-            return
+                return
+            self._window_ends = now + self._coalesce_s
         async with self._lock:
             await self._flush()
             await self._put(kind, **fields)
@@ -257,8 +305,10 @@ class _Events:
             await self._flush()
 
     async def _close_window(self) -> None:
-        await trio.sleep(self._coalesce_s)
+        await trio.sleep_until(self._window_ends)
         async with self._lock:
+            if self._pending:  # what it held goes now, and opens the next window
+                self._window_ends = trio.current_time() + self._coalesce_s
             await self._flush()
 
     async def _flush(self) -> None:

@@ -22,8 +22,16 @@ from typing import Any, Protocol
 import msgspec
 
 from genvisor.errors import Diagnostic, ErrorInfo
-from genvisor.modes.llm import LLMReply, LLMRequest, RunDefaults, RunOutcome, RunSpec, RunSucceeded
-from genvisor.types import DerivedState, ModeInfo, ToolCall, ToolResult
+from genvisor.modes.llm import (
+    LLMReplied as LLMReplied,
+    LLMRequest,
+    RunDefaults,
+    RunOutcome,
+    RunSpec,
+    RunSucceeded,
+    ToolsFinished as ToolsFinished,  # events, with Start and LLMFailed below
+)
+from genvisor.types import DerivedState, ModeInfo, ToolCall
 
 # ---- directives: what a run asks for next ------------------------------------------------
 
@@ -54,16 +62,8 @@ class Start(msgspec.Struct, frozen=True):
     pass
 
 
-class LLMReplied(msgspec.Struct, frozen=True):
-    reply: LLMReply
-
-
 class LLMFailed(msgspec.Struct, frozen=True):
     error: ErrorInfo
-
-
-class ToolsFinished(msgspec.Struct, frozen=True):
-    results: list[ToolResult]
 
 
 Event = Start | LLMReplied | LLMFailed | ToolsFinished
@@ -87,8 +87,8 @@ class Transitions:
 
 # ---- a mode and its runs -------------------------------------------------------------------
 
-# A mode's options: name → a str, or an int within (low, high).
-OptionSchema = dict[str, type[str] | tuple[int, int]]
+# A mode's options: name → a str, an int within (low, high), or a mapping (the mode checks its contents).
+OptionSchema = dict[str, type[str] | type[dict[str, Any]] | tuple[int, int]]
 
 
 def check_options(mode: str, mode_state: dict[str, Any], schema: OptionSchema) -> list[Diagnostic]:
@@ -101,9 +101,9 @@ def check_options(mode: str, mode_state: dict[str, Any], schema: OptionSchema) -
         path = f"/{key}"
         if expected is None:
             problems.append(Diagnostic("unknown_option", path, f"{mode} has no option {key!r} (options: {', '.join(schema)})"))
-        elif expected is str:
-            if not isinstance(value, str):
-                problems.append(Diagnostic("invalid_type", path, f"{key} must be str"))
+        elif expected is str or expected is dict:
+            if not isinstance(value, expected):
+                problems.append(Diagnostic("invalid_type", path, f"{key} must be {expected.__name__}"))
         elif not isinstance(value, int) or isinstance(value, bool):
             problems.append(Diagnostic("invalid_type", path, f"{key} must be int"))
         elif isinstance(expected, tuple) and not expected[0] <= value <= expected[1]:

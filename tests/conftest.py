@@ -39,13 +39,18 @@ if str(REPO) not in sys.path:
 # The tests import the waits from here, with the helpers below.
 from bench.daemon_process import DaemonProcess, WaitTimedOut, readable, wait_for_exit, wait_until  # noqa: E402, F401
 
-# Small graces keep the escalation tests quick; the defaults are seconds.
+# Small graces keep the escalation tests quick; the defaults are seconds. The tests
+# written before approvals run commands unasked; tests/test_approvals.py has the
+# default ("ask") back.
 TEST_CONFIG = """
 [workers]
 spares = 1
 cancel_grace_ms = 300
 term_grace_ms = 300
 deadline_grace_ms = 200
+
+[approvals]
+run_command = "allow"
 """
 
 _names = itertools.count(1)

@@ -291,6 +291,97 @@ ROWS: dict[Callable, dict[str, Any]] = {
 }
 
 
+# ---- rows: a second generation on a busy conversation (`multitask`) -----------------------
+
+
+def enqueue_order(cell: Cell):
+    cell.client.send_user_message(cell.conv, "first")
+    refs = [cell.client.generate_assistant_reply(cell.conv, backend_opts={"delay_ms": 200, "reply": "one"})]
+    refs += [cell.client.generate_assistant_reply(cell.conv, multitask="enqueue", backend_opts={"reply": reply}) for reply in ("two", "three")]
+    last = _outcome(lambda: cell.client.await_generation(cell.conv, refs[-1]))  # the last queued: the others have ended by then
+    runs = cell.client.derived_state(cell.conv).run_history[::-1]
+    in_turn = all(later.started_at >= (earlier.finished_at or 0) for earlier, later in itertools.pairwise(runs))
+    return cell.signature(last, in_turn=in_turn, earlier=[_outcome(lambda r=r: cell.client.await_generation(cell.conv, r)) for r in refs[:2]])
+
+
+def interrupt(cell: Cell):
+    cell.client.send_user_message(cell.conv, "long")
+    ref = cell.client.generate_assistant_reply(cell.conv, **SLOW)
+    outcome = _outcome(lambda: cell.client.send_and_generate(
+        cell.conv, "instead", generation_opts={"multitask": "interrupt", "backend_opts": {"reply": "new"}}))
+    return cell.signature(outcome, interrupted=_outcome(lambda: cell.client.await_generation(cell.conv, ref)))
+
+
+ROWS[enqueue_order] = {
+    "outcome": ("ok", "three"),
+    "history": [("user", "first"), ("assistant", "one"), ("assistant", "two"), ("assistant", "three")],
+    "status": "responding",
+    "notes": [("result", "one"), ("result", "two"), ("result", "three")],
+    "telemetry": {STARTED: 3, COMPLETED: 3},
+    "in_turn": True,
+    "earlier": [("ok", "one"), ("ok", "two")],
+}
+ROWS[interrupt] = {
+    "outcome": ("ok", "new"),
+    "history": [("user", "long"), ("user", "instead"), ("assistant", "new")],
+    "status": "responding",
+    "notes": [("canceled", "interrupted"), ("result", "new")],
+    "telemetry": {STARTED: 2, COMPLETED: 1, ("run_finished", "canceled", "canceled"): 1},
+    "interrupted": ("GenerationCanceled", "interrupted"),
+}
+
+
+# ---- rows: tool approvals -------------------------------------------------------------------
+
+ASKING = [{"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", "echo ran > made.txt"]}}]}, {"text": "after"}]
+
+
+def _approval_row(answer: Callable[[Client, str, str, str], None]) -> Callable[[Cell], dict[str, Any]]:
+    def row(cell: Cell) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as scratch:
+            client, conv = cell.client, cell.conv
+            client.start_conversation(conv, metadata={"workspace": scratch})
+            client.configure_skills(conv, ["run_command"])
+            client.configure_mode(conv, "coding", {"approvals": {"run_command": "ask"}})
+            client.send_user_message(conv, "run it")
+            ref = client.generate_assistant_reply(conv, backend_opts={"script": ASKING})
+            asked = client.next_notification(timeout_ms=10_000)
+            status = client.derived_state(conv).active_run.status
+            answer(client, conv, ref, asked.tool_call.id)
+            outcome = _outcome(lambda: client.await_generation(conv, ref))
+            ran = (Path(scratch) / "made.txt").exists()
+            return cell.signature(outcome, asked=(asked.kind, asked.tool_call.name), paused=status, ran=ran)
+    return row
+
+
+def approved(cell: Cell):
+    return _approval_row(lambda client, conv, ref, call_id: client.resolve_approval(conv, ref, call_id, approve=True))(cell)
+
+
+def denied(cell: Cell):
+    return _approval_row(lambda client, conv, ref, call_id: client.resolve_approval(conv, ref, call_id, approve=False))(cell)
+
+
+def canceled_while_paused(cell: Cell):
+    return _approval_row(lambda client, conv, ref, call_id: client.cancel_generation(conv, "no"))(cell)
+
+
+_ASKED = {"asked": ("approval_requested", "run_command"), "paused": "awaiting_approval"}
+_RAN = "exit code 0\n--- stdout ---\n\n--- stderr ---\n"
+ROWS[approved] = {
+    "outcome": ("ok", "after"), "history": [("user", "run it"), ("assistant", ""), ("tool", _RAN), ("assistant", "after")],
+    "status": "responding", "notes": [("result", "after")], "telemetry": {STARTED: 1, COMPLETED: 1}, "ran": True, **_ASKED,
+}
+ROWS[denied] = {
+    **ROWS[approved], "ran": False,
+    "history": [("user", "run it"), ("assistant", ""), ("tool", "the user denied this run_command call"), ("assistant", "after")],
+}
+ROWS[canceled_while_paused] = {
+    "outcome": ("GenerationCanceled", "no"), "history": [("user", "run it")], "status": "canceled",
+    "notes": [("canceled", "no")], "telemetry": _canceled(), "ran": False, **_ASKED,
+}
+
+
 # ---- rows: a run that does not complete changes no file ----------------------------------
 
 EFFECTS = {
@@ -434,6 +525,7 @@ def test_tools_run_in_process_too(tmp_path):
     with EmbeddedDaemon(Config(state_dir=str(tmp_path))) as runtime, Client(transport=runtime.connect) as client:
         client.start_conversation("t", metadata={"workspace": str(tmp_path / "ws")})
         client.configure_skills("t", ["run_command"])
+        client.configure_mode("t", "coding", {"approvals": {"run_command": "allow"}})  # the default asks
         _, result = client.send_and_generate("t", "go", generation_opts={"backend_opts": {"script": script}})
         tool_result = [m for m in client.conversation_messages("t") if m.role == "tool"][0]
     assert result.text == "ok" and "exit code 0" in tool_result.content and "done" in tool_result.content
