@@ -1,5 +1,6 @@
 """Scenario 5 — memory: the daemon idle, with 10 000 idle conversations, a worker's own
-memory, and RSS/fds across 10 000 generations (they must stay flat).
+memory, RSS/fds across 10 000 generations (they must stay flat), and 1 000 runs paused
+for approvals at once (no worker each, a few KiB; bench.paused).
 
 Peer: a bare interpreter that imports what the daemon is built on (trio, zmq,
 msgspec) — the floor any Python daemon of this kind starts from.
@@ -13,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench import paused
 from bench.harness import MIB, Daemon, daemon_config, fd_kinds, uss_mib
 from bench.loops import LoopResult, closed_loop, genvisor_caller
 from bench.report import Result, Table, figure
@@ -107,6 +109,16 @@ def run(ctx) -> Result:
         ["RSS growth per generation, KiB", "–", fmt(growth_kib), fmt_ratio(ratio(growth_kib, per_conv_kib)) + " an idle conversation"],
     ]
     _plot(ctx.out / "memory.png", trace)
+    paused_runs = ctx.n(full=1000, quick=200)
+    pause = paused.measure(ctx.dir("memory-paused"), paused_runs, ctx.n(full=50, quick=20))
+    fresh, resumed = pause.fresh_ms, pause.resume_ms
+    paused_rows = [
+        ["workers held by the paused runs", fmt(pause.workers_held), "0 (the bound)"],
+        ["daemon RSS growth per paused run, KiB (all of them)", fmt(pause.kib_per_paused_run), "≤ 10"],
+        ["  the second half's, KiB (what scales with paused runs)", fmt(pause.kib_per_paused_run_marginal), "≤ 10"],
+        ["resume after approval → result, p50 ms", fmt(resumed.p50), fmt_ratio(ratio(resumed.p50, fresh.p50)) + " a fresh generation"],
+        ["a fresh generation (same turn) → result, p50 ms", fmt(fresh.p50), "1.00×"],
+    ]
     return Result(
         name="memory",
         tables=[
@@ -117,6 +129,9 @@ def run(ctx) -> Result:
                   note=f"Counted idle (no run active, spares back). fds that changed, by kind: {fd_change or 'none'}. "
                        "The daemon keeps every conversation's journal in memory, so RSS grows by what a turn adds to it "
                        "(a user message, a reply, two run notes): compare with an idle conversation's two messages."),
+            Table(f"{paused_runs:,} runs paused for approvals at once (bench.paused)", ["", "measured", "bound"], paused_rows,
+                  note="Each run's first tool call is a command that asks; counted once every run has asked and the daemon is "
+                       "idle. Resumes alternate with fresh generations of the same turn (one command) in one run."),
         ],
         metrics={
             "memory.idle_rss_mib": idle,
@@ -129,6 +144,10 @@ def run(ctx) -> Result:
             "memory.rss_growth_per_generation_vs_conversation": ratio(growth_kib, per_conv_kib),
             "memory.fd_growth_after_generations": float(fds1 - fds0),
             "memory.soak_errors": float(loop.errors),
+            "memory.workers_held_by_paused_runs": float(pause.workers_held),
+            "memory.kib_per_paused_run": pause.kib_per_paused_run,
+            "memory.kib_per_paused_run_marginal": pause.kib_per_paused_run_marginal,
+            "memory.resume_p50_vs_fresh_generation": ratio(resumed.p50, fresh.p50),
         },
         plots=["memory.png"],
         data={"trace": trace, "fds_before": kinds0, "fds_after": kinds1},

@@ -19,7 +19,7 @@ from genvisor.types import ApprovalRequest, ToolCall
 
 class StoredPause(msgspec.Struct, frozen=True):
     spec: RunSpec
-    fed: list[Fed]
+    fed: bytes  # msgpack of list[Fed]
     calls: list[ToolCall]
     asks: list[str]
     decisions: dict[str, Decision]
@@ -30,11 +30,14 @@ class StoredPause(msgspec.Struct, frozen=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(StoredPause)
+_fed_decoder = msgspec.msgpack.Decoder(list[Fed])
 
 
 class Pause:
-    def __init__(self, paused: RunPaused, *, requested_at: float | None = None, decisions: dict[str, Decision] | None = None) -> None:
-        self.fed = paused.fed
+    def __init__(self, fed: bytes, paused: RunPaused, *, requested_at: float | None = None,
+                 decisions: dict[str, Decision] | None = None) -> None:
+        # What the run was fed stays encoded (a tenth of its decoded size) until it goes on.
+        self.fed = fed
         self.calls = paused.calls
         self.asks = paused.asks
         self.snapshotted = paused.snapshotted
@@ -56,8 +59,12 @@ class Pause:
     def answered(self) -> bool:
         return all(call_id in self.decisions for call_id in self.asks)
 
+    @classmethod
+    def of(cls, paused: RunPaused) -> Pause:
+        return cls(_encoder.encode(paused.fed), msgspec.structs.replace(paused, fed=[]))
+
     def resume(self, first_seq: int) -> Resume:
-        return Resume(self.fed, self.decisions, first_seq, self.snapshotted)
+        return Resume(_fed_decoder.decode(self.fed), self.decisions, first_seq, self.snapshotted)
 
     def encode(self, spec: RunSpec, ran_s: float) -> bytes:
         return _encoder.encode(StoredPause(spec, self.fed, self.calls, self.asks, self.decisions, self.snapshotted,
@@ -67,6 +74,6 @@ class Pause:
 def decode(data: bytes) -> tuple[Pause, RunSpec, float]:
     """A journaled pause: itself, the run's spec, and how long its workers ran."""
     stored = _decoder.decode(data)
-    pause = Pause(RunPaused(stored.fed, stored.calls, stored.asks, stored.snapshotted), requested_at=stored.requested_at,
+    pause = Pause(stored.fed, RunPaused([], stored.calls, stored.asks, stored.snapshotted), requested_at=stored.requested_at,
                   decisions=dict(stored.decisions))
     return pause, stored.spec, stored.ran_s

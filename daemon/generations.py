@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 import msgspec
@@ -70,6 +70,9 @@ from genvisor.types import (
 )
 
 Owner = Hashable
+
+
+Work = Callable[["ConversationRecord", "ActiveGeneration"], Awaitable[None]]
 
 
 class Notify(Protocol):
@@ -137,8 +140,8 @@ class ActiveGeneration:
         # workspace to be restored, so that it can say what became of it.
         self.failure: ErrorInfo | None = None
         self.partial = PartialOutput()  # what it streamed: kept if it does not complete
-        self.pause: Pause | None = None  # waiting for approvals: no worker, no slot
-        self.answered = trio.Event()  # its approvals are answered, or it has ended
+        self.pause: Pause | None = None  # waiting for approvals: no worker, no slot, no task
+        self.settled: trio.Event | None = None  # set once its workspace is settled (made when it first runs)
         self.ran_s = 0.0  # how long its workers ran: the deadline does not tick while it is paused
 
     def run_seconds(self) -> float | None:
@@ -225,15 +228,17 @@ class Generations:
         self._drained = trio.Event()
         self._interrupted: list[tuple[ConversationRecord, GenerationRecord]] = []  # by `restore`: workspaces to undo
         self._paused_at_start: list[tuple[ConversationRecord, ActiveGeneration]] = []  # by `restore`: runs to wait on
+        self._approval_deadlines: dict[str, tuple[float, ConversationRecord, ActiveGeneration]] = {}  # ref → when it times out
+        self._clock_changed = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expire_outcomes)
             await nursery.start(self.streams.run)
+            nursery.start_soon(self._approval_clock)
             for conversation, active in self._paused_at_start:
-                self._driving += 1
-                nursery.start_soon(self._drive, conversation, active)
+                self._wait_for_answers(conversation, active)
             self._paused_at_start.clear()
             task_status.started()
             await trio.sleep_forever()
@@ -282,8 +287,7 @@ class Generations:
         conversation = self._conversations.of(record.key)
         active = ActiveGeneration(record, None, spec, None, b"")
         active.pause, active.ran_s = pause, ran_s
-        if pause.answered:  # answered before the daemon stopped: it goes on at once
-            active.answered.set()
+        active.settled = conversation.workspace_settled = trio.Event()  # its workspace may hold its changes
         conversation.active = active
         self._paused_at_start.append((conversation, active))
 
@@ -319,7 +323,6 @@ class Generations:
             if active is not None and active.pause is not None:
                 while conversation.queue:
                     self._settle_queued(conversation, conversation.queue.popleft(), reason="daemon_shutdown")
-                active.answered.set()
             else:
                 self.cancel_all(conversation, "daemon_shutdown")
 
@@ -414,9 +417,7 @@ class Generations:
             self._finish_failed(conversation, active, spec.error)
             self._log_run_end(conversation, active)
             return
-        assert self._nursery is not None
-        self._driving += 1
-        self._nursery.start_soon(self._drive, conversation, active)
+        self._spawn(conversation, active, self._run_generation)
 
     def _settle_queued(self, conversation: ConversationRecord, pending: Pending, *, reason: str | None = None,
                        error: ErrorInfo | None = None) -> None:
@@ -548,12 +549,18 @@ class Generations:
         if active.spec.events and active.owner is not None:
             self._notify(active.owner, progress, frame)
 
-    async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
-        """Run one generation to its end. Whatever goes wrong in here is this run's
-        failure, never the daemon's: the run ends with a typed error and its worker is
-        torn down; only a journal failure (the crash-only stop) goes further."""
+    def _spawn(self, conversation: ConversationRecord, active: ActiveGeneration, work: Work) -> None:
+        assert self._nursery is not None
+        self._driving += 1
+        self._nursery.start_soon(self._drive, conversation, active, work)
+
+    async def _drive(self, conversation: ConversationRecord, active: ActiveGeneration, work: Work) -> None:
+        """Do `work` for a run: drive it (to its end, or its pause), or conclude it.
+        Whatever goes wrong in here is this run's failure, never the daemon's: the run
+        ends with a typed error and its worker is torn down; only a journal failure (the
+        crash-only stop) goes further."""
         try:
-            await self._run_generation(conversation, active)
+            await work(conversation, active)
         except StoreFailed:
             raise
         except Exception:  # noqa: BLE001 — contained to the run it belongs to
@@ -564,8 +571,11 @@ class Generations:
             if active.handle is not None:
                 with trio.CancelScope(shield=True):
                     await active.handle.cleaned_up.wait()
+            if active.settled is not None:
+                active.settled.set()  # its workspace stays as it is (said in its outcome): the next run may start
         finally:
-            self._log_run_end(conversation, active)
+            if active.pause is None or active.record.done.is_set():  # it ended (a pause is no end)
+                self._log_run_end(conversation, active)
             self._driving -= 1  # counted from `generate`, so that a run not yet begun counts too
             if not self._driving:
                 self._drained.set()
@@ -599,45 +609,41 @@ class Generations:
         event(log, "run.finished", level, **fields)
 
     async def _run_generation(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
-        """Wait for admission, run, settle. A run that pauses for approvals gives its
-        worker and slot back, waits for its answers, then goes on in a fresh worker with
-        a slot of its own again: its legs. A slot is held until its worker is gone, so
-        `max_active` bounds processes, not just runs."""
-        settled: trio.Event | None = None
-        if active.pause is not None:  # taken back paused at a restart: its workspace may hold its changes
-            settled = conversation.workspace_settled = trio.Event()
+        """Wait for admission, run the run in a worker, settle. A slot is held until its
+        worker is gone, so `max_active` bounds processes, not just runs. A run that
+        paused for approvals just returns: it holds no task, no slot and no worker until
+        its answers come (then this runs again, a leg of the same run) or it ends."""
+        first_leg = active.settled is None
+        assert active.slot is not None
+        with active.slot:
+            with active.queue_scope:
+                await active.slot.acquire()
+                if first_leg:
+                    await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
+            if active.record.done.is_set():
+                if first_leg:
+                    return  # canceled while queued: nothing of it ran
+            else:
+                if first_leg:
+                    self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)
+                    active.settled = conversation.workspace_settled = trio.Event()
+                    active.started_at = time.perf_counter()
+                await self._run_leg(conversation, active)
+        if active.pause is not None and not active.record.done.is_set():
+            return
+        await self._conclude(conversation, active)
+
+    async def _conclude(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """The run has ended and its processes are gone: settle its workspace, give it
+        the outcome that waited for that, and let the conversation's next run start."""
+        assert active.settled is not None
         try:
-            while True:
-                if active.pause is None:
-                    assert active.slot is not None
-                    with active.slot:
-                        with active.queue_scope:
-                            await active.slot.acquire()
-                            if settled is None:
-                                await conversation.workspace_settled.wait()  # the run before may still be undoing its changes
-                        if active.record.done.is_set():
-                            break  # canceled while queued
-                        if settled is None:
-                            self.telemetry.queue_wait_seconds.observe(active.slot.waited_s)  # the first leg's
-                            settled = conversation.workspace_settled = trio.Event()
-                            active.started_at = time.perf_counter()
-                        await self._run_leg(conversation, active)
-                if active.pause is None or active.record.done.is_set():
-                    break
-                await self._wait_for_answers(conversation, active)
-                if active.record.done.is_set():
-                    break
-                if not self._admitting:
-                    return  # the daemon stops: the run stays paused, its workspace as it is, for the next one
-                self._resume(conversation, active)
-            if settled is not None:
-                with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
-                    result, paths = await self._settle_workspace(conversation, active)
-                if active.failure is not None and not active.record.done.is_set():
-                    self._finish(conversation, active, error=self._workspaces.said(active.failure, result, paths))
+            with trio.CancelScope(shield=True):  # a shutdown still undoes what its runs did
+                result, paths = await self._settle_workspace(conversation, active)
+            if active.failure is not None and not active.record.done.is_set():
+                self._finish(conversation, active, error=self._workspaces.said(active.failure, result, paths))
         finally:
-            if settled is not None:
-                settled.set()
+            active.settled.set()
 
     async def _run_leg(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Run the run in a worker until it ends or pauses, and its worker is gone."""
@@ -651,12 +657,16 @@ class Generations:
         await active.handle.cleaned_up.wait()
         self._observe_cleanup(active.handle)
         active.ran_s += trio.current_time() - began
+        if active.pause is not None:
+            active.handle = None
 
     def _pause(self, conversation: ConversationRecord, active: ActiveGeneration, paused: RunPaused) -> None:
         """The run waits for approvals: journaled (its answers are taken after a restart
         too), its owner told, its worker let go."""
-        pause = active.pause = Pause(paused)
-        active.encoded_spec = b""  # made again, with what it was fed, when it goes on
+        pause = active.pause = Pause.of(paused)
+        # What a paused run keeps is its memory cost: the spec is made again, with what
+        # the run was fed, when it goes on; its last worker's handle goes (once it is reaped).
+        active.encoded_spec = b""
         self._journal.submit(GenerationPaused(active.record.ref, pause.encode(active.spec, active.ran_s)))
         requests = pause.requests(active.record.ref)
         self._conversations.append(conversation, kind="note", event="approval_requested", data={
@@ -666,20 +676,43 @@ class Generations:
             self._emit(active, GenerationEvent(active.record.ref, "approval_requested", tool_call=pause.call(request.call_id)),
                        always=True)
         event(log, "run.paused", **_run_fields(conversation, active), approvals=len(requests))
+        self._wait_for_answers(conversation, active)
 
-    async def _wait_for_answers(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
-        """Until every approval is answered, the run ends (a cancel), or its approval
-        timeout passes (then it fails, reason approval_timeout)."""
+    def _wait_for_answers(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        """A paused run waits: for its answers (then it goes on), its approval timeout
+        (the approval clock's), or its end. Answered already (before a restart): it goes on."""
         pause = active.pause
         assert pause is not None
+        if pause.answered:
+            self._resume(conversation, active)
+            return
         timeout_ms = active.spec.approval_timeout_ms
-        left_s = math.inf if timeout_ms is None else timeout_ms / 1000 - (time.time() - pause.requested_at)
-        with trio.move_on_after(max(0.0, left_s)):
-            await active.answered.wait()
-        if not active.record.done.is_set() and not pause.answered and self._admitting:
-            self._finish_failed(conversation, active, LLMError(
-                "timeout", f"no answer to the approval of {len(pause.requests(active.record.ref))} tool call(s) within {timeout_ms} ms",
-                retryable=False, details={"reason": "approval_timeout"}).info())
+        if timeout_ms is not None:
+            self._approval_deadlines[active.record.ref] = (pause.requested_at + timeout_ms / 1000, conversation, active)
+            self._clock_changed.set()
+
+    async def _approval_clock(self) -> None:
+        """Fail the paused runs whose approval timeout has passed (reason approval_timeout)."""
+        while True:
+            now = time.time()
+            for ref, (deadline, conversation, active) in list(self._approval_deadlines.items()):
+                if deadline <= now:
+                    del self._approval_deadlines[ref]
+                    if active.pause is not None and not active.record.done.is_set():
+                        self._approval_timed_out(conversation, active)
+            earliest = min((deadline for deadline, _, _ in self._approval_deadlines.values()), default=math.inf)
+            with trio.move_on_after(max(0.0, earliest - now)):
+                await self._clock_changed.wait()
+            self._clock_changed = trio.Event()
+
+    def _approval_timed_out(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
+        assert active.pause is not None
+        waiting = len(active.pause.requests(active.record.ref))
+        self._finish_failed(conversation, active, LLMError(
+            "timeout", f"no answer to the approval of {waiting} tool call(s) within {active.spec.approval_timeout_ms} ms",
+            retryable=False, details={"reason": "approval_timeout"}).info())
+        active.pause = None  # it ends: what remains is to settle it
+        self._spawn(conversation, active, self._conclude)
 
     def _resume(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """Every approval is answered: the run goes on, in a fresh worker, from where it paused."""
@@ -687,11 +720,13 @@ class Generations:
         assert pause is not None and active.record.events is not None
         active.spec = msgspec.structs.replace(active.spec, resume=pause.resume(active.record.events.last_seq + 1))
         active.encoded_spec = _encoder.encode(active.spec)
-        active.pause, active.answered, active.handle = None, trio.Event(), None
+        active.pause, active.handle = None, None
         active.queue_scope = trio.CancelScope()
         active.slot = self.admission.admit(beyond_queue=True)  # admitted once already: not refused now
+        self._approval_deadlines.pop(active.record.ref, None)
         self._journal.submit(GenerationResumed(active.record.ref))
         self._conversations.append(conversation, kind="note", event="run_resumed", data={"run_id": active.record.run_id})
+        self._spawn(conversation, active, self._run_generation)
 
     def pending_approvals(self, loc: Locator) -> list[ApprovalRequest]:
         active = self._conversations.fetch(loc).active
@@ -715,7 +750,7 @@ class Generations:
         self._emit(active, GenerationEvent(ref, "approval_resolved", tool_call=call, reason="approved" if approve else "denied",
                                            text=note))
         if pause.answered:
-            active.answered.set()
+            self._resume(conversation, active)
 
     def _emit(self, active: ActiveGeneration, event: GenerationEvent, *, always: bool = False) -> None:
         """Append an event of the daemon's to the run's (numbered next); push it to the
@@ -854,7 +889,10 @@ class Generations:
             active.handle.cancel(reason)  # termination begins; it completes in the executor
         else:
             active.queue_scope.cancel()  # still waiting for admission: leave the queue
-        active.answered.set()  # paused: it waits no more
+        if active.pause is not None:  # paused: no task drives it; one settles it now
+            active.pause = None
+            self._approval_deadlines.pop(record.ref, None)
+            self._spawn(conversation, active, self._conclude)
         if start_next:
             self._start_next(conversation)
 

@@ -45,14 +45,15 @@ class Workspaces:
             return chosen
         project, id_ = key
         digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-        return str(self._root / _safe(project or "_") / f"{_safe(id_)[:40]}-{digest}")
+        return os.path.join(self._root, _safe(project or "_"), f"{_safe(id_)[:40]}-{digest}")
 
     def store(self, workspace: str) -> str | None:
         """The snapshots of a workspace: one store per workspace directory, whichever
         conversations use it (None when runs are not transactions)."""
         if self._snapshots is None:
             return None
-        return str(self._snapshots / (hashlib.sha256(os.fsencode(os.path.realpath(workspace))).hexdigest()[:24] + ".git"))
+        # os.path, not pathlib: pathlib interns every part of every path it parses, for good.
+        return os.path.join(self._snapshots, hashlib.sha256(os.fsencode(os.path.realpath(workspace))).hexdigest()[:24] + ".git")
 
     @staticmethod
     def changed(spec: RunSpec) -> bool:
