@@ -142,6 +142,7 @@ class ActiveGeneration:
         self.partial = PartialOutput()  # what it streamed: kept if it does not complete
         self.pause: Pause | None = None  # waiting for approvals: no worker, no slot, no task
         self.settled: trio.Event | None = None  # set once its workspace is settled (made when it first runs)
+        self.driven = False  # a leg of it is under way (its worker may still be going)
         self.ran_s = 0.0  # how long its workers ran: the deadline does not tick while it is paused
 
     def run_seconds(self) -> float | None:
@@ -614,6 +615,7 @@ class Generations:
         paused for approvals just returns: it holds no task, no slot and no worker until
         its answers come (then this runs again, a leg of the same run) or it ends."""
         first_leg = active.settled is None
+        active.driven = True
         assert active.slot is not None
         with active.slot:
             with active.queue_scope:
@@ -629,7 +631,9 @@ class Generations:
                     active.settled = conversation.workspace_settled = trio.Event()
                     active.started_at = time.perf_counter()
                 await self._run_leg(conversation, active)
+        active.driven = False
         if active.pause is not None and not active.record.done.is_set():
+            self._wait_for_answers(conversation, active)  # only now: its worker is gone
             return
         await self._conclude(conversation, active)
 
@@ -676,14 +680,13 @@ class Generations:
             self._emit(active, GenerationEvent(active.record.ref, "approval_requested", tool_call=pause.call(request.call_id)),
                        always=True)
         event(log, "run.paused", **_run_fields(conversation, active), approvals=len(requests))
-        self._wait_for_answers(conversation, active)
 
     def _wait_for_answers(self, conversation: ConversationRecord, active: ActiveGeneration) -> None:
         """A paused run waits: for its answers (then it goes on), its approval timeout
         (the approval clock's), or its end. Answered already (before a restart): it goes on."""
         pause = active.pause
         assert pause is not None
-        if pause.answered:
+        if pause.answered and not active.driven:  # else its leg, ending, goes on with it
             self._resume(conversation, active)
             return
         timeout_ms = active.spec.approval_timeout_ms
@@ -889,10 +892,11 @@ class Generations:
             active.handle.cancel(reason)  # termination begins; it completes in the executor
         else:
             active.queue_scope.cancel()  # still waiting for admission: leave the queue
-        if active.pause is not None:  # paused: no task drives it; one settles it now
+        if active.pause is not None:  # paused
             active.pause = None
             self._approval_deadlines.pop(record.ref, None)
-            self._spawn(conversation, active, self._conclude)
+            if not active.driven:  # no task drives it (its last leg's has ended): one settles it now
+                self._spawn(conversation, active, self._conclude)
         if start_next:
             self._start_next(conversation)
 
