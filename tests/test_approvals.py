@@ -131,11 +131,13 @@ def test_an_unanswered_approval_times_out_and_the_deadline_does_not_tick_while_p
         with pytest.raises(LLMError) as raised:
             client.await_generation(conv, ref)
         assert raised.value.category == "timeout" and raised.value.details["reason"] == "approval_timeout"
-        # A run with a 400 ms deadline, paused for longer than that, still completes: only
-        # its workers' time counts. (The sleep is the condition under test: time passing.)
+        # A run with a 400 ms deadline, paused for longer than that (while a 600 ms turn of
+        # another conversation runs to its end), still completes: only its workers' time counts.
         ref = client.generate_assistant_reply(conv, timeout_ms=400, backend_opts={"script": [_command("late"), {"text": "in time"}]})
         [request] = _paused(client, conv, ref)
-        time.sleep(0.6)
+        began = time.monotonic()
+        client.send_and_generate(conv + "-other", "meanwhile", generation_opts={"backend_opts": {"delay_ms": 600}})
+        assert time.monotonic() - began >= 0.6
         client.resolve_approval(conv, ref, request.call_id, approve=True)
         assert client.await_generation(conv, ref).text == "in time"
 
