@@ -379,8 +379,10 @@ class _Exchange:
         for delta in deltas:
             piece = delta.get("content")
             if piece:
-                if paced and r.chunk_delay_s:
-                    time.sleep(r.chunk_delay_s)
+                # The stream's rate: between pieces, the server's closing (which ends the
+                # pause at once), or the delay, whichever comes first.
+                if paced and r.chunk_delay_s and self.fake._released.wait(r.chunk_delay_s):
+                    return
                 paced = True
                 self._send_piece(self._chunk(delta), piece)
             else:
