@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from pathlib import Path
 
 import msgspec
 import trio
@@ -17,7 +16,6 @@ from genvisor.daemon.conversations import ConversationRecord, Conversations, not
 from genvisor.daemon.workspaces import Workspaces
 from genvisor.errors import GenerationInProgress, NotFound, RevertConflict
 from genvisor.logevent import event
-from genvisor.modes import workspace_snapshot
 from genvisor.types import Locator, WorkspaceChanges
 
 log = logging.getLogger("genvisor.daemon")
@@ -51,8 +49,8 @@ class ChangeSets:
             if store is None or store in seen:
                 continue
             seen.add(store)
-            for revert in await trio.to_thread.run_sync(workspace_snapshot.interrupted_reverts, store):
-                result, paths = await trio.to_thread.run_sync(workspace_snapshot.undo_revert, store, workspace, revert)
+            for revert in await self._workspaces.interrupted_reverts(store, workspace):
+                result, paths = await self._workspaces.undo_revert(store, workspace, revert)
                 self._conversations.append(conversation, kind="note", event="workspace_restored",
                                            data={"run_id": revert, "workspace": result, "paths": paths[:100], "paths_total": len(paths)})
                 event(log, "revert.undone", logging.ERROR if result == "restore_failed" else logging.WARNING, revert=revert,
@@ -91,13 +89,7 @@ class ChangeSets:
         workspace = self._workspaces.directory(conversation.key, conversation.metadata)
         store = self._workspaces.store(workspace)
         assert store is not None  # transactional: every workspace has its store
-
-        def read() -> WorkspaceChanges | None:
-            if not workspace_snapshot.has_change_set(store, change_set.name):
-                return None
-            return workspace_snapshot.SnapshotStore(Path(store), Path(workspace)).kept(change_set.name, change_set.ref)
-
-        changes = await trio.to_thread.run_sync(read)
+        changes = await self._workspaces.kept(store, workspace, change_set.name, change_set.ref)
         if changes is None:
             return WorkspaceChanges(ref=change_set.ref, reverts=change_set.reverts)
         return msgspec.structs.replace(changes, reverts=change_set.reverts)
@@ -124,15 +116,8 @@ class ChangeSets:
                 workspace = self._workspaces.directory(conversation.key, conversation.metadata)
                 store = self._workspaces.store(workspace)
                 assert store is not None  # transactional: every workspace has its store
-
-                def work() -> WorkspaceChanges | list[str]:
-                    if not workspace_snapshot.has_change_set(store, change_set.name):
-                        return WorkspaceChanges(ref=revert)  # it changed nothing: nothing to put back
-                    snapshots = workspace_snapshot.SnapshotStore.of(Path(store), Path(workspace), f"turns/{change_set.name}/before")
-                    return snapshots.revert(change_set.name, revert, revert)
-
                 with trio.CancelScope(shield=True):  # begun, a revert is seen through
-                    result = await trio.to_thread.run_sync(work)
+                    result = await self._workspaces.revert(store, workspace, change_set.name, revert)
         finally:
             done.set()
         if isinstance(result, list):

@@ -5,6 +5,7 @@ CLI flags override the file. README documents every key (keep them in step).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -45,6 +46,16 @@ class Workers(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline_grace_ms: int = 5_000  # a run is killed at timeout_ms + this
 
 
+class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: Literal["local", "ray"] = "local"  # local: workers on this machine; ray: on a Ray cluster's nodes
+    # ray: "auto" (RAY_ADDRESS, or the cluster this machine is part of), "ray://host:10001",
+    # "host:6379", or "local" (a Ray started for this daemon alone, to try it out)
+    address: str = "auto"
+    # node: a conversation's runs go to the node that holds its workspace (its first run's);
+    # shared: workspaces are on storage every node mounts at the same path, any node will do
+    workspaces: Literal["node", "shared"] = "node"
+
+
 class Generations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outcome_retention_s: float = 600.0  # refs stay awaitable this long after the run ends
 
@@ -81,6 +92,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     defaults: Defaults = Defaults()
     backends: dict[str, Backend] = {}
     workers: Workers = Workers()
+    executor: Executor = Executor()
     generations: Generations = Generations()
     admission: Admission = Admission()
     clients: Clients = Clients()
@@ -160,6 +172,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"backends.{name}.kind must be 'scripted' or 'openai', not {backend.kind!r}")
     if (config.security.server_secret_key_file is None) != (config.security.authorized_clients_dir is None):
         raise ConfigError("security.server_secret_key_file and security.authorized_clients_dir go together: set both for CURVE, or neither")
+    if config.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor.kind = \"ray\" needs Ray on this machine and on every node: pip install 'genvisor[ray]'")
     if config.workers.spares < 0:
         raise ConfigError("workers.spares must be >= 0")
     if config.metrics is not None:

@@ -54,7 +54,6 @@ from genvisor.errors import (
 from genvisor.ipc.frames import RawEventBatch
 from genvisor.limits import MAX_CHANNEL_FRAME
 from genvisor.logevent import RateLimit, event
-from genvisor.modes import workspace_snapshot
 from genvisor.modes.llm import Decision, RunDefaults, RunPaused, RunSpec, RunSucceeded
 from genvisor.modes.protocol import AssemblyRequest, MalformedOutcome, decode_outcome
 from genvisor.modes.registry import registry
@@ -97,7 +96,9 @@ _event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
 class Executor(Protocol):
     """Runs a RunSpec somewhere and reports one outcome on the handle it returns."""
 
-    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle: ...
+    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None,
+                  placement: str | None = None) -> RunHandle:
+        """`placement`: the run's workspace (a cluster runs it on the node that holds it)."""
 
     def health(self) -> ExecutorHealth: ...
 
@@ -267,7 +268,7 @@ class Generations:
                                            data={"run_id": record.run_id, "status": "failed", "reason": "daemon_restarted"})
                 record.error = error.info()
                 store = self._workspaces.store(self._workspaces.directory(conversation.key, conversation.metadata))
-                if store is not None and workspace_snapshot.has_snapshot(store, record.run_id):
+                if store is not None and self._workspaces.may_have_snapshot(store, record.run_id):
                     self._interrupted.append((conversation, record))  # closed once its workspace is undone
                 else:
                     record.error = self._workspaces.said(record.error, "unchanged", [])
@@ -655,7 +656,8 @@ class Generations:
         began = trio.current_time()
         deadline = began + active.spec.request.timeout_ms / 1000 - active.ran_s + self._deadline_grace_s
         active.handle = self._executor.start_run(
-            active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline
+            active.encoded_spec, on_progress=lambda raw: self._on_progress(conversation, active, raw), deadline=deadline,
+            placement=active.spec.workspace,
         )
         await self._settle_when_done(conversation, active)
         await active.handle.cleaned_up.wait()

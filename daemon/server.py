@@ -14,6 +14,7 @@ bug gets `InternalError` with an incident id that is also logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -48,12 +49,17 @@ from genvisor.ipc.router import RouterOutbox, configure_router
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.logevent import event
 from genvisor.modes.loop import TurnTarget
+from genvisor.supervisor.cluster import RayExecutor
+from genvisor.supervisor.node_agent import AgentSettings
 from genvisor.supervisor.pool import WorkerPool
+from genvisor.supervisor.ray_bridge import BridgeSettings
 from genvisor.supervisor.runs import Supervisor
+from genvisor.supervisor.worker import target_name
 
 log = logging.getLogger("genvisor.daemon")
 
 WORKER_TARGET = TurnTarget  # what every worker runs
+NODE_CALLS = "genvisor.modes.workspace_snapshot:NODE_CALLS"  # the workspace work a cluster node does for the daemon
 
 
 async def _serve_socket(sock: TrioSocket, front: Front, outbox: RouterOutbox) -> None:
@@ -72,6 +78,21 @@ async def _serve_socket(sock: TrioSocket, front: Front, outbox: RouterOutbox) ->
                 log.exception("unexpected error receiving a frame")
 
 
+def ray_executor(config: Config) -> RayExecutor:
+    """Runs on the Ray cluster `[executor]` names; each node's agent runs them with the
+    `[workers]` settings, the `spares` per node."""
+    state = config.state_path().resolve()
+    agent = AgentSettings(
+        node="", host="", daemon_key="", target=target_name(WORKER_TARGET), calls=NODE_CALLS, preload=config.worker_preload(),
+        spares=config.workers.spares, cancel_grace_s=config.workers.cancel_grace_ms / 1000,
+        term_grace_s=config.workers.term_grace_ms / 1000, instance=str(state),
+    )
+    namespace = "genvisor-" + hashlib.sha256(str(state).encode()).hexdigest()[:12]  # one daemon per state dir
+    settings = BridgeSettings(address=config.executor.address, namespace=namespace, agent=agent)
+    teardown_s = (config.workers.cancel_grace_ms + config.workers.term_grace_ms) / 1000 + 5.0
+    return RayExecutor(settings, workspaces=config.executor.workspaces, pins=state / "cluster-workspaces.json", teardown_s=teardown_s)
+
+
 def resolve_endpoint(config: Config) -> Endpoint:
     return parse_endpoint(config.endpoint) if config.endpoint else default_endpoint(runtime_directory())
 
@@ -82,57 +103,67 @@ async def serve(config: Config) -> int:
     curve = server_curve(endpoint, config.security.server_secret_key_file, config.security.authorized_clients_dir)
     store = await trio.to_thread.run_sync(config.open_store)  # first: it holds the state dir's lock
     endpoint_lock: int | None = None
-    pool = WorkerPool(
-        target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload(),
-        instance=str(config.state_path().resolve()),  # one daemon per state dir: the journal's lock
-    )
-    supervisor = Supervisor(
-        pool,
-        cancel_grace_s=config.workers.cancel_grace_ms / 1000,
-        term_grace_s=config.workers.term_grace_ms / 1000,
-    )
+    pool: WorkerPool | None = None
+    if config.executor.kind == "ray":
+        supervisor: Supervisor | RayExecutor = ray_executor(config)
+    else:
+        pool = WorkerPool(
+            target=WORKER_TARGET, spares=config.workers.spares, preload=config.worker_preload(),
+            instance=str(config.state_path().resolve()),  # one daemon per state dir: the journal's lock
+        )
+        supervisor = Supervisor(
+            pool,
+            cancel_grace_s=config.workers.cancel_grace_ms / 1000,
+            term_grace_s=config.workers.term_grace_ms / 1000,
+        )
     metrics: MetricsServer | None = None
     ctx = zmq.Context()
     authenticator = None
     try:
-        front = await open_front(config, supervisor, str(endpoint), store)
-        if endpoint.scheme == "ipc":
-            endpoint_lock = claim_ipc_endpoint(endpoint, config.ipc_group_access)
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
-        router.setsockopt(zmq.LINGER, 0)
-        configure_router(router)
-        authenticator = secure_server_socket(ctx, router, curve) if curve else None
-        try:
-            router.bind(str(endpoint))
-        except zmq.ZMQError as exc:
-            router.close(linger=0)
-            raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
-        if endpoint.scheme == "ipc":
-            secure_ipc_socket(endpoint, config.ipc_group_access)
-        async with TrioSocket.open(router) as sock:
-            outbox = RouterOutbox(sock, on_done=front.delivered)
-            service = front.service
-            pool.on_spawn = service.telemetry.worker_spawn_seconds.observe
-            if config.metrics:
-                metrics = MetricsServer(config.metrics, service.telemetry.registry)
-                front.metrics_address = metrics.address
-                event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
-            async with trio.open_nursery() as nursery:
-                stop, serving = trio.Event(), trio.Event()
-                await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
-                await nursery.start(supervisor.run)
-                await nursery.start(service.run)
-                nursery.start_soon(_serve_socket, sock, front, outbox)
-                serving.set()
-                event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
-                print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
-                notifier.ready(f"serving on {endpoint}")
-                nursery.start_soon(notifier.keep_watchdog)
-                await stop.wait()
-                notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
-                service.generations.shutdown()
-                await _drain_and_stop(nursery, supervisor, front, outbox)
+        async with trio.open_nursery() as cluster:
+            if pool is None:  # first: the interrupted runs' workspaces, settled in open_front, are on its nodes
+                await cluster.start(supervisor.run)
+            front = await open_front(config, supervisor, str(endpoint), store)
+            if endpoint.scheme == "ipc":
+                endpoint_lock = claim_ipc_endpoint(endpoint, config.ipc_group_access)
+            router = ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
+            router.setsockopt(zmq.LINGER, 0)
+            configure_router(router)
+            authenticator = secure_server_socket(ctx, router, curve) if curve else None
+            try:
+                router.bind(str(endpoint))
+            except zmq.ZMQError as exc:
+                router.close(linger=0)
+                raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
+            if endpoint.scheme == "ipc":
+                secure_ipc_socket(endpoint, config.ipc_group_access)
+            async with TrioSocket.open(router) as sock:
+                outbox = RouterOutbox(sock, on_done=front.delivered)
+                service = front.service
+                if pool is not None:
+                    pool.on_spawn = service.telemetry.worker_spawn_seconds.observe
+                if config.metrics:
+                    metrics = MetricsServer(config.metrics, service.telemetry.registry)
+                    front.metrics_address = metrics.address
+                    event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
+                async with trio.open_nursery() as nursery:
+                    stop, serving = trio.Event(), trio.Event()
+                    await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
+                    if pool is not None:  # the cluster's executor runs already
+                        await nursery.start(supervisor.run)
+                    await nursery.start(service.run)
+                    nursery.start_soon(_serve_socket, sock, front, outbox)
+                    serving.set()
+                    event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
+                    print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
+                    notifier.ready(f"serving on {endpoint}")
+                    nursery.start_soon(notifier.keep_watchdog)
+                    await stop.wait()
+                    notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
+                    service.generations.shutdown()
+                    await _drain_and_stop(nursery, supervisor, front, outbox)
+            cluster.cancel_scope.cancel()
     finally:
         if authenticator is not None:
             authenticator.stop()  # its sockets must close before ctx.term() can return
@@ -183,7 +214,7 @@ async def _watch_signals(stop: trio.Event, serving: trio.Event, scope: trio.Canc
                 scope.cancel()
 
 
-async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor, front: Front, outbox: RouterOutbox) -> None:
+async def _drain_and_stop(nursery: trio.Nursery, supervisor: Supervisor | RayExecutor, front: Front, outbox: RouterOutbox) -> None:
     # Runs are canceled; their teardown (grace + kill) is bounded by the worker config,
     # and then their workspaces are undone and journaled before the journal stops.
     await front.service.generations.drained()
@@ -204,6 +235,10 @@ def main(config: Config) -> int:
         print(f"genvisor serve: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:
+        refused, others = group.split((CurveError, EndpointError))
+        if refused is not None and others is None:  # the same refusals, from inside the cluster executor's nursery
+            print(f"genvisor serve: {_first(refused)}", file=sys.stderr)
+            return 2
         failed, rest = group.split(StoreFailed)
         if failed is None:
             raise
@@ -213,3 +248,8 @@ def main(config: Config) -> int:
         if rest is not None:
             log.error("and while stopping", exc_info=rest)
         return 1
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first

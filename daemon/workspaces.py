@@ -12,8 +12,9 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
@@ -21,17 +22,30 @@ import trio
 from genvisor.errors import ErrorInfo
 from genvisor.modes import workspace_snapshot
 from genvisor.modes.llm import RunSpec
+from genvisor.types import WorkspaceChanges
 
 log = logging.getLogger("genvisor.daemon")
 
 ConversationKey = tuple[str | None, str]
 Settled = tuple[str, list[str]]  # what became of the workspace, and the paths concerned
+T = TypeVar("T")
+# On a cluster: call workspace function `op` (of modes.workspace_snapshot.NODE_CALLS)
+# with `args` on the node that holds `workspace`; its result decoded as `result_type`.
+NodeCall = Callable[[str, str, list[Any], Any], Awaitable[Any]]
 
 
 class Workspaces:
-    def __init__(self, root: Path, snapshots: Path | None) -> None:
+    def __init__(self, root: Path, snapshots: Path | None, on_node: NodeCall | None = None) -> None:
         self._root = root
         self._snapshots = snapshots  # None: runs are not transactions (no snapshots taken)
+        self._on_node = on_node  # None: the workspaces are on this machine
+
+    async def _do(self, workspace: str, result_type: Any, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` where `workspace` is: in a thread here, or on its node."""
+        if self._on_node is None:
+            return await trio.to_thread.run_sync(function, *args)
+        result: T = await self._on_node(workspace, function.__name__, list(args), result_type)
+        return result
 
     @property
     def transactional(self) -> bool:
@@ -55,19 +69,35 @@ class Workspaces:
         # os.path, not pathlib: pathlib interns every part of every path it parses, for good.
         return os.path.join(self._snapshots, hashlib.sha256(os.fsencode(os.path.realpath(workspace))).hexdigest()[:24] + ".git")
 
-    @staticmethod
-    def changed(spec: RunSpec) -> bool:
-        """Whether the run took a snapshot (it made, or was about to make, a change): one stat."""
-        return spec.snapshot_store is not None and workspace_snapshot.has_snapshot(spec.snapshot_store, spec.run_id)
+    def changed(self, spec: RunSpec) -> bool:
+        """Whether the run took a snapshot (it made, or was about to make, a change)."""
+        return spec.snapshot_store is not None and self.may_have_snapshot(spec.snapshot_store, spec.run_id)
+
+    def may_have_snapshot(self, store: str, name: str) -> bool:
+        """Here, one stat says. A node's disk cannot be looked at from here: maybe, and
+        the settling (on the node) finds out."""
+        return self._on_node is not None or workspace_snapshot.has_snapshot(store, name)
 
     async def settle(self, store: str, workspace: str, run_id: str, *, completed: bool) -> Settled | None:
         """Once a run's processes are gone: undo its changes unless it `completed` (then
         keep them as its change set). None when it had nothing to undo."""
         try:
-            return await trio.to_thread.run_sync(lambda: workspace_snapshot.settle(store, workspace, run_id, completed=completed))
+            return await self._do(workspace, Settled | None, workspace_snapshot.settle_run, store, workspace, run_id, completed)
         except Exception as exc:  # noqa: BLE001 — a restore that fails is reported, never silent, never the daemon's end
             log.exception("settling the workspace of run %s failed", run_id)
             return "restore_failed", [f"{type(exc).__name__}: {exc}"]
+
+    async def interrupted_reverts(self, store: str, workspace: str) -> list[str]:
+        return await self._do(workspace, list[str], workspace_snapshot.interrupted_reverts, store)
+
+    async def undo_revert(self, store: str, workspace: str, revert: str) -> Settled:
+        return await self._do(workspace, Settled, workspace_snapshot.undo_revert, store, workspace, revert)
+
+    async def kept(self, store: str, workspace: str, name: str, ref: str) -> WorkspaceChanges | None:
+        return await self._do(workspace, WorkspaceChanges | None, workspace_snapshot.kept_changes, store, workspace, name, ref)
+
+    async def revert(self, store: str, workspace: str, name: str, revert: str) -> WorkspaceChanges | list[str]:
+        return await self._do(workspace, WorkspaceChanges | list[str], workspace_snapshot.revert_change_set, store, workspace, name, revert)
 
     def said(self, error: ErrorInfo, result: str, paths: list[str]) -> ErrorInfo:
         """`error`, whose details say what became of the run's workspace."""

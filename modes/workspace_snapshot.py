@@ -494,3 +494,27 @@ def settle(store: str, workspace: str, run_id: str, *, completed: bool) -> tuple
     if plain.tree(f"turns/{run_id}/after") is not None:
         plain.drop(f"turns/{run_id}/after")  # recorded by a run that then failed: not a change set
     return settled
+
+
+def settle_run(store: str, workspace: str, run_id: str, completed: bool) -> tuple[WorkspaceSettled, list[str]] | None:
+    """`settle`, its arguments all positional (as a node call passes them)."""
+    return settle(store, workspace, run_id, completed=completed)
+
+
+def kept_changes(store: str, workspace: str, name: str, ref: str) -> WorkspaceChanges | None:
+    """Change set `name` as it was kept, or None if it was never kept (it changed nothing)."""
+    if not has_change_set(store, name):
+        return None
+    return SnapshotStore(Path(store), Path(workspace)).kept(name, ref)
+
+
+def revert_change_set(store: str, workspace: str, name: str, revert: str) -> WorkspaceChanges | list[str]:
+    """Revert change set `name`, kept as change set `revert` (see SnapshotStore.revert)."""
+    if not has_change_set(store, name):
+        return WorkspaceChanges(ref=revert)  # it changed nothing: nothing to put back
+    return SnapshotStore.of(Path(store), Path(workspace), f"turns/{name}/before").revert(name, revert, revert)
+
+
+# What the daemon does to a workspace, by name: on a cluster, the agent of the node that
+# holds the workspace does it (supervisor.node_agent), with these arguments, in order.
+NODE_CALLS = {f.__name__: f for f in (settle_run, has_snapshot, interrupted_reverts, undo_revert, kept_changes, revert_change_set)}

@@ -63,7 +63,8 @@ class InProcessExecutor:
     def health(self) -> ExecutorHealth:
         return ExecutorHealth(spare_workers=0, zygote_restarts=0)  # no processes here
 
-    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle:
+    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None,
+                  placement: str | None = None) -> RunHandle:
         assert self._nursery is not None, "InProcessExecutor.run() is not running"
         handle = RunHandle(next(self._ids))
         handle.pid = os.getpid()

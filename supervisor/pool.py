@@ -342,7 +342,7 @@ class WorkerPool:
                         first = False
                 else:
                     event(log, "zygote.start_timeout", logging.ERROR, pid=zygote.pid, timeout_s=ZYGOTE_START_TIMEOUT_S)
-                    os.kill(zygote.pid, signal.SIGKILL)
+                    _kill(zygote.pid)  # it may have died meanwhile
                 await zygote.gone.wait()
                 nursery.cancel_scope.cancel()
             self._zygote_up = trio.Event()

@@ -33,27 +33,28 @@ from genvisor.supervisor.pool import Worker, WorkerPool, WorkersUnavailable, wai
 log = logging.getLogger("genvisor.supervisor")
 
 
-class Completed(msgspec.Struct, frozen=True):
+class Completed(msgspec.Struct, frozen=True, tag=True):
     outcome: msgspec.Raw
 
 
-class Crashed(msgspec.Struct, frozen=True):
+class Crashed(msgspec.Struct, frozen=True, tag=True):
     details: dict[str, Any]
 
 
-class DeadlineExceeded(msgspec.Struct, frozen=True):
+class DeadlineExceeded(msgspec.Struct, frozen=True, tag=True):
     pass
 
 
-class Canceled(msgspec.Struct, frozen=True):
+class Canceled(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
-class Unavailable(msgspec.Struct, frozen=True):
+class Unavailable(msgspec.Struct, frozen=True, tag=True):
     message: str
+    category: str = "unknown"  # "transport": the cluster the runs go to cannot be reached
 
 
-class Broken(msgspec.Struct, frozen=True):
+class Broken(msgspec.Struct, frozen=True, tag=True):
     """The worker sent what the run protocol does not allow (a frame that does not
     decode, or one over the channel's size limit): it is not trusted further."""
 
@@ -71,17 +72,29 @@ class CleanupReport(msgspec.Struct, frozen=True):
     reaped_after_ms: float  # from the decision to end the run to the worker reaped
     leftovers_killed: list[int]
     verified: bool
+    node: str | None = None  # the cluster node it ran on (None: this machine)
+
+
+class NodeHealth(msgspec.Struct, frozen=True):
+    node: str
+    host: str
+    active_runs: int
+    spare_workers: int
+    runs_started: int
 
 
 class ExecutorHealth(msgspec.Struct, frozen=True):
     spare_workers: int
     zygote_restarts: int
+    nodes: list[NodeHealth] = []  # on a cluster: each node's share
+    cluster: str | None = None  # on a cluster: "connecting" | "up" | "down"
 
 
 class RunHandle:
     def __init__(self, run_id: int) -> None:
         self.run_id = run_id
         self.pid: int | None = None
+        self.node: str | None = None  # the cluster node it runs on
         self.outcome: RunOutcome | None = None
         self.cleanup: CleanupReport | None = None
         self.settled = trio.Event()
@@ -139,7 +152,8 @@ class Supervisor:
     def health(self) -> ExecutorHealth:
         return ExecutorHealth(spare_workers=self.pool.spare_count, zygote_restarts=self.pool.zygote_restarts)
 
-    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None) -> RunHandle:
+    def start_run(self, spec: bytes, *, on_progress: Callable[[msgspec.Raw], None], deadline: float | None,
+                  placement: str | None = None) -> RunHandle:
         assert self._nursery is not None, "Supervisor.run() is not running"
         handle = RunHandle(next(self._ids))
         self.active[handle.run_id] = handle

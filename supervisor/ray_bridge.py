@@ -1,0 +1,170 @@
+"""The daemon's bridge to a Ray cluster: the Ray driver, in a process of its own.
+
+Ray places the work and watches the nodes; the daemon stays out of Ray's way. Its
+driver lives here and not in the daemon because a driver that loses its cluster is
+ended by Ray itself (and holds a dozen threads and ≈150 MB the daemon does not want).
+The bridge starts one `NodeAgentActor` on every node, pinned there (node affinity,
+no CPU reserved), whose agent process (supervisor.node_agent) runs the node's runs;
+it tells the daemon where each agent listens, and when a node joins or is lost. The
+actors are the bridge's: when it exits, Ray ends them, and their agents with them.
+
+Plain blocking Python, talking to the daemon in length-prefixed frames on a socket
+it inherits (ipc.node, bridge → daemon). It dies with the daemon (PDEATHSIG).
+
+Run as: python -m genvisor.supervisor.ray_bridge CHANNEL_FD DAEMON_PID SETTINGS_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from genvisor.ipc.channel import pack_frame
+from genvisor.ipc.node import ClusterDown, ClusterUp, FromBridge, NodeInfo, NodeJoined, NodeLost
+from genvisor.supervisor import linux
+from genvisor.supervisor.node_agent import AgentSettings
+
+# How often the cluster's membership is read, and how long an agent may take to start
+# (a cold interpreter, the zygote and its first spare, on a loaded node).
+WATCH_S = 0.5
+AGENT_START_TIMEOUT_S = 60.0
+# A driver whose cluster went away retries for this long (Ray's default is 60 s) before
+# Ray ends it: then the daemon knows, and new runs fail at once instead of hanging.
+GCS_RECONNECT_TIMEOUT_S = 5
+
+
+class BridgeSettings(msgspec.Struct, frozen=True):
+    address: str  # "auto", "local", "ray://…" or host:port
+    namespace: str  # one per daemon: its actors are its own
+    agent: AgentSettings  # node and host are filled in on each node
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class NodeAgentActor:
+    """One per node: starts the node's agent and answers where it listens."""
+
+    def __init__(self, settings: bytes) -> None:
+        import ray
+
+        agent = msgspec.json.decode(settings, type=AgentSettings)
+        context = ray.get_runtime_context()
+        node = context.get_node_id()
+        # The processes of this agent are marked as its own, not only as the daemon's:
+        # nodes may share a machine, and an agent kills what it finds marked at start.
+        instance = f"{agent.instance}@{node}" if agent.instance else None
+        agent = msgspec.structs.replace(agent, node=node, host=ray.util.get_node_ip_address(), instance=instance)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "genvisor.supervisor.node_agent", msgspec.json.encode(agent).decode()],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        self._info = NodeInfo(node=agent.node, host=agent.host, agent="", agent_key="")
+        if line:
+            started = json.loads(line)
+            self._info = msgspec.structs.replace(self._info, agent=started["endpoint"], agent_key=started["key"])
+
+    def info(self) -> bytes:
+        if not self._info.agent:
+            raise RuntimeError(f"the agent on node {self._info.node} did not start (exit status {self._process.poll()})")
+        return msgspec.msgpack.encode(self._info)
+
+    def watch(self) -> int:
+        """Returns when the agent exits (its exit status); fails when the node is lost."""
+        return self._process.wait()
+
+
+def main(argv: list[str]) -> int:
+    channel_fd, daemon_pid, settings = int(argv[0]), int(argv[1]), msgspec.json.decode(argv[2], type=BridgeSettings)
+    linux.die_with_parent(daemon_pid)
+    channel = socket.socket(fileno=channel_fd)
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
+    try:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if settings.address == "local":
+            ray.init(namespace=settings.namespace, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(address=settings.address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as exc:  # noqa: BLE001 — whatever stops the connection is the daemon's to report
+        _send(channel, ClusterDown(error=f"cannot connect to the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
+        return 1
+    actor_class: Any = ray.remote(NodeAgentActor)  # Ray's stubs cannot follow .options(...).remote(...)
+    agent_settings = msgspec.json.encode(settings.agent)
+    agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
+    first = True
+    try:
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            for node in list(agents):
+                if node not in alive:
+                    _lose(ray, channel, agents, node, "node_lost")
+            started = {}
+            for node in alive - agents.keys():
+                strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+                # No CPU held: the agent's runs are what the node's capacity is for.
+                started[node] = actor_class.options(num_cpus=0, max_concurrency=2, max_restarts=0,
+                                                    scheduling_strategy=strategy).remote(agent_settings)
+            joined = []
+            for node, actor in started.items():
+                try:
+                    info = msgspec.msgpack.decode(ray.get(actor.info.remote(), timeout=AGENT_START_TIMEOUT_S), type=NodeInfo)
+                except Exception as exc:  # noqa: BLE001 — a node whose agent cannot start is left out, and tried again
+                    print(f"genvisor-bridge: no agent on node {node}: {exc}", file=sys.stderr, flush=True)
+                    ray.kill(actor)
+                    continue
+                agents[node] = (actor, actor.watch.remote())
+                joined.append(info)
+            if first:
+                _send(channel, ClusterUp(address=settings.address, nodes=joined))
+                first = False
+            else:
+                for info in joined:
+                    _send(channel, NodeJoined(info=info))
+            watches = {watch: node for node, (_, watch) in agents.items()}
+            if not watches:
+                time.sleep(WATCH_S)
+                continue
+            ended, _ = ray.wait(list(watches), num_returns=1, timeout=WATCH_S)
+            for watch in ended:
+                node = watches[watch]
+                try:
+                    status = ray.get(watch)
+                    reason = f"agent_exited ({status})"
+                except Exception:  # noqa: BLE001 — the actor died: its node, most often
+                    reason = "node_lost"
+                _lose(ray, channel, agents, node, reason)
+    except Exception as exc:  # noqa: BLE001 — the cluster went away: say so, and let the daemon start another bridge
+        _send(channel, ClusterDown(error=f"lost the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
+        return 1
+
+
+def _lose(ray: Any, channel: socket.socket, agents: dict[str, tuple[Any, Any]], node: str, reason: str) -> None:
+    actor, _ = agents.pop(node)
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 — gone already
+        pass
+    _send(channel, NodeLost(node=node, reason=reason))
+
+
+def _send(channel: socket.socket, frame: FromBridge) -> None:
+    try:
+        channel.sendall(pack_frame(_encoder.encode(frame)))
+    except OSError:
+        pass  # the daemon is gone: nobody is left to tell
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
