@@ -794,4 +794,8 @@ def _format_status(s: DaemonStatus) -> str:
         ("worker spawn", latency(s.worker_spawn)),
         ("cancel→reaped", latency(s.cancel_reaped)),
     ]
+    if s.executor != "local":
+        rows.append(("cluster", f"{s.executor}, {s.cluster}, {len(s.nodes)} nodes, {s.nodes_lost} lost"))
+        rows += [(f"node {n.node[:8]}", f"{n.host}  {n.active_runs} active  {n.runs_started} started  {n.spare_workers} spare")
+                 for n in s.nodes]
     return "\n".join(f"{label:>14}  {value}" for label, value in rows)

@@ -604,6 +604,8 @@ class Generations:
         if report is not None:
             fields.update(pid=report.pid, ended_by=report.ended_by, cleanup="verified" if report.verified else "survivors",
                           leftovers_killed=len(report.leftovers_killed))
+            if report.node is not None:
+                fields["node"] = report.node
             if not report.verified:
                 level = logging.ERROR
         else:
@@ -809,7 +811,9 @@ class Generations:
                 self._finish_failed(conversation, active, run_outcome.error)
         elif isinstance(outcome, Crashed):
             event(log, "worker.crashed", logging.WARNING, ref=active.record.ref, run_id=active.record.run_id, **outcome.details)
-            self._finish_failed(conversation, active, LLMError("unknown", "generation worker crashed", details=outcome.details).info())
+            lost = outcome.details.get("reason") == "node_lost"
+            message = f"the cluster node running the generation was lost ({outcome.details.get('lost')})" if lost else "generation worker crashed"
+            self._finish_failed(conversation, active, LLMError("unknown", message, details=outcome.details).info())
         elif isinstance(outcome, Broken):
             self._fail_run(conversation, active, "unknown", f"the worker broke the run protocol: {outcome.message}", "protocol_error")
         elif isinstance(outcome, DeadlineExceeded):
@@ -817,7 +821,8 @@ class Generations:
             message = f"generation deadline passed ({active.spec.request.timeout_ms} ms + {self._deadline_grace_s * 1000:.0f} ms grace)"
             self._finish_failed(conversation, active, LLMError("timeout", message).info())
         elif isinstance(outcome, Unavailable):
-            self._finish_failed(conversation, active, LLMError("unknown", f"no worker could run the generation: {outcome.message}").info())
+            category: LLMErrorCategory = "transport" if outcome.category == "transport" else "unknown"
+            self._finish_failed(conversation, active, LLMError(category, f"no worker could run the generation: {outcome.message}").info())
         else:
             assert isinstance(outcome, Canceled)
             self.cancel(conversation, outcome.reason)

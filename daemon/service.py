@@ -24,6 +24,7 @@ from genvisor.daemon.telemetry import Telemetry
 from genvisor.daemon.workspaces import Workspaces
 from genvisor.modes.llm import RunDefaults
 from genvisor.modes.registry import registry
+from genvisor.supervisor.cluster import RayExecutor
 from genvisor.types import DaemonInfo, DaemonStatus
 
 
@@ -40,7 +41,9 @@ class Service:
         telemetry.gauge("genvisor_queue_depth", "Admitted runs waiting for a worker slot", lambda: admission.queued)
         telemetry.gauge("genvisor_spare_workers", "Pre-forked workers waiting for a run", lambda: executor.health().spare_workers)
         telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: journal.submitted - journal.durable)
-        places = Workspaces(workspaces, snapshots)
+        telemetry.by_node(executor.health)
+        # On a cluster, the daemon's work on a workspace is done on the node that holds it.
+        places = Workspaces(workspaces, snapshots, on_node=executor.call if isinstance(executor, RayExecutor) else None)
         self.conversations = Conversations(journal, cancel_active=lambda conversation, reason: self.generations.cancel_all(conversation, reason))
         self.generations = Generations(
             executor=executor, journal=journal, conversations=self.conversations, workspaces=places, admission=admission,
@@ -87,4 +90,8 @@ class Service:
             queue_wait=t.summary(t.queue_wait_seconds),
             worker_spawn=t.summary(t.worker_spawn_seconds),
             cancel_reaped=t.summary(t.cancel_reaped_seconds),
+            executor="local" if health.cluster is None else "ray",
+            cluster=health.cluster,
+            nodes=health.nodes,
+            nodes_lost=health.nodes_lost,
         )

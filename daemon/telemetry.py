@@ -14,13 +14,16 @@ from the objects that own the figure.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from genvisor.errors import LLMErrorCategory
+from genvisor.supervisor.runs import ExecutorHealth
 from genvisor.types import LatencySummary, TelemetryCount
 
 OUTCOMES = ("completed", "failed", "canceled")
@@ -74,6 +77,11 @@ class Telemetry:
         self.requests_unanswered = Counter(
             "genvisor_requests_unanswered", "Requests of a connection that reads nothing, past its refusals", registry=registry
         )
+
+    def by_node(self, read: Callable[[], ExecutorHealth]) -> None:
+        """The runs on each cluster node, read at scrape time. A node's series goes with
+        the node: their number is the cluster's size, not its history."""
+        self.registry.register(_NodeCollector(read))
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read from its owner at scrape time."""
@@ -146,3 +154,21 @@ def _quantile(cumulative: list[tuple[float, float]], q: float) -> float | None:
             return round((lower_bound + (bound - lower_bound) * fraction) * 1000, 3)
         lower_bound, lower_count = bound, count
     return None
+
+
+class _NodeCollector(Collector):
+    def __init__(self, read: Callable[[], ExecutorHealth]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        health = self._read()
+        active = GaugeMetricFamily("genvisor_node_active_runs", "Runs on each cluster node now", labels=["node", "host"])
+        started = CounterMetricFamily("genvisor_node_runs_started", "Runs started on each cluster node", labels=["node", "host"])
+        spares = GaugeMetricFamily("genvisor_node_spare_workers", "Pre-forked workers waiting on each cluster node", labels=["node", "host"])
+        for node in health.nodes:
+            active.add_metric([node.node, node.host], node.active_runs)
+            started.add_metric([node.node, node.host], node.runs_started)
+            spares.add_metric([node.node, node.host], node.spare_workers)
+        lost = CounterMetricFamily("genvisor_nodes_lost", "Cluster nodes lost (their runs ended as node_lost)")
+        lost.add_metric([], health.nodes_lost)
+        return [active, started, spares, lost]

@@ -71,7 +71,8 @@ class Workspaces:
 
     def changed(self, spec: RunSpec) -> bool:
         """Whether the run took a snapshot (it made, or was about to make, a change)."""
-        return spec.snapshot_store is not None and self.may_have_snapshot(spec.snapshot_store, spec.run_id)
+        # A run refused before it started (no request) reached no worker, on any node.
+        return spec.snapshot_store is not None and spec.request is not None and self.may_have_snapshot(spec.snapshot_store, spec.run_id)
 
     def may_have_snapshot(self, store: str, name: str) -> bool:
         """Here, one stat says. A node's disk cannot be looked at from here: maybe, and

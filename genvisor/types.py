@@ -342,6 +342,16 @@ class LatencySummary(msgspec.Struct, frozen=True):
     p99_ms: float | None
 
 
+class NodeStatus(msgspec.Struct, frozen=True):
+    """A cluster node's share of the runs (executor "ray")."""
+
+    node: str  # Ray's node id
+    host: str
+    active_runs: int
+    spare_workers: int
+    runs_started: int  # since the daemon connected to it
+
+
 class DaemonStatus(msgspec.Struct, frozen=True):
     """`status`: how the daemon is doing — the figures its Prometheus metrics carry."""
 
@@ -368,3 +378,7 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     queue_wait: LatencySummary
     worker_spawn: LatencySummary
     cancel_reaped: LatencySummary
+    executor: str = "local"  # local | ray
+    cluster: str | None = None  # ray: connecting | up | down
+    nodes: list[NodeStatus] = []  # ray: the nodes runs go to now
+    nodes_lost: int = 0  # ray: nodes lost since the daemon started (their runs ended as node_lost)

@@ -69,11 +69,11 @@ from genvisor.supervisor.runs import (
     Crashed,
     DeadlineExceeded,
     ExecutorHealth,
-    NodeHealth,
     RunHandle,
     RunOutcome,
     Unavailable,
 )
+from genvisor.types import NodeStatus
 
 log = logging.getLogger("genvisor.supervisor")
 
@@ -176,9 +176,10 @@ class RayExecutor:
         return ExecutorHealth(
             spare_workers=sum(n.spare_workers for n in self.nodes.values()),
             zygote_restarts=sum(n.zygote_restarts for n in self.nodes.values()),
-            nodes=[NodeHealth(node=n.info.node, host=n.info.host, active_runs=len(n.runs), spare_workers=n.spare_workers,
+            nodes=[NodeStatus(node=n.info.node, host=n.info.host, active_runs=len(n.runs), spare_workers=n.spare_workers,
                               runs_started=n.runs_started) for n in self.nodes.values()],
             cluster=self.state,
+            nodes_lost=self.nodes_lost,
         )
 
     # ---- runs ----------------------------------------------------------------------

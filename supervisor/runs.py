@@ -29,6 +29,7 @@ from genvisor.ipc.channel import FrameTooLarge
 from genvisor.ipc.supervision import Finished, Progress, Start, Stop
 from genvisor.logevent import event
 from genvisor.supervisor.pool import Worker, WorkerPool, WorkersUnavailable, wait_for_exit
+from genvisor.types import NodeStatus
 
 log = logging.getLogger("genvisor.supervisor")
 
@@ -75,19 +76,12 @@ class CleanupReport(msgspec.Struct, frozen=True):
     node: str | None = None  # the cluster node it ran on (None: this machine)
 
 
-class NodeHealth(msgspec.Struct, frozen=True):
-    node: str
-    host: str
-    active_runs: int
-    spare_workers: int
-    runs_started: int
-
-
 class ExecutorHealth(msgspec.Struct, frozen=True):
     spare_workers: int
     zygote_restarts: int
-    nodes: list[NodeHealth] = []  # on a cluster: each node's share
+    nodes: list[NodeStatus] = []  # on a cluster: each node's share
     cluster: str | None = None  # on a cluster: "connecting" | "up" | "down"
+    nodes_lost: int = 0
 
 
 class RunHandle:

@@ -133,10 +133,81 @@ def shared_daemon(tmp_path_factory):
     assert code == 0, f"daemon exited {code}:\n{d.log()}"
 
 
-@pytest.fixture(scope="module", params=["in_process", "worker_process"])
+def ray_config(address: str, base: str = TEST_CONFIG, workspaces: str = "node") -> str:
+    return base + f"""
+[executor]
+kind = "ray"
+address = "{address}"
+workspaces = "{workspaces}"
+"""
+
+
+class RayDaemon(Daemon):
+    """A daemon whose runs go to a Ray cluster. Its runs' processes are not its
+    descendants but the nodes' (under their raylets): they carry its state dir in their
+    marker (supervisor.linux.INSTANCE_ENV), and a stop checks none is left."""
+
+    def __init__(self, directory: Path, address: str, *, config: str = TEST_CONFIG, workspaces: str = "node") -> None:
+        super().__init__(directory, ray_config(address, config, workspaces))
+
+    @property
+    def instance(self) -> str:
+        return str((self.directory / "state").resolve())
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> list:
+        def up():
+            with self.client() as client:
+                status = client.status()
+            return status.nodes if status.cluster == "up" and len(status.nodes) == count else None
+        return wait_until(up, timeout_s, lambda: f"{count} nodes up with agents:\n{self.log()[-3000:]}")
+
+    def marked(self) -> list[int]:
+        return marked_processes(self.instance)
+
+    def stop(self) -> int:
+        code = super().stop()
+        wait_until(lambda: not self.marked(), 60, lambda: f"the nodes' processes of this daemon gone: {self.marked()}")
+        return code
+
+
+def marked_processes(instance: str) -> list[int]:
+    """The processes (of every node on this machine) that a daemon with state dir
+    `instance` started: each agent marks its zygote, workers and their commands."""
+    from genvisor.supervisor import linux
+
+    return [p for p in psutil.pids()
+            if (linux.environ_value(p, linux.INSTANCE_ENV) or "").startswith(instance + "@")]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on this machine (Ray's own cluster_utils), for the session."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_daemon(ray_cluster, tmp_path_factory):
+    d = RayDaemon(tmp_path_factory.mktemp("ray-daemon"), ray_cluster.address).start()
+    d.wait_for_nodes(2)
+    yield d
+    code = d.stop()
+    assert code == 0, f"daemon exited {code}:\n{d.log()}"
+
+
+@pytest.fixture(scope="module", params=["in_process", "worker_process", "ray"])
 def connect(request, tmp_path_factory):
-    """A client factory for each executor: the embedded daemon (runs in-process) and a
-    real daemon (a fresh worker process per run). Tests using it run on both."""
+    """A client factory for each executor: the embedded daemon (runs in-process), a
+    real daemon (a fresh worker process per run), and a real daemon whose runs go to a
+    two-node Ray cluster (a fresh worker process per run, on a node). Tests using it
+    run on all three."""
+    if request.param == "ray":
+        return request.getfixturevalue("ray_daemon").client
     if request.param == "in_process":
         from genvisor.client import Client
         from genvisor.daemon.config import load_config

@@ -52,7 +52,10 @@ def _notes(client: Client) -> list[tuple]:
 
 
 def _telemetry(client: Client) -> collections.Counter:
-    return collections.Counter({(c.event, c.outcome, c.category): c.count for c in client.telemetry()})
+    counts: collections.Counter = collections.Counter()
+    for c in client.telemetry():  # summed over modes and backends: a shared daemon has run others
+        counts[c.event, c.outcome, c.category] += c.count
+    return counts
 
 
 class Cell:
