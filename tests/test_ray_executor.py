@@ -174,7 +174,7 @@ def test_a_node_lost_mid_run_ends_that_run_once_as_node_lost_and_new_runs_go_to_
         markers = [spawn_marker(tmp_path, f"{conv}_{i}") for i in range(3)]
         with daemon.client() as client:
             refs = {}
-            for i, (argv, fifo, tag) in enumerate(markers):  # one per node: placement goes to the least loaded
+            for i, (argv, fifo, _) in enumerate(markers):  # one per node: placement goes to the least loaded
                 client.send_user_message(f"{conv}_{i}", "hi")
                 refs[i] = client.generate_assistant_reply(f"{conv}_{i}", backend_opts={"spawn": argv, "delay_ms": 60_000})
                 wait_for_marker(fifo)
