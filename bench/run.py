@@ -20,7 +20,8 @@ from bench.report import Result, Run, markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # In this order: queue_depth offers load relative to the capacity throughput measured.
-SCENARIOS = ["latency", "throughput", "queue_depth", "cancellation", "memory", "scale", "streaming"]
+# ray starts a two-node Ray cluster of its own: last, so that it loads no other scenario.
+SCENARIOS = ["latency", "throughput", "queue_depth", "cancellation", "memory", "scale", "streaming", "ray"]
 
 
 class Context:

@@ -603,7 +603,7 @@ class Generations:
         report = handle.cleanup if handle is not None else None
         if report is not None:
             fields.update(pid=report.pid, ended_by=report.ended_by, cleanup="verified" if report.verified else "survivors",
-                          leftovers_killed=len(report.leftovers_killed))
+                          leftovers_killed=len(report.leftovers_killed), reaped_ms=round(report.reaped_after_ms, 1))
             if report.node is not None:
                 fields["node"] = report.node
             if not report.verified:

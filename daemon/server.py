@@ -119,51 +119,59 @@ async def serve(config: Config) -> int:
     metrics: MetricsServer | None = None
     ctx = zmq.Context()
     authenticator = None
+    refused: Exception | None = None
     try:
         async with trio.open_nursery() as cluster:
             if pool is None:  # first: the interrupted runs' workspaces, settled in open_front, are on its nodes
                 await cluster.start(supervisor.run)
-            front = await open_front(config, supervisor, str(endpoint), store)
-            if endpoint.scheme == "ipc":
-                endpoint_lock = claim_ipc_endpoint(endpoint, config.ipc_group_access)
-            router = ctx.socket(zmq.ROUTER)
-            router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
-            router.setsockopt(zmq.LINGER, 0)
-            configure_router(router)
-            authenticator = secure_server_socket(ctx, router, curve) if curve else None
             try:
-                router.bind(str(endpoint))
-            except zmq.ZMQError as exc:
-                router.close(linger=0)
-                raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
-            if endpoint.scheme == "ipc":
-                secure_ipc_socket(endpoint, config.ipc_group_access)
-            async with TrioSocket.open(router) as sock:
-                outbox = RouterOutbox(sock, on_done=front.delivered)
-                service = front.service
-                if pool is not None:
-                    pool.on_spawn = service.telemetry.worker_spawn_seconds.observe
-                if config.metrics:
-                    metrics = MetricsServer(config.metrics, service.telemetry.registry)
-                    front.metrics_address = metrics.address
-                    event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
-                async with trio.open_nursery() as nursery:
-                    stop, serving = trio.Event(), trio.Event()
-                    await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
-                    if pool is not None:  # the cluster's executor runs already
-                        await nursery.start(supervisor.run)
-                    await nursery.start(service.run)
-                    nursery.start_soon(_serve_socket, sock, front, outbox)
-                    serving.set()
-                    event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
-                    print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
-                    notifier.ready(f"serving on {endpoint}")
-                    nursery.start_soon(notifier.keep_watchdog)
-                    await stop.wait()
-                    notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
-                    service.generations.shutdown()
-                    await _drain_and_stop(nursery, supervisor, front, outbox)
+                front = await open_front(config, supervisor, str(endpoint), store)
+                if endpoint.scheme == "ipc":
+                    endpoint_lock = claim_ipc_endpoint(endpoint, config.ipc_group_access)
+                router = ctx.socket(zmq.ROUTER)
+                router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
+                router.setsockopt(zmq.LINGER, 0)
+                configure_router(router)
+                authenticator = secure_server_socket(ctx, router, curve) if curve else None
+                try:
+                    router.bind(str(endpoint))
+                except zmq.ZMQError as exc:
+                    router.close(linger=0)
+                    raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
+                if endpoint.scheme == "ipc":
+                    secure_ipc_socket(endpoint, config.ipc_group_access)
+            except (CurveError, EndpointError, StoreFailed) as exc:
+                # Refused before serving: raised below, outside the nursery (which would wrap it in a group).
+                refused = exc
+            else:
+                async with TrioSocket.open(router) as sock:
+                    outbox = RouterOutbox(sock, on_done=front.delivered)
+                    service = front.service
+                    if pool is not None:
+                        pool.on_spawn = service.telemetry.worker_spawn_seconds.observe
+                    if config.metrics:
+                        metrics = MetricsServer(config.metrics, service.telemetry.registry)
+                        front.metrics_address = metrics.address
+                        event(log, "metrics.serving", url=f"http://{metrics.address}/metrics")
+                    async with trio.open_nursery() as nursery:
+                        stop, serving = trio.Event(), trio.Event()
+                        await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
+                        if pool is not None:  # the cluster's executor runs already
+                            await nursery.start(supervisor.run)
+                        await nursery.start(service.run)
+                        nursery.start_soon(_serve_socket, sock, front, outbox)
+                        serving.set()
+                        event(log, "daemon.serving", version=__version__, endpoint=str(endpoint), pid=os.getpid(), journal=store.describe())
+                        print(f"genvisor {__version__} listening on {endpoint}", file=sys.stderr, flush=True)
+                        notifier.ready(f"serving on {endpoint}")
+                        nursery.start_soon(notifier.keep_watchdog)
+                        await stop.wait()
+                        notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
+                        service.generations.shutdown()
+                        await _drain_and_stop(nursery, supervisor, front, outbox)
             cluster.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
     finally:
         if authenticator is not None:
             authenticator.stop()  # its sockets must close before ctx.term() can return
@@ -235,10 +243,6 @@ def main(config: Config) -> int:
         print(f"genvisor serve: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:
-        refused, others = group.split((CurveError, EndpointError))
-        if refused is not None and others is None:  # the same refusals, from inside the cluster executor's nursery
-            print(f"genvisor serve: {_first(refused)}", file=sys.stderr)
-            return 2
         failed, rest = group.split(StoreFailed)
         if failed is None:
             raise
@@ -248,8 +252,3 @@ def main(config: Config) -> int:
         if rest is not None:
             log.error("and while stopping", exc_info=rest)
         return 1
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first

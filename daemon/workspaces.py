@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
-from genvisor.errors import ErrorInfo
+from genvisor.errors import ErrorInfo, WorkspaceUnavailable
 from genvisor.modes import workspace_snapshot
 from genvisor.modes.llm import RunSpec
+from genvisor.supervisor.cluster import ClusterUnavailable
 from genvisor.types import WorkspaceChanges
 
 log = logging.getLogger("genvisor.daemon")
@@ -44,7 +45,10 @@ class Workspaces:
         """`function(*args)` where `workspace` is: in a thread here, or on its node."""
         if self._on_node is None:
             return await trio.to_thread.run_sync(function, *args)
-        result: T = await self._on_node(workspace, function.__name__, list(args), result_type)
+        try:
+            result: T = await self._on_node(workspace, function.__name__, list(args), result_type)
+        except ClusterUnavailable as exc:
+            raise WorkspaceUnavailable(str(exc)) from None
         return result
 
     @property

@@ -255,6 +255,13 @@ class RevertConflict(GenvisorError):
         return cls(info.ref or "", info.paths or [], info.message)
 
 
+class WorkspaceUnavailable(GenvisorError):
+    """On a cluster: the node that holds the conversation's workspace cannot be reached
+    now (lost, or the cluster is down); nothing changed. Retry once it is back."""
+
+    code = "workspace_unavailable"
+
+
 class DaemonUnavailable(GenvisorError):
     """No daemon answered within the client timeout."""
 
@@ -287,6 +294,7 @@ _BY_CODE: dict[str, type[GenvisorError]] = {
         Overloaded,
         BadRequest,
         RevertConflict,
+        WorkspaceUnavailable,
         DaemonUnavailable,
         InternalError,
     )

@@ -25,7 +25,6 @@ the agent (`call`); with `"shared"` any node will do.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import signal
@@ -89,6 +88,7 @@ AGENT_SILENT_S = 5 * HEARTBEAT_S
 # A run started while the first connection is still being made waits this long for it.
 FIRST_CONNECT_WAIT_S = 120.0
 BRIDGE_RESTART_S = (0.5, 1.0, 2.0, 5.0)
+BRIDGE_STOP_S = 10.0  # for the bridge to disconnect from Ray (a Ray of its own: to stop it) before it is killed
 # Beyond a run's deadline, how long its agent has to say how it ended before the
 # daemon ends it itself (the agent enforces the deadline; this is for a mute one).
 DEADLINE_BACKSTOP_S = 5.0
@@ -133,7 +133,7 @@ class RayExecutor:
         self._settings = settings
         self._workspaces = workspaces
         self._pins_path = pins
-        self._pins: dict[str, str] = {}  # workspace → node id (and host:node id → its host); read in run()
+        self._pins: dict[str, Pin] = {}  # workspace → the node that holds it; read in run()
         self._teardown_s = teardown_s  # for a cancel to be seen through on the node
         self._ids = itertools.count(1)
         self._calls = itertools.count(1)
@@ -204,7 +204,6 @@ class RayExecutor:
                     return
                 node.runs[handle.run_id] = remote
                 node.runs_started += 1
-                handle.node = node.info.node
                 timeout_s = None if deadline is None else max(0.0, deadline - trio.current_time())
                 await node.send(RunOnNode(run=handle.run_id, spec=msgspec.Raw(spec), timeout_s=timeout_s))
                 backstop = float("inf") if deadline is None else deadline + DEADLINE_BACKSTOP_S
@@ -300,38 +299,34 @@ class RayExecutor:
             raise ClusterUnavailable(f"the Ray cluster at {self._settings.address!r} has no node with a genvisor agent")
         if placement is None or self._workspaces == "shared":
             return self._least_loaded(list(self.nodes.values()))
-        pinned = self._pins.get(placement)
-        if pinned is None:
+        pin = self._pins.get(placement)
+        if pin is None:
             node = self._least_loaded(list(self.nodes.values()))
             await self._pin(placement, node)
             return node
-        holder = self._node_of_pin(pinned)
+        holder = self._node_of(pin)
         if holder is None:
-            raise ClusterUnavailable(f"the node that holds workspace {placement} ({pinned}) is not in the cluster")
+            raise ClusterUnavailable(f"the node that holds workspace {placement} ({pin.node} on {pin.host}) is not in the cluster")
         return holder
 
-    def _node_of_pin(self, pinned: str) -> _Node | None:
-        """The pinned node; or, if it came back under a new id, a node on the same host
-        (its disk, and so the workspace, are the same)."""
-        if pinned in self.nodes:
-            return self.nodes[pinned]
-        host = self._pins.get(f"host:{pinned}")
-        same_host = [n for n in self.nodes.values() if n.info.host == host]
+    def _node_of(self, pin: Pin) -> _Node | None:
+        """The pinned node; or, if it came back under a new id (a restarted raylet), a
+        node on the same host: its disk, and so the workspace, are the same."""
+        if pin.node in self.nodes:
+            return self.nodes[pin.node]
+        same_host = [n for n in self.nodes.values() if n.info.host == pin.host]
         return self._least_loaded(same_host) if same_host else None
 
     def _least_loaded(self, nodes: list[_Node]) -> _Node:
-        turn = next(self._placed)  # ties go round
-        return min(nodes, key=lambda n: (len(n.runs), (hash(n.info.node) + turn) % len(nodes)))
+        fewest = min(len(n.runs) for n in nodes)
+        tied = [n for n in nodes if len(n.runs) == fewest]
+        return tied[next(self._placed) % len(tied)]  # ties go round
 
     async def _pin(self, workspace: str, node: _Node) -> None:
-        self._pins[workspace] = node.info.node
-        self._pins[f"host:{node.info.node}"] = node.info.host
+        self._pins[workspace] = Pin(node=node.info.node, host=node.info.host)
         if self._pins_path is not None:
             await trio.to_thread.run_sync(_write_pins, self._pins_path, dict(self._pins))
         event(log, "workspace.pinned", workspace=workspace, node=node.info.node, host=node.info.host)
-
-    def node_of(self, placement: str | None) -> str | None:
-        return self._pins.get(placement) if placement is not None else None
 
     # ---- workspace calls -----------------------------------------------------------
 
@@ -399,7 +394,9 @@ class RayExecutor:
             event(log, "cluster.bridge_protocol_error", logging.ERROR, error=str(exc))
         finally:
             with trio.CancelScope(shield=True):
-                channel.close()
+                channel.close()  # a bridge still running sees that, disconnects from Ray and exits
+                with trio.move_on_after(BRIDGE_STOP_S):
+                    await wait_for_exit(pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -475,17 +472,24 @@ class RayExecutor:
             done.set()  # unanswered: the caller raises
 
 
-def _read_pins(path: Path | None) -> dict[str, str]:
+class Pin(msgspec.Struct, frozen=True):
+    node: str
+    host: str
+
+
+def _read_pins(path: Path | None) -> dict[str, Pin]:
     if path is None:
         return {}
     try:
-        pins = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return msgspec.json.decode(path.read_bytes(), type=dict[str, Pin])
+    except FileNotFoundError:
         return {}
-    return {k: v for k, v in pins.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(pins, dict) else {}
+    except (OSError, msgspec.DecodeError) as exc:  # a file that cannot be read pins nothing: say so, and go on
+        event(log, "workspace.pins_unreadable", logging.ERROR, path=str(path), error=str(exc))
+        return {}
 
 
-def _write_pins(path: Path, pins: dict[str, str]) -> None:
+def _write_pins(path: Path, pins: dict[str, Pin]) -> None:
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(pins, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    temporary.write_bytes(msgspec.json.format(msgspec.json.encode(pins)))
+    os.replace(temporary, path)  # whole or not at all

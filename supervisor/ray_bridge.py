@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
     first = True
     try:
-        while True:
+        while not _daemon_closed(channel):
             alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             for node in list(agents):
                 if node not in alive:
@@ -148,6 +148,20 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 — the cluster went away: say so, and let the daemon start another bridge
         _send(channel, ClusterDown(error=f"lost the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
         return 1
+    # The daemon is stopping: disconnecting ends this driver's actors, and so their
+    # agents and runs (a Ray of our own, address "local", stops altogether).
+    ray.shutdown()
+    return 0
+
+
+def _daemon_closed(channel: socket.socket) -> bool:
+    """Whether the daemon closed its end (it is stopping), without waiting."""
+    try:
+        return channel.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _lose(ray: Any, channel: socket.socket, agents: dict[str, tuple[Any, Any]], node: str, reason: str) -> None:

@@ -88,7 +88,6 @@ class RunHandle:
     def __init__(self, run_id: int) -> None:
         self.run_id = run_id
         self.pid: int | None = None
-        self.node: str | None = None  # the cluster node it runs on
         self.outcome: RunOutcome | None = None
         self.cleanup: CleanupReport | None = None
         self.settled = trio.Event()

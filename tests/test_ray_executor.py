@@ -249,3 +249,64 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_address_local_starts_a_ray_of_the_daemons_own_and_stops_it_with_the_daemon(tmp_path, conv):
+    daemon = RayDaemon(tmp_path / "d", "local")
+    daemon.start()
+    try:
+        daemon.wait_for_nodes(1, timeout_s=120)
+        with daemon.client() as client:
+            _, result = client.send_and_generate(conv, "on a ray of its own")
+        assert result.text == "on a ray of its own"
+        ray_processes = [p for p in daemon.descendants() if "raylet" in " ".join(p.cmdline()) or "gcs_server" in p.name()]
+        assert ray_processes  # the daemon's bridge started them
+    finally:
+        assert daemon.stop() == 0  # and Daemon.stop checks no descendant of it outlived it
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ('kind = "kubernetes"', "executor"),
+    ('kind = "ray"\nworkspaces = "everywhere"', "workspaces"),
+    ('kind = "ray"\nnodes = 3', "nodes"),
+])
+def test_a_bad_executor_table_is_refused_at_start(tmp_path, table, says):
+    from genvisor.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "genvisor.toml"
+    path.write_text(f"[executor]\n{table}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert says in str(raised.value)
+
+
+def test_a_killed_daemons_runs_end_on_their_nodes_and_a_restart_undoes_their_changes_there(ray_cluster, tmp_path, conv):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "kept.txt").write_text("as it was\n")
+    argv, fifo, tag = spawn_marker(tmp_path, conv)
+    command = {"tool_calls": [{"name": "run_command", "arguments": {"argv": ["sh", "-c", f"echo changed > kept.txt; {argv[2]}"]}}]}
+    daemon = RayDaemon(tmp_path / "d", ray_cluster.address)
+    daemon.start()
+    try:
+        daemon.wait_for_nodes(2)
+        with daemon.client() as client:
+            client.start_conversation(conv, metadata={"workspace": str(workspace)})
+            client.configure_skills(conv, ["run_command"])
+            client.send_user_message(conv, "change it, then hang")
+            ref = client.generate_assistant_reply(conv, backend_opts={"script": [command, {"text": "never"}]})
+            wait_for_marker(fifo)
+        tool = find_tagged(tag)
+        assert (workspace / "kept.txt").read_text() == "changed\n"
+        daemon.kill()  # kill -9: its bridge goes (PDEATHSIG), Ray ends the bridge's actors, their agents end their runs
+        wait_until(lambda: not daemon.marked(), 60, lambda: f"the nodes' processes of the killed daemon gone: {daemon.marked()}")
+        assert not tool.is_running()
+        daemon.start()
+        with daemon.client() as client:
+            with pytest.raises(LLMError) as raised:
+                client.await_generation(conv, ref)
+            assert raised.value.details["reason"] == "daemon_restarted"
+            assert raised.value.details["workspace"] == "restored"  # undone on its node, before the daemon served
+        assert (workspace / "kept.txt").read_text() == "as it was\n"
+    finally:
+        assert daemon.stop() == 0
