@@ -84,7 +84,7 @@ FromAgent = AgentHello | RunStarted | RunProgress | RunSettled | RunCleanedUp | 
 
 HEARTBEAT_S = 1.0
 
-# ---- bridge → daemon: length-prefixed frames on a socketpair ---------------------------
+# ---- bridge ⇄ daemon: length-prefixed frames on a socketpair ---------------------------
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -117,3 +117,16 @@ class ClusterDown(msgspec.Struct, frozen=True, tag=True):
 
 
 FromBridge = ClusterUp | NodeJoined | NodeLost | ClusterDown
+
+# ---- daemon → bridge -----------------------------------------------------------------
+
+
+class DropNode(msgspec.Struct, frozen=True, tag=True):
+    """The daemon gave the node up (its agent went silent): end its agent, whose runs
+    the daemon has ended already, and start a fresh one there."""
+
+    node: str
+    reason: str
+
+
+ToBridge = DropNode

@@ -47,6 +47,7 @@ from genvisor.ipc.node import (
     CancelOnNode,
     ClusterDown,
     ClusterUp,
+    DropNode,
     FromAgent,
     FromBridge,
     NodeInfo,
@@ -141,6 +142,7 @@ class RayExecutor:
         self._nursery: trio.Nursery | None = None
         self._runs_nursery: trio.Nursery | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._bridge: FramedChannel[FromBridge] | None = None
         self._keys = zmq.curve_keypair()
         self.active: dict[int, RunHandle] = {}
         self.nodes: dict[str, _Node] = {}
@@ -148,7 +150,6 @@ class RayExecutor:
         self.down_error = ""
         self._state_changed = trio.Event()
         self.nodes_lost = 0
-        self.cleanup_failures = 0
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -239,7 +240,6 @@ class RayExecutor:
                                            leftovers_killed=[], verified=False, node=node.info.node)
         handle.cleanup = remote.cleanup
         if not remote.cleanup.verified:
-            self.cleanup_failures += 1
             event(log, "cleanup.unverified", logging.ERROR, node=node.info.node, run=handle.run_id, ended_by=remote.cleanup.ended_by)
 
     def _on_agent_frame(self, node: _Node, frame: FromAgent) -> None:
@@ -373,6 +373,7 @@ class RayExecutor:
         theirs.close()
         event(log, "cluster.bridge_started", pid=pid, address=self._settings.address)
         channel: FramedChannel[FromBridge] = FramedChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), FromBridge)
+        self._bridge = channel
         connected = False
         try:
             while (frame := await channel.receive()) is not None:
@@ -394,6 +395,7 @@ class RayExecutor:
             event(log, "cluster.bridge_protocol_error", logging.ERROR, error=str(exc))
         finally:
             with trio.CancelScope(shield=True):
+                self._bridge = None
                 channel.close()  # a bridge still running sees that, disconnects from Ray and exits
                 with trio.move_on_after(BRIDGE_STOP_S):
                     await wait_for_exit(pid)
@@ -452,7 +454,14 @@ class RayExecutor:
             now = trio.current_time()
             for node in list(self.nodes.values()):
                 if now - node.heard_at > AGENT_SILENT_S:
-                    self._lose(node.info.node, f"agent_silent ({AGENT_SILENT_S:g} s)")
+                    reason = f"agent_silent ({AGENT_SILENT_S:g} s)"
+                    self._lose(node.info.node, reason)
+                    # Its runs are ended here: have Ray end its agent (and so them) there, and start another.
+                    if self._bridge is not None:
+                        try:
+                            await self._bridge.send(DropNode(node=node.info.node, reason=reason))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass  # the bridge is gone: its actors, and so that agent, go with it
 
     def _lose(self, node_id: str, reason: str) -> None:
         """The node is gone: each of its runs ends, once, as lost with it."""

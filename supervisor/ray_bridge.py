@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
-from genvisor.ipc.channel import pack_frame
-from genvisor.ipc.node import ClusterDown, ClusterUp, FromBridge, NodeInfo, NodeJoined, NodeLost
+from genvisor.ipc.channel import FrameReader, pack_frame
+from genvisor.ipc.node import ClusterDown, ClusterUp, FromBridge, NodeInfo, NodeJoined, NodeLost, ToBridge
 from genvisor.supervisor import linux
 from genvisor.supervisor.node_agent import AgentSettings
 
@@ -48,6 +48,7 @@ class BridgeSettings(msgspec.Struct, frozen=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
+_daemon_decoder = msgspec.msgpack.Decoder(ToBridge)
 
 
 class NodeAgentActor:
@@ -83,6 +84,12 @@ class NodeAgentActor:
         """Returns when the agent exits (its exit status); fails when the node is lost."""
         return self._process.wait()
 
+    def stop_agent(self) -> None:
+        """SIGKILL the agent (stopped or stuck, it cannot see its actor go): its zygote,
+        told by PDEATHSIG, kills its runs."""
+        self._process.kill()
+        self._process.wait()
+
 
 def main(argv: list[str]) -> int:
     channel_fd, daemon_pid, settings = int(argv[0]), int(argv[1]), msgspec.json.decode(argv[2], type=BridgeSettings)
@@ -105,11 +112,19 @@ def main(argv: list[str]) -> int:
     agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
     first = True
     try:
-        while not _daemon_closed(channel):
+        reader = FrameReader()
+        while (dropped := _read_daemon(channel, reader)) is not None:
             alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             for node in list(agents):
                 if node not in alive:
                     _lose(ray, channel, agents, node, "node_lost")
+                elif node in dropped:
+                    actor, _ = agents[node]
+                    try:
+                        ray.get(actor.stop_agent.remote(), timeout=AGENT_START_TIMEOUT_S)
+                    except Exception as exc:  # noqa: BLE001 — killing its actor below is the last resort
+                        print(f"genvisor-bridge: could not stop the agent on node {node}: {exc}", file=sys.stderr, flush=True)
+                    _lose(ray, channel, agents, node, dropped[node])  # a fresh agent is started there below
             started = {}
             for node in alive - agents.keys():
                 strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
@@ -154,14 +169,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _daemon_closed(channel: socket.socket) -> bool:
-    """Whether the daemon closed its end (it is stopping), without waiting."""
-    try:
-        return channel.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+def _read_daemon(channel: socket.socket, reader: FrameReader) -> dict[str, str] | None:
+    """What the daemon said since the last look, without waiting: the nodes it dropped
+    (and why), or None once it closed its end (it is stopping)."""
+    dropped: dict[str, str] = {}
+    while True:
+        try:
+            data = channel.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        except OSError:
+            return None
+        if not data:
+            return None
+        reader.feed(data)
+    while (frame := reader.next_frame()) is not None:
+        drop = _daemon_decoder.decode(frame)
+        dropped[drop.node] = drop.reason
+    return dropped
 
 
 def _lose(ray: Any, channel: socket.socket, agents: dict[str, tuple[Any, Any]], node: str, reason: str) -> None:

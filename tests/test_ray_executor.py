@@ -310,3 +310,34 @@ def test_a_killed_daemons_runs_end_on_their_nodes_and_a_restart_undoes_their_cha
         assert (workspace / "kept.txt").read_text() == "as it was\n"
     finally:
         assert daemon.stop() == 0
+
+
+def test_an_agent_gone_silent_ends_its_runs_and_is_replaced_by_a_fresh_one(ray_cluster, tmp_path, conv):
+    daemon = RayDaemon(tmp_path / "d", ray_cluster.address)
+    daemon.start()
+    stopped: list[psutil.Process] = []
+    try:
+        daemon.wait_for_nodes(2)
+        argv, fifo, tag = spawn_marker(tmp_path, conv)
+        with daemon.client() as client:
+            client.send_user_message(conv, "hi")
+            ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+            wait_for_marker(fifo)
+            tool = find_tagged(tag)
+            agent = next(p for p in tool.parents() if "genvisor.supervisor.node_agent" in " ".join(p.cmdline()))
+            agent.suspend()  # SIGSTOP: alive, and silent
+            stopped.append(agent)
+            with pytest.raises(LLMError) as raised:
+                client.await_generation(conv, ref, timeout_ms=60_000)
+            assert raised.value.details["reason"] == "node_lost" and raised.value.details["lost"].startswith("agent_silent")
+            # Ray ended that agent (its tool with it), and the bridge started a fresh one on the node.
+            wait_until(lambda: not tool.is_running(), 30, "the silent agent's run's tool gone")
+            wait_until(lambda: not agent.is_running(), 30, "the silent agent killed")
+            daemon.wait_for_nodes(2)
+            _, result = client.send_and_generate(conv + "_after", "served")
+            assert result.text == "served"
+    finally:
+        for process in stopped:
+            if process.is_running():
+                process.resume()
+        assert daemon.stop() == 0
