@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -282,7 +283,7 @@ class RayExecutor:
             return CleanupReport(pid=0, ended_by="none", reaped_after_ms=0.0, leftovers_killed=[], verified=True, node=node.info.node)
         # Timed here, from the daemon's decision to the record's arrival: what a caller waits.
         ended_at = remote.handle._end_requested_at
-        reaped_ms = (trio.current_time() - ended_at) * 1000 if ended_at is not None else report.reaped_after_ms
+        reaped_ms = (time.perf_counter() - ended_at) * 1000 if ended_at is not None else report.reaped_after_ms  # RunHandle's clock
         return msgspec.structs.replace(report, reaped_after_ms=reaped_ms, node=node.info.node)
 
     # ---- placement -----------------------------------------------------------------

@@ -78,6 +78,7 @@ def test_cancel_kills_and_verifies_the_runs_whole_tree_on_its_node(ray_daemon, r
     line = wait_until(lambda: finished_lines(ray_daemon, ref), 10, "the run's run.finished line")[0]
     assert field(line, "node") == node and field(line, "cleanup") == "verified"
     assert field(line, "outcome") == "canceled"
+    assert 0 < float(field(line, "reaped_ms")) < 15_000  # timed on the daemon's clock, cancel → the node's record
 
 
 def test_a_deadline_kills_a_hung_run_on_its_node(ray_daemon, ray_cluster, conv, tmp_path):
