@@ -136,6 +136,7 @@ class RayExecutor:
         self._workspaces = workspaces
         self._pins_path = pins
         self._pins: dict[str, Pin] = {}  # workspace → the node that holds it; read in run()
+        self._pins_written = trio.Lock()
         self._teardown_s = teardown_s  # for a cancel to be seen through on the node
         self._ids = itertools.count(1)
         self._calls = itertools.count(1)
@@ -324,9 +325,13 @@ class RayExecutor:
         return tied[next(self._placed) % len(tied)]  # ties go round
 
     async def _pin(self, workspace: str, node: _Node) -> None:
-        self._pins[workspace] = Pin(node=node.info.node, host=node.info.host)
+        self._pins[workspace] = Pin(node=node.info.node, host=node.info.host)  # first: the next run of it finds it at once
         if self._pins_path is not None:
-            await trio.to_thread.run_sync(_write_pins, self._pins_path, dict(self._pins))
+            async with self._pins_written:  # one writer of the file at a time, each with every pin made so far
+                try:
+                    await trio.to_thread.run_sync(_write_pins, self._pins_path, dict(self._pins))
+                except OSError as exc:  # the pin holds until a restart; the run goes on
+                    event(log, "workspace.pins_unwritten", logging.ERROR, path=str(self._pins_path), error=str(exc))
         event(log, "workspace.pinned", workspace=workspace, node=node.info.node, host=node.info.host)
 
     # ---- workspace calls -----------------------------------------------------------

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import urllib.request
 
+import msgspec
 import psutil
 import pytest
 
@@ -342,3 +344,25 @@ def test_an_agent_gone_silent_ends_its_runs_and_is_replaced_by_a_fresh_one(ray_c
             if process.is_running():
                 process.resume()
         assert daemon.stop() == 0
+
+
+def test_first_runs_of_many_conversations_at_once_are_all_placed(ray_daemon, conv):
+    """Each pins its workspace to a node, and the pins are written to one file: at once."""
+    errors: list[BaseException] = []
+
+    def first_turn(i: int) -> None:
+        try:
+            with ray_daemon.client() as client:
+                _, result = client.send_and_generate(f"{conv}_{i}", f"hello {i}")
+                assert result.text == f"hello {i}"
+        except BaseException as exc:  # noqa: BLE001 — collected, and failed below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_turn, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    pins = msgspec.json.decode((ray_daemon.directory / "state" / "cluster-workspaces.json").read_bytes())
+    assert sum(1 for workspace in pins if f"{conv}_" in workspace) == 12
