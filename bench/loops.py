@@ -29,7 +29,8 @@ class LoopResult(msgspec.Struct, frozen=True):
 
 
 def closed_loop(open_caller: OpenCaller, clients: int, seconds: float, warmup: int = 2) -> LoopResult:
-    """Each thread opens its caller, warms it, waits for all, then calls until time is up."""
+    """Each thread opens its caller, warms it, waits for all, then calls until time is up.
+    A client that fails before the loop (opening, warming) stops them all: raised here."""
     begin_stop = [0.0, 0.0]
 
     def go() -> None:  # runs once all are warm, before any is released
@@ -39,30 +40,42 @@ def closed_loop(open_caller: OpenCaller, clients: int, seconds: float, warmup: i
     barrier = threading.Barrier(clients + 1, action=go)
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
+    failed: list[BaseException] = []
 
     def client(i: int) -> None:
-        with open_caller(i) as call:
-            for _ in range(warmup):
-                call()
-            barrier.wait()
-            mine = latencies[i]
-            while True:
-                start = time.perf_counter()
-                if start >= begin_stop[1]:
-                    return
-                try:
+        try:
+            with open_caller(i) as call:
+                for _ in range(warmup):
                     call()
-                except Exception:  # noqa: BLE001 — counted, the loop goes on
-                    errors[i] += 1
-                    continue
-                mine.append((time.perf_counter() - start) * 1000)
+                barrier.wait()
+                mine = latencies[i]
+                while True:
+                    start = time.perf_counter()
+                    if start >= begin_stop[1]:
+                        return
+                    try:
+                        call()
+                    except Exception:  # noqa: BLE001 — counted, the loop goes on
+                        errors[i] += 1
+                        continue
+                    mine.append((time.perf_counter() - start) * 1000)
+        except threading.BrokenBarrierError:
+            pass  # another client failed before the loop
+        except BaseException as exc:  # noqa: BLE001 — raised by the caller, below
+            failed.append(exc)
+            barrier.abort()  # nobody waits for this one
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in threads:
         t.join()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {clients} clients failed: {failed[0]!r}") from failed[0]
     elapsed = time.perf_counter() - begin_stop[0]
     flat = [x for per in latencies for x in per]
     return LoopResult(clients, len(flat), elapsed, sum(errors), flat)
