@@ -46,7 +46,7 @@ class ChangeSets:
         for conversation in self._conversations:
             workspace = self._workspaces.directory(conversation.key, conversation.metadata)
             store = self._workspaces.store(workspace)
-            if store is None or store in seen:
+            if store is None or store in seen or not self._workspaces.held(workspace):
                 continue
             seen.add(store)
             for revert in await self._workspaces.interrupted_reverts(store, workspace):

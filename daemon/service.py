@@ -43,7 +43,7 @@ class Service:
         telemetry.gauge("genvisor_journal_unsynced", "Journal writes not yet durable", lambda: journal.submitted - journal.durable)
         telemetry.by_node(executor.health)
         # On a cluster, the daemon's work on a workspace is done on the node that holds it.
-        places = Workspaces(workspaces, snapshots, on_node=executor.call if isinstance(executor, RayExecutor) else None)
+        places = Workspaces(workspaces, snapshots, nodes=executor if isinstance(executor, RayExecutor) else None)
         self.conversations = Conversations(journal, cancel_active=lambda conversation, reason: self.generations.cancel_all(conversation, reason))
         self.generations = Generations(
             executor=executor, journal=journal, conversations=self.conversations, workspaces=places, admission=admission,

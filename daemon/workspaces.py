@@ -12,9 +12,9 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -30,26 +30,41 @@ log = logging.getLogger("genvisor.daemon")
 ConversationKey = tuple[str | None, str]
 Settled = tuple[str, list[str]]  # what became of the workspace, and the paths concerned
 T = TypeVar("T")
-# On a cluster: call workspace function `op` (of modes.workspace_snapshot.NODE_CALLS)
-# with `args` on the node that holds `workspace`; its result decoded as `result_type`.
-NodeCall = Callable[[str, str, list[Any], Any], Awaitable[Any]]
+
+
+class OnNodes(Protocol):
+    """Workspaces on a cluster's nodes (supervisor.cluster.RayExecutor)."""
+
+    def holds(self, workspace: str) -> bool:
+        """Whether a node may hold what runs did to `workspace`."""
+        ...
+
+    async def call(self, workspace: str, op: str, args: list[Any], result_type: Any) -> Any:
+        """Workspace function `op` (of modes.workspace_snapshot.NODE_CALLS) with `args`, on
+        the node that holds `workspace`; its result decoded as `result_type`."""
+        ...
 
 
 class Workspaces:
-    def __init__(self, root: Path, snapshots: Path | None, on_node: NodeCall | None = None) -> None:
+    def __init__(self, root: Path, snapshots: Path | None, nodes: OnNodes | None = None) -> None:
         self._root = root
         self._snapshots = snapshots  # None: runs are not transactions (no snapshots taken)
-        self._on_node = on_node  # None: the workspaces are on this machine
+        self._nodes = nodes  # None: the workspaces are on this machine
 
     async def _do(self, workspace: str, result_type: Any, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` where `workspace` is: in a thread here, or on its node."""
-        if self._on_node is None:
+        if self._nodes is None:
             return await trio.to_thread.run_sync(function, *args)
         try:
-            result: T = await self._on_node(workspace, function.__name__, list(args), result_type)
+            result: T = await self._nodes.call(workspace, function.__name__, list(args), result_type)
         except ClusterUnavailable as exc:
             raise WorkspaceUnavailable(str(exc)) from None
         return result
+
+    def held(self, workspace: str) -> bool:
+        """Whether runs may have left anything of theirs in `workspace` (its snapshots):
+        here, a store may exist; on a cluster, a node must have run it."""
+        return self._nodes is None or self._nodes.holds(workspace)
 
     @property
     def transactional(self) -> bool:
@@ -81,7 +96,7 @@ class Workspaces:
     def may_have_snapshot(self, store: str, name: str) -> bool:
         """Here, one stat says. A node's disk cannot be looked at from here: maybe, and
         the settling (on the node) finds out."""
-        return self._on_node is not None or workspace_snapshot.has_snapshot(store, name)
+        return self._nodes is not None or workspace_snapshot.has_snapshot(store, name)
 
     async def settle(self, store: str, workspace: str, run_id: str, *, completed: bool) -> Settled | None:
         """Once a run's processes are gone: undo its changes unless it `completed` (then

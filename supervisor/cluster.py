@@ -289,7 +289,9 @@ class RayExecutor:
 
     # ---- placement -----------------------------------------------------------------
 
-    async def _place(self, placement: str | None) -> _Node:
+    async def _place(self, placement: str | None, *, pin: bool = True) -> _Node:
+        """The node for work on `placement`: its pinned node; else the least loaded (and,
+        if `pin`, pinned to it from now on)."""
         if self.state == "connecting":
             with trio.move_on_after(FIRST_CONNECT_WAIT_S):
                 while self.state == "connecting":
@@ -301,14 +303,15 @@ class RayExecutor:
             raise ClusterUnavailable(f"the Ray cluster at {self._settings.address!r} has no node with a genvisor agent")
         if placement is None or self._workspaces == "shared":
             return self._least_loaded(list(self.nodes.values()))
-        pin = self._pins.get(placement)
-        if pin is None:
+        pinned = self._pins.get(placement)
+        if pinned is None:
             node = self._least_loaded(list(self.nodes.values()))
-            await self._pin(placement, node)
+            if pin:
+                await self._pin(placement, node)
             return node
-        holder = self._node_of(pin)
+        holder = self._node_of(pinned)
         if holder is None:
-            raise ClusterUnavailable(f"the node that holds workspace {placement} ({pin.node} on {pin.host}) is not in the cluster")
+            raise ClusterUnavailable(f"the node that holds workspace {placement} ({pinned.node} on {pinned.host}) is not in the cluster")
         return holder
 
     def _node_of(self, pin: Pin) -> _Node | None:
@@ -336,10 +339,15 @@ class RayExecutor:
 
     # ---- workspace calls -----------------------------------------------------------
 
-    async def call(self, placement: str, op: str, args: list[Any], result_type: type[T]) -> T:
-        """Call workspace function `op` on the node holding `placement` (in a thread
-        there), or raise ClusterUnavailable."""
-        node = await self._place(placement)
+    def holds(self, workspace: str) -> bool:
+        """Whether some node may hold what runs did to `workspace`: with workspaces on
+        the nodes, only one a run was placed for (a pinned one); shared, any."""
+        return self._workspaces == "shared" or workspace in self._pins
+
+    async def call(self, workspace: str, op: str, args: list[Any], result_type: type[T]) -> T:
+        """Call workspace function `op` on the node holding `workspace` (in a thread
+        there), or raise ClusterUnavailable. A call pins nothing: only runs do."""
+        node = await self._place(workspace, pin=False)
         call = next(self._calls)
         done, answer = trio.Event(), list[CallAnswered]()
         node.calls[call] = (done, answer)

@@ -294,6 +294,7 @@ def test_a_killed_daemons_runs_end_on_their_nodes_and_a_restart_undoes_their_cha
     try:
         daemon.wait_for_nodes(2)
         with daemon.client() as client:
+            client.start_conversation(conv + "_idle")  # never runs: no node holds anything of it
             client.start_conversation(conv, metadata={"workspace": str(workspace)})
             client.configure_skills(conv, ["run_command"])
             client.send_user_message(conv, "change it, then hang")
@@ -311,6 +312,9 @@ def test_a_killed_daemons_runs_end_on_their_nodes_and_a_restart_undoes_their_cha
             assert raised.value.details["reason"] == "daemon_restarted"
             assert raised.value.details["workspace"] == "restored"  # undone on its node, before the daemon served
         assert (workspace / "kept.txt").read_text() == "as it was\n"
+        # The restart's repairs asked only the node that ran something there: they pinned nothing.
+        pins = msgspec.json.decode((daemon.directory / "state" / "cluster-workspaces.json").read_bytes())
+        assert list(pins) == [str(workspace)]
     finally:
         assert daemon.stop() == 0
 
