@@ -98,7 +98,6 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
     try:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if settings.address == "local":
             ray.init(namespace=settings.namespace, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -107,59 +106,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 — whatever stops the connection is the daemon's to report
         _send(channel, ClusterDown(error=f"cannot connect to the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
         return 1
-    actor_class: Any = ray.remote(NodeAgentActor)  # Ray's stubs cannot follow .options(...).remote(...)
-    agent_settings = msgspec.json.encode(settings.agent)
-    agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
-    first = True
     try:
-        reader = FrameReader()
-        while (dropped := _read_daemon(channel, reader)) is not None:
-            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            for node in list(agents):
-                if node not in alive:
-                    _lose(ray, channel, agents, node, "node_lost")
-                elif node in dropped:
-                    actor, _ = agents[node]
-                    try:
-                        ray.get(actor.stop_agent.remote(), timeout=AGENT_START_TIMEOUT_S)
-                    except Exception as exc:  # noqa: BLE001 — killing its actor below is the last resort
-                        print(f"genvisor-bridge: could not stop the agent on node {node}: {exc}", file=sys.stderr, flush=True)
-                    _lose(ray, channel, agents, node, dropped[node])  # a fresh agent is started there below
-            started = {}
-            for node in alive - agents.keys():
-                strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-                # No CPU held: the agent's runs are what the node's capacity is for.
-                started[node] = actor_class.options(num_cpus=0, max_concurrency=2, max_restarts=0,
-                                                    scheduling_strategy=strategy).remote(agent_settings)
-            joined = []
-            for node, actor in started.items():
-                try:
-                    info = msgspec.msgpack.decode(ray.get(actor.info.remote(), timeout=AGENT_START_TIMEOUT_S), type=NodeInfo)
-                except Exception as exc:  # noqa: BLE001 — a node whose agent cannot start is left out, and tried again
-                    print(f"genvisor-bridge: no agent on node {node}: {exc}", file=sys.stderr, flush=True)
-                    ray.kill(actor)
-                    continue
-                agents[node] = (actor, actor.watch.remote())
-                joined.append(info)
-            if first:
-                _send(channel, ClusterUp(address=settings.address, nodes=joined))
-                first = False
-            else:
-                for info in joined:
-                    _send(channel, NodeJoined(info=info))
-            watches = {watch: node for node, (_, watch) in agents.items()}
-            if not watches:
-                time.sleep(WATCH_S)
-                continue
-            ended, _ = ray.wait(list(watches), num_returns=1, timeout=WATCH_S)
-            for watch in ended:
-                node = watches[watch]
-                try:
-                    status = ray.get(watch)
-                    reason = f"agent_exited ({status})"
-                except Exception:  # noqa: BLE001 — the actor died: its node, most often
-                    reason = "node_lost"
-                _lose(ray, channel, agents, node, reason)
+        _Bridge(ray, channel, settings).serve()
     except Exception as exc:  # noqa: BLE001 — the cluster went away: say so, and let the daemon start another bridge
         _send(channel, ClusterDown(error=f"lost the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
         return 1
@@ -167,6 +115,91 @@ def main(argv: list[str]) -> int:
     # agents and runs (a Ray of our own, address "local", stops altogether).
     ray.shutdown()
     return 0
+
+
+class _Bridge:
+    """Keeps one agent on every live node, and tells the daemon of each change."""
+
+    def __init__(self, ray: Any, channel: socket.socket, settings: BridgeSettings) -> None:
+        self._ray = ray
+        self._channel = channel
+        self._address = settings.address
+        self._actor_class: Any = ray.remote(NodeAgentActor)  # Ray's stubs cannot follow .options(...).remote(...)
+        self._agent_settings = msgspec.json.encode(settings.agent)
+        self._agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
+
+    def serve(self) -> None:
+        """Until the daemon closes its end."""
+        reader, first = FrameReader(), True
+        while (dropped := _read_daemon(self._channel, reader)) is not None:
+            alive = {n["NodeID"] for n in self._ray.nodes() if n["Alive"]}
+            self._forget(alive, dropped)
+            joined = self._start_agents(alive - self._agents.keys())
+            if first:
+                _send(self._channel, ClusterUp(address=self._address, nodes=joined))
+                first = False
+            else:
+                for info in joined:
+                    _send(self._channel, NodeJoined(info=info))
+            self._watch()
+
+    def _forget(self, alive: set[str], dropped: dict[str, str]) -> None:
+        """The agents of nodes gone, and those the daemon dropped (a fresh one is started there)."""
+        for node in list(self._agents):
+            if node not in alive:
+                self._lose(node, "node_lost")
+            elif node in dropped:
+                actor, _ = self._agents[node]
+                try:
+                    self._ray.get(actor.stop_agent.remote(), timeout=AGENT_START_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 — killing its actor (in _lose) is the last resort
+                    print(f"genvisor-bridge: could not stop the agent on node {node}: {exc}", file=sys.stderr, flush=True)
+                self._lose(node, dropped[node])
+
+    def _start_agents(self, nodes: set[str]) -> list[NodeInfo]:
+        """An agent on each of `nodes`, pinned there; those that started."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        started = {
+            # No CPU held: the agent's runs are what the node's capacity is for.
+            node: self._actor_class.options(num_cpus=0, max_concurrency=2, max_restarts=0,
+                                            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+                                            ).remote(self._agent_settings)
+            for node in nodes
+        }
+        joined = []
+        for node, actor in started.items():
+            try:
+                info = msgspec.msgpack.decode(self._ray.get(actor.info.remote(), timeout=AGENT_START_TIMEOUT_S), type=NodeInfo)
+            except Exception as exc:  # noqa: BLE001 — a node whose agent cannot start is left out, and tried again
+                print(f"genvisor-bridge: no agent on node {node}: {exc}", file=sys.stderr, flush=True)
+                self._ray.kill(actor)
+                continue
+            self._agents[node] = (actor, actor.watch.remote())
+            joined.append(info)
+        return joined
+
+    def _watch(self) -> None:
+        """Wait up to WATCH_S for an agent to end (its watch call returns, or fails with its node)."""
+        watches = {watch: node for node, (_, watch) in self._agents.items()}
+        if not watches:
+            time.sleep(WATCH_S)
+            return
+        ended, _ = self._ray.wait(list(watches), num_returns=1, timeout=WATCH_S)
+        for watch in ended:
+            try:
+                reason = f"agent_exited ({self._ray.get(watch)})"
+            except Exception:  # noqa: BLE001 — the actor died: its node, most often
+                reason = "node_lost"
+            self._lose(watches[watch], reason)
+
+    def _lose(self, node: str, reason: str) -> None:
+        actor, _ = self._agents.pop(node)
+        try:
+            self._ray.kill(actor)
+        except Exception:  # noqa: BLE001 — gone already
+            pass
+        _send(self._channel, NodeLost(node=node, reason=reason))
 
 
 def _read_daemon(channel: socket.socket, reader: FrameReader) -> dict[str, str] | None:
@@ -187,15 +220,6 @@ def _read_daemon(channel: socket.socket, reader: FrameReader) -> dict[str, str] 
         drop = _daemon_decoder.decode(frame)
         dropped[drop.node] = drop.reason
     return dropped
-
-
-def _lose(ray: Any, channel: socket.socket, agents: dict[str, tuple[Any, Any]], node: str, reason: str) -> None:
-    actor, _ = agents.pop(node)
-    try:
-        ray.kill(actor)
-    except Exception:  # noqa: BLE001 — gone already
-        pass
-    _send(channel, NodeLost(node=node, reason=reason))
 
 
 def _send(channel: socket.socket, frame: FromBridge) -> None:
