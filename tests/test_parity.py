@@ -1,10 +1,12 @@
-"""The parity matrix: every baseline scenario on both executors, same behaviour.
+"""The parity matrix: every baseline scenario on every executor, same behaviour.
 
 Rows are scenarios; columns are executors — `in_process` (the embedded daemon, runs
-in tasks of this process) and `worker_process` (a real daemon, a fresh worker process
-per run). Each scenario drives a `Client` and returns a *signature*: outcome, message
-history, status, the owner's notifications and the telemetry counts it caused. A cell
-passes when its signature equals the row's expected one, so both columns agree.
+in tasks of this process), `worker_process` (a real daemon, a fresh worker process
+per run) and `ray` (a real daemon whose runs go to a two-node Ray cluster, a fresh
+worker per run on a node). Each scenario drives a `Client` and returns a *signature*:
+outcome, message history, status, the owner's notifications and the telemetry counts
+it caused. A cell passes when its signature equals the row's expected one, so the
+columns agree.
 """
 
 from __future__ import annotations
