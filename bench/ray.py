@@ -38,8 +38,6 @@ import logging
 import os
 import select
 import signal
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +50,7 @@ import psutil
 from bench.harness import Daemon, WaitTimedOut, daemon_config, living_in_group, readable, wait_for_exit, wait_until
 from bench.latency import generations
 from bench.loops import OpenCaller, closed_loop, genvisor_caller, peer_caller
-from bench.report import Result, Table, figure, table_markdown
+from bench.report import Result, Table, figure
 from bench.stats import fmt, fmt_ratio, ratio, summarize
 from genvisor.errors import GenerationCanceled, LLMError
 
@@ -523,21 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (≈1.5 min)")
     parser.add_argument("--out", type=Path, help="where the plot goes (default: a temp dir, removed)")
     args = parser.parse_args(argv)
-    from bench.run import Context
+    from bench.run import standalone
 
-    with tempfile.TemporaryDirectory(prefix="genvisor-ray-") as scratch:
-        out = args.out or Path(scratch) / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        result = run(Context(quick=args.quick, out=out, scratch=Path(scratch)))
-    for table in result.tables:
-        print("\n".join(table_markdown(table)))
-    for note in result.notes:
-        print(f"- {note}")
-    for name, value in sorted(result.metrics.items()):
-        print(f"{name} = {value:.4g}")
-    if args.out:
-        print(f"plot in {args.out}", file=sys.stderr)
-    return 0
+    return standalone("ray", run, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 
 from bench import check
-from bench.report import Result, Run, markdown
+from bench.report import Result, Run, markdown, table_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # In this order: queue_depth offers load relative to the capacity throughput measured.
@@ -82,6 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(run))
     print(f"[bench] results in {out}", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
+
+
+def standalone(name: str, scenario: Callable[[Context], Result], *, quick: bool, out: Path | None) -> int:
+    """One scenario on its own (`python -m bench.NAME`): its tables, notes and flat
+    figures printed; its plots in `out` (else a temp dir, removed)."""
+    with tempfile.TemporaryDirectory(prefix=f"genvisor-{name}-") as scratch:
+        plots = out or Path(scratch) / "out"
+        plots.mkdir(parents=True, exist_ok=True)
+        result = scenario(Context(quick=quick, out=plots, scratch=Path(scratch)))
+    for table in result.tables:
+        print("\n".join(table_markdown(table)))
+    for note in result.notes:
+        print(f"- {note}")
+    for metric, value in sorted(result.metrics.items()):
+        print(f"{metric} = {value:.4g}")
+    if out:
+        print(f"plots in {out}", file=sys.stderr)
+    return 1 if result.error else 0
 
 
 def _run_scenario(name: str, ctx: Context) -> Result:

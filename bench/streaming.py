@@ -70,7 +70,6 @@ import argparse
 import bisect
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -80,7 +79,7 @@ from typing import Any
 import psutil
 
 from bench.harness import REPO, Daemon, cpu, daemon_config
-from bench.report import Result, Table, figure, table_markdown
+from bench.report import Result, Table, figure
 from bench.stats import fmt, fmt_ratio, percentile, ratio
 from bench.streaming_load import BIN_S, LatencyJob, LoadPool, ScriptedJob, ScriptedReport, StreamTrace
 
@@ -601,21 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, action="append", help="the `deliver` part at this many streams (repeatable)")
     parser.add_argument("--out", type=Path, help="where the plots go (default: a temp dir, removed)")
     args = parser.parse_args(argv)
-    from bench.run import Context
+    from bench.run import standalone
 
-    with tempfile.TemporaryDirectory(prefix="genvisor-streaming-") as scratch:
-        out = args.out or Path(scratch) / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        result = run(Context(quick=args.quick, out=out, scratch=Path(scratch)), tuple(args.part or PARTS), args.streams)
-    for table in result.tables:
-        print("\n".join(table_markdown(table)))
-    for note in result.notes:
-        print(f"- {note}")
-    for name, value in sorted(result.metrics.items()):
-        print(f"{name} = {value:.4g}")
-    if args.out:
-        print(f"plots in {args.out}", file=sys.stderr)
-    return 0
+    return standalone("streaming", lambda ctx: run(ctx, tuple(args.part or PARTS), args.streams), quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":
