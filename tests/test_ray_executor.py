@@ -38,6 +38,15 @@ def node_of_process(pid: int, cluster) -> str:
     raise AssertionError(f"process {pid} is not below any node's raylet")
 
 
+def start_tool_run(client, conv: str, tmp_path) -> tuple[str, psutil.Process]:
+    """A run whose worker has started a tool process and then waits a minute: its ref, and the tool."""
+    argv, fifo, tag = spawn_marker(tmp_path, conv)
+    client.send_user_message(conv, "hi")
+    ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
+    wait_for_marker(fifo)
+    return ref, find_tagged(tag)
+
+
 def finished_lines(daemon: RayDaemon, ref: str) -> list[str]:
     return [line for line in daemon.log().splitlines() if "run.finished" in line and f"ref={ref}" in line]
 
@@ -61,12 +70,8 @@ def test_a_run_goes_to_a_node_and_its_cleanup_record_names_it(ray_daemon, conv):
 
 
 def test_cancel_kills_and_verifies_the_runs_whole_tree_on_its_node(ray_daemon, ray_cluster, conv, tmp_path):
-    argv, fifo, tag = spawn_marker(tmp_path, conv)
     with ray_daemon.client() as client:
-        client.send_user_message(conv, "hi")
-        ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
-        wait_for_marker(fifo)
-        tool = find_tagged(tag)
+        ref, tool = start_tool_run(client, conv, tmp_path)
         worker = os.getpgid(tool.pid)
         node = node_of_process(tool.pid, ray_cluster)
         assert ray_daemon.pid not in [p.pid for p in tool.parents()]  # it runs on the node, not under the daemon
@@ -325,12 +330,8 @@ def test_an_agent_gone_silent_ends_its_runs_and_is_replaced_by_a_fresh_one(ray_c
     stopped: list[psutil.Process] = []
     try:
         daemon.wait_for_nodes(2)
-        argv, fifo, tag = spawn_marker(tmp_path, conv)
         with daemon.client() as client:
-            client.send_user_message(conv, "hi")
-            ref = client.generate_assistant_reply(conv, backend_opts={"spawn": argv, "delay_ms": 60_000})
-            wait_for_marker(fifo)
-            tool = find_tagged(tag)
+            ref, tool = start_tool_run(client, conv, tmp_path)
             agent = next(p for p in tool.parents() if "genvisor.supervisor.node_agent" in " ".join(p.cmdline()))
             agent.suspend()  # SIGSTOP: alive, and silent
             stopped.append(agent)
