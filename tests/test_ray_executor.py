@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -135,6 +137,11 @@ def test_status_and_metrics_show_runs_by_node(ray_cluster, tmp_path, conv):
             started = re.search(rf'genvisor_node_runs_started_total{{host="[^"]+",node="{node.node}"}} (\S+)', text)
             assert started, text
         assert float(re.search(r"^genvisor_nodes_lost_total (\S+)$", text, re.M).group(1)) == 0
+        shown = subprocess.run([sys.executable, "-m", "genvisor", "--endpoint", daemon.endpoint, "status"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "cluster  ray, up, 2 nodes, 0 lost" in shown
+        for node in status.nodes:
+            assert f"node {node.node[:8]}" in shown and f"{node.runs_started} started" in shown
     finally:
         assert daemon.stop() == 0
 
