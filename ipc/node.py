@@ -35,7 +35,12 @@ class CallOnNode(msgspec.Struct, frozen=True, tag=True):
     args: msgspec.Raw
 
 
-ToAgent = RunOnNode | CancelOnNode | CallOnNode
+class DaemonPing(msgspec.Struct, frozen=True, tag=True):
+    """Sent every `HEARTBEAT_S`: the daemon is alive. An agent that hears nothing from
+    it for `DAEMON_SILENT_S` ends its runs and exits (its daemon was killed)."""
+
+
+ToAgent = RunOnNode | CancelOnNode | CallOnNode | DaemonPing
 
 
 class AgentHello(msgspec.Struct, frozen=True, tag=True):
@@ -83,6 +88,8 @@ class CallAnswered(msgspec.Struct, frozen=True, tag=True):
 FromAgent = AgentHello | RunStarted | RunProgress | RunSettled | RunCleanedUp | CallAnswered
 
 HEARTBEAT_S = 1.0
+DAEMON_SILENT_S = 10.0
+ORPHANED_EXIT = 75  # the agent's exit status when it gave its daemon up
 
 # ---- bridge ⇄ daemon: length-prefixed frames on a socketpair ---------------------------
 

@@ -48,6 +48,7 @@ from genvisor.ipc.node import (
     CancelOnNode,
     ClusterDown,
     ClusterUp,
+    DaemonPing,
     DropNode,
     FromAgent,
     FromBridge,
@@ -84,6 +85,7 @@ _encoder = msgspec.msgpack.Encoder()
 _agent_decoder = msgspec.msgpack.Decoder(FromAgent)
 _outcome_decoder = msgspec.msgpack.Decoder(RunOutcome)
 _cleanup_decoder = msgspec.msgpack.Decoder(CleanupReport | None)
+_PING = _encoder.encode(DaemonPing())
 
 # An agent not heard from for this long is lost (its heartbeat is every HEARTBEAT_S).
 AGENT_SILENT_S = 5 * HEARTBEAT_S
@@ -296,10 +298,10 @@ class RayExecutor:
             with trio.move_on_after(FIRST_CONNECT_WAIT_S):
                 while self.state == "connecting":
                     await self._state_changed.wait()
-        if self.state != "up":
-            raise ClusterUnavailable(f"the Ray cluster at {self._settings.address!r} is not reachable"
-                                     + (f": {self.down_error}" if self.down_error else ""))
-        if not self.nodes:
+        if not self.nodes:  # with the bridge down, agents that still answer take runs
+            if self.state != "up":
+                raise ClusterUnavailable(f"the Ray cluster at {self._settings.address!r} is not reachable"
+                                         + (f": {self.down_error}" if self.down_error else ""))
             raise ClusterUnavailable(f"the Ray cluster at {self._settings.address!r} has no node with a genvisor agent")
         if placement is None or self._workspaces == "shared":
             return self._least_loaded(list(self.nodes.values()))
@@ -366,13 +368,14 @@ class RayExecutor:
     # ---- the bridge and the nodes --------------------------------------------------
 
     async def _keep_bridge(self) -> None:
+        """A bridge, always: started again when it ends. The agents outlive a bridge
+        (their actors are detached), so their nodes stay while they answer: a bridge
+        gone costs no run; agents that went with the cluster fall silent and are lost."""
         failures = 0
         while True:
             up = await self._run_bridge()
             failures = 0 if up else failures + 1
             self._set_state("down")
-            for node in list(self.nodes):
-                self._lose(node, "cluster_lost")
             await trio.sleep(BRIDGE_RESTART_S[min(failures, len(BRIDGE_RESTART_S) - 1)])
 
     async def _run_bridge(self) -> bool:
@@ -394,6 +397,9 @@ class RayExecutor:
                 if isinstance(frame, ClusterUp):
                     connected = True
                     self.down_error = ""
+                    listed = {info.node for info in frame.nodes}
+                    for node in [n for n in self.nodes if n not in listed]:
+                        self._lose(node, "not_in_the_cluster")  # the bridge found no agent of ours there
                     for info in frame.nodes:
                         await self._connect(info)
                     self._set_state("up")
@@ -433,8 +439,11 @@ class RayExecutor:
         self._state_changed = trio.Event()
 
     async def _connect(self, info: NodeInfo) -> None:
-        if info.node in self.nodes:
-            return
+        known = self.nodes.get(info.node)
+        if known is not None:
+            if known.info == info:
+                return  # the agent a previous bridge started: its runs went on
+            self._lose(info.node, "agent_replaced")
         assert self._ctx is not None and self._nursery is not None
         raw = self._ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
@@ -463,9 +472,16 @@ class RayExecutor:
                     self._on_agent_frame(node, frame)
 
     async def _watch_silence(self) -> None:
+        """Every HEARTBEAT_S: ping each agent (one that hears nothing from its daemon
+        ends its runs), and give up those not heard from for AGENT_SILENT_S."""
         while True:
             await trio.sleep(HEARTBEAT_S)
             now = trio.current_time()
+            for node in list(self.nodes.values()):
+                try:
+                    node.sock.try_send_multipart([_PING])
+                except (trio.ClosedResourceError, zmq.ZMQError):
+                    pass  # closing: lost below, or already
             for node in list(self.nodes.values()):
                 if now - node.heard_at > AGENT_SILENT_S:
                     reason = f"agent_silent ({AGENT_SILENT_S:g} s)"

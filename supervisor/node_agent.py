@@ -8,9 +8,11 @@ run on a node is a fresh process in its own group, killed, reaped and verified g
 there exactly as on one machine. It serves the daemon over one CURVE-secured ZeroMQ
 connection (ipc.node), accepting only the daemon's key.
 
-It ends when its actor's process does (Ray killed the actor, its node, or the daemon's
-driver): then its runs are canceled and torn down, and its zygote — told by PDEATHSIG
-if the agent was killed outright — kills whatever is left below it.
+It ends when its actor's process does (Ray killed the actor, or its node), or when it
+has heard nothing from its daemon for `DAEMON_SILENT_S` (the daemon was killed: the
+actors are detached, so they outlive the daemon's driver and a restart of it); then its
+runs are canceled and torn down, and its zygote — told by PDEATHSIG if the agent was
+killed outright — kills whatever is left below it.
 
 Run as: python -m genvisor.supervisor.node_agent SETTINGS_JSON; it prints one line of
 JSON (its endpoint and public key) on stdout once it is serving.
@@ -33,7 +35,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from genvisor.ipc.node import (
+    DAEMON_SILENT_S,
     HEARTBEAT_S,
+    ORPHANED_EXIT,
     AgentHello,
     CallAnswered,
     CallOnNode,
@@ -46,7 +50,7 @@ from genvisor.ipc.node import (
     ToAgent,
 )
 from genvisor.ipc.trio_zmq import TrioSocket
-from genvisor.logevent import FIELDS_ATTRIBUTE
+from genvisor.logevent import FIELDS_ATTRIBUTE, event
 from genvisor.supervisor.pool import WorkerPool, wait_for_exit
 from genvisor.supervisor.runs import RunHandle, Supervisor
 
@@ -91,6 +95,8 @@ class Agent:
         self._calls = calls
         self._runs: dict[int, RunHandle] = {}
         self._out_send, self._out_receive = trio.open_memory_channel[bytes](math.inf)
+        self._heard_at = trio.current_time()
+        self.orphaned = trio.Event()
 
     def _send(self, frame: FromAgent) -> None:
         self._out_send.send_nowait(_encoder.encode(frame))
@@ -99,8 +105,10 @@ class Agent:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_frames)
             nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._watch_daemon)
             while True:
                 [data] = await self._sock.recv_multipart()
+                self._heard_at = trio.current_time()
                 try:
                     frame = _decoder.decode(data)
                 except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -112,7 +120,7 @@ class Agent:
                     handle = self._runs.get(frame.run)
                     if handle is not None:
                         handle.cancel(frame.reason)
-                else:
+                elif isinstance(frame, CallOnNode):
                     nursery.start_soon(self._call, frame)
 
     async def _send_frames(self) -> None:
@@ -125,6 +133,12 @@ class Agent:
             self._send(AgentHello(node=self._settings.node, pid=os.getpid(), spare_workers=health.spare_workers,
                                   zygote_restarts=health.zygote_restarts))
             await trio.sleep(HEARTBEAT_S)
+
+    async def _watch_daemon(self) -> None:
+        while trio.current_time() - self._heard_at <= DAEMON_SILENT_S:
+            await trio.sleep(HEARTBEAT_S)
+        event(log, "agent.orphaned", logging.WARNING, silent_s=DAEMON_SILENT_S, runs=len(self._runs))
+        self.orphaned.set()
 
     def _start(self, nursery: trio.Nursery, frame: RunOnNode) -> None:
         if frame.run in self._runs:
@@ -159,7 +173,7 @@ class Agent:
         self._send(answer)
 
 
-async def serve(settings: AgentSettings, parent: int) -> None:
+async def serve(settings: AgentSettings, parent: int) -> int:
     pool = WorkerPool(target=_load(settings.target), spares=settings.spares, preload=settings.preload, instance=settings.instance)
     supervisor = Supervisor(pool, cancel_grace_s=settings.cancel_grace_s, term_grace_s=settings.term_grace_s)
     ctx = zmq.Context()
@@ -177,11 +191,18 @@ async def serve(settings: AgentSettings, parent: int) -> None:
             agent = Agent(settings, sock, supervisor, _load(settings.calls))
             nursery.start_soon(agent.serve)
             print(json.dumps({"endpoint": f"tcp://{settings.host}:{port}", "key": public.decode()}), flush=True)
-            await wait_for_exit(parent)  # the actor's process: when it goes, so does this node's share of the work
+            nursery.start_soon(_end_when_gone, parent, nursery.cancel_scope)  # the actor's process: so ends this node's share
+            await agent.orphaned.wait()  # or the daemon gone
             nursery.cancel_scope.cancel()
     finally:
         authenticator.stop()
         ctx.term()
+    return ORPHANED_EXIT if agent.orphaned.is_set() else 0
+
+
+async def _end_when_gone(pid: int, scope: trio.CancelScope) -> None:
+    await wait_for_exit(pid)
+    scope.cancel()
 
 
 class _EventFormat(logging.Formatter):
@@ -198,8 +219,7 @@ def main(argv: list[str]) -> int:
     handler.setFormatter(_EventFormat())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     settings = msgspec.json.decode(argv[0], type=AgentSettings)
-    trio.run(serve, settings, os.getppid())
-    return 0
+    return trio.run(serve, settings, os.getppid())
 
 
 if __name__ == "__main__":

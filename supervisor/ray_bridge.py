@@ -6,10 +6,13 @@ ended by Ray itself (and holds a dozen threads and ≈150 MB the daemon does not
 The bridge starts one `NodeAgentActor` on every node, pinned there (node affinity,
 no CPU reserved), whose agent process (supervisor.node_agent) runs the node's runs;
 it tells the daemon where each agent listens, and when a node joins or is lost. The
-actors are the bridge's: when it exits, Ray ends them, and their agents with them.
+actors are detached and named after their node: a bridge that Ray ended (its GCS out
+of reach) costs no run, as the next one finds them, runs and all; the bridge ends them
+when the daemon stops, and an agent whose daemon was killed ends itself (it hears no
+more pings), and its actor with it.
 
 Plain blocking Python, talking to the daemon in length-prefixed frames on a socket
-it inherits (ipc.node, bridge → daemon). It dies with the daemon (PDEATHSIG).
+it inherits (ipc.node, bridge ⇄ daemon). It dies with the daemon (PDEATHSIG).
 
 Run as: python -m genvisor.supervisor.ray_bridge CHANNEL_FD DAEMON_PID SETTINGS_JSON
 """
@@ -22,13 +25,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import msgspec
 
 from genvisor.ipc.channel import FrameReader, pack_frame
-from genvisor.ipc.node import ClusterDown, ClusterUp, FromBridge, NodeInfo, NodeJoined, NodeLost, ToBridge
+from genvisor.ipc.node import ORPHANED_EXIT, ClusterDown, ClusterUp, FromBridge, NodeInfo, NodeJoined, NodeLost, ToBridge
 from genvisor.supervisor import linux
 from genvisor.supervisor.node_agent import AgentSettings
 
@@ -58,6 +62,7 @@ class NodeAgentActor:
         import ray
 
         agent = msgspec.json.decode(settings, type=AgentSettings)
+        self._daemon_key = agent.daemon_key
         context = ray.get_runtime_context()
         node = context.get_node_id()
         # The processes of this agent are marked as its own, not only as the daemon's:
@@ -80,9 +85,17 @@ class NodeAgentActor:
             raise RuntimeError(f"the agent on node {self._info.node} did not start (exit status {self._process.poll()})")
         return msgspec.msgpack.encode(self._info)
 
+    def daemon_key(self) -> str:
+        return self._daemon_key
+
     def watch(self) -> int:
         """Returns when the agent exits (its exit status); fails when the node is lost."""
-        return self._process.wait()
+        status = self._process.wait()
+        if status == ORPHANED_EXIT:
+            # Its daemon is gone, and its bridge with it: nobody will kill this detached
+            # actor, so it ends itself once this call has answered.
+            threading.Timer(1.0, os._exit, (0,)).start()
+        return status
 
     def stop_agent(self) -> None:
         """SIGKILL the agent (stopped or stuck, it cannot see its actor go): its zygote,
@@ -106,13 +119,15 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 — whatever stops the connection is the daemon's to report
         _send(channel, ClusterDown(error=f"cannot connect to the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
         return 1
+    bridge = _Bridge(ray, channel, settings)
     try:
-        _Bridge(ray, channel, settings).serve()
+        bridge.serve()
     except Exception as exc:  # noqa: BLE001 — the cluster went away: say so, and let the daemon start another bridge
         _send(channel, ClusterDown(error=f"lost the Ray cluster at {settings.address!r}: {type(exc).__name__}: {exc}"))
         return 1
-    # The daemon is stopping: disconnecting ends this driver's actors, and so their
-    # agents and runs (a Ray of our own, address "local", stops altogether).
+    # The daemon is stopping: its agents, and their runs, end (a Ray of our own,
+    # address "local", stops altogether).
+    bridge.stop()
     ray.shutdown()
     return 0
 
@@ -127,6 +142,7 @@ class _Bridge:
         self._actor_class: Any = ray.remote(NodeAgentActor)  # Ray's stubs cannot follow .options(...).remote(...)
         self._agent_settings = msgspec.json.encode(settings.agent)
         self._agents: dict[str, tuple[Any, Any]] = {}  # node id → (actor, its watch call)
+        self._daemon_key = settings.agent.daemon_key
 
     def serve(self) -> None:
         """Until the daemon closes its end."""
@@ -157,16 +173,20 @@ class _Bridge:
                 self._lose(node, dropped[node])
 
     def _start_agents(self, nodes: set[str]) -> list[NodeInfo]:
-        """An agent on each of `nodes`, pinned there; those that started."""
+        """An agent on each of `nodes`, pinned there: the one this daemon's last bridge
+        started, if it is still there (its runs go on), else a new one; those that started."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        started = {
-            # No CPU held: the agent's runs are what the node's capacity is for.
-            node: self._actor_class.options(num_cpus=0, max_concurrency=2, max_restarts=0,
-                                            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-                                            ).remote(self._agent_settings)
-            for node in nodes
-        }
+        started = {}
+        for node in nodes:
+            name = f"genvisor-agent-{node}"
+            started[node] = self._ours(name) or self._actor_class.options(
+                # Detached: it outlives this bridge (a lost GCS ends a driver), so a
+                # restarted bridge finds it, runs and all. No CPU held: the agent's runs
+                # are what the node's capacity is for.
+                name=name, lifetime="detached", num_cpus=0, max_concurrency=2, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(self._agent_settings)
         joined = []
         for node, actor in started.items():
             try:
@@ -178,6 +198,33 @@ class _Bridge:
             self._agents[node] = (actor, actor.watch.remote())
             joined.append(info)
         return joined
+
+    def _ours(self, name: str) -> Any:
+        """The named agent actor, if this daemon started it; one a previous daemon (of
+        this state dir: the same namespace) left is ended, and its name freed."""
+        try:
+            actor = self._ray.get_actor(name)
+        except ValueError:
+            return None
+        try:
+            if self._ray.get(actor.daemon_key.remote(), timeout=AGENT_START_TIMEOUT_S) == self._daemon_key:
+                return actor
+        except Exception:  # noqa: BLE001 — dying or stuck: ended below
+            pass
+        self._ray.kill(actor)
+        deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+        while time.monotonic() < deadline:  # the name is freed once the actor is dead
+            try:
+                self._ray.get_actor(name)
+            except ValueError:
+                break
+            time.sleep(0.1)
+        return None
+
+    def stop(self) -> None:
+        """The daemon is stopping: end its agents (detached, they would not end with it)."""
+        for node in list(self._agents):
+            self._lose(node, "daemon_stopping")
 
     def _watch(self) -> None:
         """Wait up to WATCH_S for an agent to end (its watch call returns, or fails with its node)."""

@@ -248,7 +248,12 @@ def test_no_cluster_is_a_fast_transport_error_and_the_daemon_connects_when_it_co
             assert result.text == "back"
             cluster.shutdown()  # the whole cluster goes away
             cluster = None
-            wait_until(lambda: client.status().cluster == "down", 120, "the daemon to see the cluster gone")
+
+            def gone():
+                status = client.status()
+                return status.cluster == "down" and not status.nodes
+
+            wait_until(gone, 120, "the daemon to see the cluster gone: its bridge, and every agent")
             ref = client.generate_assistant_reply(conv)
             with pytest.raises(LLMError) as raised:
                 client.await_generation(conv, ref, timeout_ms=5_000)
@@ -378,3 +383,29 @@ def test_first_runs_of_many_conversations_at_once_are_all_placed(ray_daemon, con
     assert not errors, errors
     pins = msgspec.json.decode((ray_daemon.directory / "state" / "cluster-workspaces.json").read_bytes())
     assert sum(1 for workspace in pins if f"{conv}_" in workspace) == 12
+
+
+def test_a_bridge_that_dies_costs_no_run(ray_cluster, tmp_path, conv):
+    """The Ray driver (the bridge) is ended by Ray when the GCS is out of reach for a few
+    seconds; the agents' actors are detached, so the runs on them go on, and the next
+    bridge finds the same agents."""
+    daemon = RayDaemon(tmp_path / "d", ray_cluster.address)
+    daemon.start()
+    try:
+        daemon.wait_for_nodes(2)
+        with daemon.client() as client:
+            ref, tool = start_tool_run(client, conv, tmp_path)
+            [bridge] = [p for p in daemon.descendants() if "genvisor.supervisor.ray_bridge" in " ".join(p.cmdline())]
+            bridge.kill()
+            wait_until(lambda: daemon.log().count("cluster.connected") == 2, 60, "a second bridge connected")
+            status = client.status()
+            assert status.nodes_lost == 0 and len(status.nodes) == 2
+            assert tool.is_running()  # the run went on
+            client.cancel_generation(conv)
+            with pytest.raises(GenerationCanceled):  # canceled, not node_lost: it was still running
+                client.await_generation(conv, ref)
+            wait_until(lambda: not tool.is_running(), 15, "the tool gone with its run")
+            _, result = client.send_and_generate(conv + "_after", "served")
+            assert result.text == "served"
+    finally:
+        assert daemon.stop() == 0
