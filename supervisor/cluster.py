@@ -61,6 +61,7 @@ from genvisor.ipc.node import (
     RunSettled,
     ToAgent,
 )
+from genvisor.ipc.node_link import daemon_socket, new_keys
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.logevent import event
 from genvisor.supervisor.pool import wait_for_exit
@@ -147,7 +148,7 @@ class RayExecutor:
         self._runs_nursery: trio.Nursery | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._bridge: FramedChannel[FromBridge] | None = None
-        self._keys = zmq.curve_keypair()
+        self._keys = new_keys()
         self.active: dict[int, RunHandle] = {}
         self.nodes: dict[str, _Node] = {}
         self.state: Literal["connecting", "up", "down"] = "connecting"
@@ -445,11 +446,7 @@ class RayExecutor:
                 return  # the agent a previous bridge started: its runs went on
             self._lose(info.node, "agent_replaced")
         assert self._ctx is not None and self._nursery is not None
-        raw = self._ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.curve_serverkey = info.agent_key.encode()
-        raw.curve_publickey, raw.curve_secretkey = self._keys
-        raw.connect(info.agent)
+        raw = daemon_socket(self._ctx, info.agent, info.agent_key, self._keys)
         ready = trio.Event()
         self._nursery.start_soon(self._serve_node, info, raw, ready)
         await ready.wait()

@@ -32,7 +32,6 @@ from typing import Any
 import msgspec
 import trio
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from genvisor.ipc.node import (
     DAEMON_SILENT_S,
@@ -49,6 +48,7 @@ from genvisor.ipc.node import (
     RunSettled,
     ToAgent,
 )
+from genvisor.ipc.node_link import AgentSocket
 from genvisor.ipc.trio_zmq import TrioSocket
 from genvisor.logevent import FIELDS_ATTRIBUTE, event
 from genvisor.supervisor.pool import WorkerPool, wait_for_exit
@@ -72,14 +72,6 @@ class AgentSettings(msgspec.Struct, frozen=True):
     cancel_grace_s: float = 2.0
     term_grace_s: float = 1.0
     instance: str | None = None
-
-
-class _OnlyTheDaemon:
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key == self._key
 
 
 def _load(name: str) -> Any:
@@ -177,25 +169,18 @@ async def serve(settings: AgentSettings, parent: int) -> int:
     pool = WorkerPool(target=_load(settings.target), spares=settings.spares, preload=settings.preload, instance=settings.instance)
     supervisor = Supervisor(pool, cancel_grace_s=settings.cancel_grace_s, term_grace_s=settings.term_grace_s)
     ctx = zmq.Context()
-    authenticator = ThreadAuthenticator(ctx)
-    public, secret = zmq.curve_keypair()
+    link = AgentSocket(ctx, settings.host, settings.daemon_key)
     try:
-        authenticator.start()
-        authenticator.configure_curve_callback(domain="*", credentials_provider=_OnlyTheDaemon(settings.daemon_key.encode()))
-        raw = ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.curve_secretkey, raw.curve_publickey, raw.curve_server = secret, public, True
-        port = raw.bind_to_random_port(f"tcp://{settings.host}")
-        async with TrioSocket.open(raw) as sock, trio.open_nursery() as nursery:
+        async with TrioSocket.open(link.socket) as sock, trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
             agent = Agent(settings, sock, supervisor, _load(settings.calls))
             nursery.start_soon(agent.serve)
-            print(json.dumps({"endpoint": f"tcp://{settings.host}:{port}", "key": public.decode()}), flush=True)
+            print(json.dumps({"endpoint": link.endpoint, "key": link.public.decode()}), flush=True)
             nursery.start_soon(_end_when_gone, parent, nursery.cancel_scope)  # the actor's process: so ends this node's share
             await agent.orphaned.wait()  # or the daemon gone
             nursery.cancel_scope.cancel()
     finally:
-        authenticator.stop()
+        link.close()
         ctx.term()
     return ORPHANED_EXIT if agent.orphaned.is_set() else 0
 
