@@ -756,7 +756,7 @@ class Generations:
             "run_id": active.record.run_id, "ref": ref, "call_id": call_id, "tool": call.name, "approve": approve, "note": note})
         self._emit(active, GenerationEvent(ref, "approval_resolved", tool_call=call, reason="approved" if approve else "denied",
                                            text=note))
-        if pause.answered:
+        if pause.answered and not active.driven:  # else its leg, ending (its worker still exiting), goes on with it
             self._resume(conversation, active)
 
     def _emit(self, active: ActiveGeneration, event: GenerationEvent, *, always: bool = False) -> None:
@@ -821,8 +821,7 @@ class Generations:
             message = f"generation deadline passed ({active.spec.request.timeout_ms} ms + {self._deadline_grace_s * 1000:.0f} ms grace)"
             self._finish_failed(conversation, active, LLMError("timeout", message).info())
         elif isinstance(outcome, Unavailable):
-            category: LLMErrorCategory = "transport" if outcome.category == "transport" else "unknown"
-            self._finish_failed(conversation, active, LLMError(category, f"no worker could run the generation: {outcome.message}").info())
+            self._finish_failed(conversation, active, LLMError(outcome.category, f"no worker could run the generation: {outcome.message}").info())
         else:
             assert isinstance(outcome, Canceled)
             self.cancel(conversation, outcome.reason)
