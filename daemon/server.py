@@ -1,12 +1,13 @@
 """`genvisor serve`: the daemon process — the ZeroMQ front and the supervision tree.
 
     serve (trio.run)
-    └─ nursery
-       ├─ supervisor      zygote, spare workers, runs
-       ├─ service         conversations, generations, change sets, outcome retention
-       ├─ front           ROUTER: receive → dispatch → one outgoing queue → send
-       ├─ signals         SIGTERM/SIGINT → graceful shutdown
-       └─ watchdog        sd_notify WATCHDOG=1 under systemd (READY/STOPPING too)
+    └─ executor           RayExecutor (runs on a cluster's nodes), first: the nodes hold workspaces
+       └─ nursery         (once the journal is loaded and the endpoint bound)
+          ├─ supervisor   or, on this machine: zygote, spare workers, runs
+          ├─ service      conversations, generations, change sets, outcome retention
+          ├─ front        ROUTER: receive → dispatch → one outgoing queue → send
+          ├─ signals      SIGTERM/SIGINT → graceful shutdown
+          └─ watchdog     sd_notify WATCHDOG=1 under systemd (READY/STOPPING too)
 
 Every frame is answered: a frame that does not decode gets `BadRequest`, a handler
 bug gets `InternalError` with an incident id that is also logged.
@@ -121,9 +122,12 @@ async def serve(config: Config) -> int:
     authenticator = None
     refused: Exception | None = None
     try:
-        async with trio.open_nursery() as cluster:
-            if pool is None:  # first: the interrupted runs' workspaces, settled in open_front, are on its nodes
-                await cluster.start(supervisor.run)
+        async with trio.open_nursery() as executor:
+            # A cluster's agents hold the workspaces that open_front settles (the runs a
+            # previous daemon left unfinished): reach them first. Local workers start once
+            # the start can no longer be refused (a refusal is one line, and starts nothing).
+            if pool is None:
+                await executor.start(supervisor.run)
             try:
                 front = await open_front(config, supervisor, str(endpoint), store)
                 if endpoint.scheme == "ipc":
@@ -141,7 +145,7 @@ async def serve(config: Config) -> int:
                 if endpoint.scheme == "ipc":
                     secure_ipc_socket(endpoint, config.ipc_group_access)
             except (CurveError, EndpointError, StoreFailed) as exc:
-                # Refused before serving: raised below, outside the nursery (which would wrap it in a group).
+                # Refused before serving: raised below, outside the executor's nursery (which would wrap it in a group).
                 refused = exc
             else:
                 async with TrioSocket.open(router) as sock:
@@ -156,7 +160,7 @@ async def serve(config: Config) -> int:
                     async with trio.open_nursery() as nursery:
                         stop, serving = trio.Event(), trio.Event()
                         await nursery.start(_watch_signals, stop, serving, nursery.cancel_scope)
-                        if pool is not None:  # the cluster's executor runs already
+                        if pool is not None:
                             await nursery.start(supervisor.run)
                         await nursery.start(service.run)
                         nursery.start_soon(_serve_socket, sock, front, outbox)
@@ -169,7 +173,7 @@ async def serve(config: Config) -> int:
                         notifier.stopping(f"stopping: canceling {len(supervisor.active)} active runs")
                         service.generations.shutdown()
                         await _drain_and_stop(nursery, supervisor, front, outbox)
-            cluster.cancel_scope.cancel()
+            executor.cancel_scope.cancel()
         if refused is not None:
             raise refused
     finally:

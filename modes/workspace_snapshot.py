@@ -517,4 +517,4 @@ def revert_change_set(store: str, workspace: str, name: str, revert: str) -> Wor
 
 # What the daemon does to a workspace, by name: on a cluster, the agent of the node that
 # holds the workspace does it (supervisor.node_agent), with these arguments, in order.
-NODE_CALLS = {f.__name__: f for f in (settle_run, has_snapshot, interrupted_reverts, undo_revert, kept_changes, revert_change_set)}
+NODE_CALLS = {f.__name__: f for f in (settle_run, interrupted_reverts, undo_revert, kept_changes, revert_change_set)}

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import psutil
@@ -52,7 +52,7 @@ class Canceled(msgspec.Struct, frozen=True, tag=True):
 
 class Unavailable(msgspec.Struct, frozen=True, tag=True):
     message: str
-    category: str = "unknown"  # "transport": the cluster the runs go to cannot be reached
+    category: Literal["unknown", "transport"] = "unknown"  # transport: the cluster the runs go to cannot be reached
 
 
 class Broken(msgspec.Struct, frozen=True, tag=True):
