@@ -52,11 +52,6 @@ class AgentHello(msgspec.Struct, frozen=True, tag=True):
     zygote_restarts: int
 
 
-class RunStarted(msgspec.Struct, frozen=True, tag=True):
-    run: int
-    pid: int
-
-
 class RunProgress(msgspec.Struct, frozen=True, tag=True):
     run: int
     event: msgspec.Raw
@@ -85,7 +80,7 @@ class CallAnswered(msgspec.Struct, frozen=True, tag=True):
     error: str | None = None
 
 
-FromAgent = AgentHello | RunStarted | RunProgress | RunSettled | RunCleanedUp | CallAnswered
+FromAgent = AgentHello | RunProgress | RunSettled | RunCleanedUp | CallAnswered
 
 HEARTBEAT_S = 1.0
 DAEMON_SILENT_S = 10.0
